@@ -1,0 +1,121 @@
+"""The one place defaults live. A run's resolved config is written to RUN_DIR/config.yaml and can be read back
+(`classforge train --config config.yaml`); unknown keys are rejected with a "did you mean" suggestion."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from classforge.models.registry import ClassforgeError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""
+    labels_csv: str | None = None
+    label_from_name: str | None = None
+    bins: str | None = None  # "0,3,10,20" -> numeric labels binned into [0,3), [3,10), ...
+    classes: str | None = None  # "a,b,c" subset
+    max_classes: int | None = None
+    min_size: int = 8  # images smaller than this (either side) are skipped
+    max_pixels: int = 89_478_485  # Pillow's decompression-bomb limit; larger images are skipped
+    # split
+    split: str = "0.7,0.2,0.1"
+    group_by: str | None = None  # regex on the path; group = first capture group (or whole match)
+    test_groups: str | None = None  # "artwork,icons": these groups form the test split
+    split_file: str | None = None
+    seed: int = 0
+    near_dup_distance: int = 3  # perceptual-hash Hamming distance counted as a near duplicate
+    # model
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    pretrained: bool = True
+    strategy: str = "linear"  # linear | finetune | two-stage | scratch
+    dropout: float = 0.0
+    # optimisation
+    epochs: int = 0  # 0 = strategy default
+    batch_size: int = 32
+    lr: str = "default"  # "default" | "auto" (LR finder) | float
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    patience: int = 5
+    time_budget: str | None = None  # "10m", "1h", "90s"
+    precision: str = "auto"  # auto | 32-true | bf16-mixed
+    grad_checkpointing: bool = False
+    augment: str = "light"  # none | light | strong
+    views: int = 1  # augmented views per image for cached embeddings (linear)
+    balance: str | None = None  # oversample | weights | augment-to N
+    # hardware (passed to Lightning)
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    dist_strategy: str = "auto"
+    num_workers: int = 0
+    # output
+    out: str = ""
+    resume: bool = False
+    top_k: int = 3
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        check_keys(d, cls)
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        d = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(d, dict):
+            raise ClassforgeError(f"{path}: expected a mapping of config keys")
+        return cls.from_dict(d)
+
+    def replace(self, **overrides) -> "TrainConfig":
+        check_keys(overrides, type(self))
+        return dataclasses.replace(self, **overrides)
+
+
+def check_keys(d: dict, cls) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ClassforgeError(f"Unknown config key {k!r}.{hint}")
+
+
+def parse_duration(s: str | None) -> float | None:
+    """'90s', '10m', '1.5h', '600' -> seconds."""
+    if s in (None, "", "none"):
+        return None
+    s = str(s).strip().lower()
+    mult = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if s[-1] in mult:
+            return float(s[:-1]) * mult[s[-1]]
+        return float(s)
+    except ValueError:
+        raise ClassforgeError(f"Cannot read duration {s!r}; use e.g. 90s, 10m, 1h") from None
+
+
+def parse_fractions(s: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(x) for x in str(s).split(",")]
+    except ValueError:
+        raise ClassforgeError(f"--split expects three fractions like 0.7,0.2,0.1, got {s!r}") from None
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6 or parts[0] <= 0:
+        raise ClassforgeError(f"--split expects three non-negative fractions summing to 1, got {s!r}")
+    return parts[0], parts[1], parts[2]

@@ -1,0 +1,309 @@
+"""Find the labelled files in DATA (a folder or an archive). Never writes into DATA."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from classforge.models.registry import ClassforgeError
+
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3"}
+OTHER_AUDIO_EXT = {".m4a", ".aac", ".wma", ".amr", ".mp4", ".webm", ".aif", ".aiff", ".ape"}
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass
+class Sample:
+    path: str  # absolute path of the file
+    rel: str  # path relative to the data root (what split.csv stores)
+    label: str
+    group: str = ""
+    split: str = ""  # "", "train", "val", "test"
+
+
+@dataclass
+class Dataset:
+    root: str
+    task: str  # image | audio
+    samples: list[Sample]
+    layout: str  # folders | official-splits | csv | filename-regex
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason): not a data file
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({s.label for s in self.samples}, key=_natural_key)
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("CLASSFORGE_CACHE", Path.home() / ".cache" / "classforge"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def resolve_root(data: str | os.PathLike) -> Path:
+    """A folder is used in place (read-only); a .zip / .tar(.gz) is extracted once into the cache."""
+    p = Path(data).expanduser()
+    if not p.exists():
+        raise ClassforgeError(f"Data not found: {p}")
+    if p.is_dir():
+        return p.resolve()
+    name = p.name.lower()
+    if not (name.endswith((".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))):
+        raise ClassforgeError(f"{p} is neither a folder nor a .zip/.tar.gz archive")
+    h = hashlib.sha1()
+    with open(p, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    dest = cache_dir() / "archives" / h.hexdigest()[:16]
+    if not (dest / ".complete").exists():
+        tmp = dest.with_suffix(".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _extract(p, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        (dest / ".complete").touch()
+    # An archive holding one top folder: use that folder as the root.
+    entries = [e for e in dest.iterdir() if e.name not in (".complete", "__MACOSX")]
+    if len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return dest
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    dest_r = dest.resolve()
+
+    def safe(member: str) -> Path:
+        target = (dest / member).resolve()
+        if not str(target).startswith(str(dest_r) + os.sep) and target != dest_r:
+            raise ClassforgeError(f"{archive}: refusing to extract {member!r} outside the target folder")
+        return target
+
+    try:
+        if archive.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                for m in z.namelist():
+                    safe(m)
+                z.extractall(dest)
+        else:
+            with tarfile.open(archive) as t:
+                members = [m for m in t.getmembers() if m.isfile() or m.isdir()]
+                for m in members:
+                    safe(m.name)
+                t.extractall(dest, members=members, filter="data")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        raise ClassforgeError(f"Cannot read archive {archive}: {e}") from None
+
+
+def _kind(path: Path) -> str | None:
+    ext = path.suffix.lower()
+    if ext in IMAGE_EXT:
+        return "image"
+    if ext in AUDIO_EXT:
+        return "audio"
+    if ext in OTHER_AUDIO_EXT:
+        return "other-audio"
+    return None
+
+
+def _files(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if not fn.startswith("."):
+                out.append(Path(dirpath) / fn)
+    return out
+
+
+def discover(data: str | os.PathLike, labels_csv: str | None = None, label_from_name: str | None = None,
+             bins: str | None = None, classes: str | None = None, max_classes: int | None = None,
+             group_by: str | None = None) -> Dataset:
+    root = resolve_root(data) if data else Path(labels_csv).resolve().parent
+    if labels_csv:
+        ds = _from_csv(root, Path(labels_csv))
+    elif label_from_name:
+        ds = _from_regex(root, label_from_name)
+    else:
+        ds = _from_folders(root)
+    if bins:
+        _apply_bins(ds, bins)
+    if group_by:
+        try:
+            rx = re.compile(group_by)
+        except re.error as e:
+            raise ClassforgeError(f"--group-by {group_by!r} is not a valid regex: {e}") from None
+        for s in ds.samples:
+            m = rx.search(s.rel)
+            s.group = (m.group(1) if m.groups() else m.group(0)) if m else ""
+        missing = sum(1 for s in ds.samples if not s.group)
+        if missing:
+            ds.notes.append(f"--group-by matched no group in {missing} paths; each of those is its own group")
+    _select_classes(ds, classes, max_classes)
+    if not ds.samples:
+        raise ClassforgeError(f"No labelled image or audio files found in {root}. Expected one folder per class, "
+                              "train/val/test folders, --labels-csv or --label-from-name.")
+    return ds
+
+
+def _detect_task(root: Path, files: list[Path], ignored: list) -> tuple[str, list[Path]]:
+    kinds = {"image": [], "audio": [], "other-audio": []}
+    for f in files:
+        k = _kind(f)
+        if k:
+            kinds[k].append(f)
+        else:
+            ignored.append((str(f.relative_to(root)), f"not an image or audio file ({f.suffix or 'no extension'})"))
+    if not kinds["image"] and not kinds["audio"] and kinds["other-audio"]:
+        exts = sorted({f.suffix.lower() for f in kinds["other-audio"]})
+        raise ClassforgeError(f"Audio format {', '.join(exts)} is not supported; supported formats: "
+                              "wav, flac, ogg (Vorbis/Opus), mp3. Convert the files, e.g. with ffmpeg.")
+    task = "audio" if len(kinds["audio"]) > len(kinds["image"]) else "image"
+    for f in kinds["other-audio"]:
+        ignored.append((str(f.relative_to(root)), f"unsupported audio format {f.suffix}; use wav, flac, ogg or mp3"))
+    other = "image" if task == "audio" else "audio"
+    for f in kinds[other]:
+        ignored.append((str(f.relative_to(root)), f"{other} file in a {task} dataset"))
+    return task, kinds[task]
+
+
+def _from_folders(root: Path) -> Dataset:
+    subdirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    splits = {SPLIT_ALIASES[n]: d for n, d in subdirs.items() if n in SPLIT_ALIASES}
+    ignored: list = []
+    notes: list[str] = []
+    if "train" in splits and len(splits) >= 2:
+        layout = "official-splits"
+        samples, all_files = [], []
+        for split, d in splits.items():
+            for f in _files(d):
+                all_files.append((split, f))
+        task, keep = _detect_task(root, [f for _, f in all_files], ignored)
+        keep_set = set(keep)
+        for split, f in all_files:
+            if f not in keep_set:
+                continue
+            rel_in_split = f.relative_to(splits[split])
+            if len(rel_in_split.parts) < 2:
+                ignored.append((str(f.relative_to(root)), "file directly in a split folder (no class folder)"))
+                continue
+            samples.append(Sample(str(f), str(f.relative_to(root)), rel_in_split.parts[0], split=split))
+        if "test" not in splits:
+            for s in samples:
+                if s.split == "val":
+                    s.split = "test"
+            notes.append("No test/ folder: the official val/ split is evaluated as the test set; early stopping "
+                         "uses a stratified slice of train/")
+        elif "val" not in splits:
+            notes.append("No val/ folder: early stopping uses a stratified slice of train/")
+        # Without an official val/, split.py carves a stratified slice of train/ for early stopping.
+        return Dataset(str(root), task, samples, layout, ignored, notes)
+    files = _files(root)
+    task, keep = _detect_task(root, files, ignored)
+    samples = []
+    for f in keep:
+        rel = f.relative_to(root)
+        if len(rel.parts) < 2:
+            ignored.append((str(rel), "file at the top level (no class folder)"))
+            continue
+        samples.append(Sample(str(f), str(rel), rel.parts[0]))
+    return Dataset(str(root), task, samples, "folders", ignored, notes)
+
+
+def _from_regex(root: Path, pattern: str) -> Dataset:
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ClassforgeError(f"--label-from-name {pattern!r} is not a valid regex: {e}") from None
+    if "label" not in rx.groupindex:
+        raise ClassforgeError("--label-from-name needs a named group, e.g. '^(?P<label>\\d+)_'")
+    ignored: list = []
+    task, keep = _detect_task(root, _files(root), ignored)
+    samples = []
+    for f in keep:
+        m = rx.search(f.name)
+        if not m:
+            ignored.append((str(f.relative_to(root)), "file name does not match --label-from-name"))
+            continue
+        samples.append(Sample(str(f), str(f.relative_to(root)), m.group("label")))
+    return Dataset(str(root), task, samples, "filename-regex", ignored, [])
+
+
+def _from_csv(root: Path, csv_path: Path) -> Dataset:
+    if not csv_path.is_file():
+        raise ClassforgeError(f"Labels CSV not found: {csv_path}")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "path" not in cols or "label" not in cols:
+            raise ClassforgeError(f"{csv_path}: needs columns path,label[,group][,split]; found {cols}")
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    ignored: list = []
+    files = [(root / r["path"]) for r in rows]
+    task, keep = _detect_task(root, [f for f in files if f.exists()], ignored)
+    keep_set = set(keep)
+    samples = []
+    for r, f in zip(rows, files):
+        if not f.exists():
+            ignored.append((r["path"], "listed in the CSV but missing"))
+            continue
+        if f not in keep_set or not r["label"]:
+            if not r["label"]:
+                ignored.append((r["path"], "empty label in the CSV"))
+            continue
+        split = r.get("split", "").lower()
+        if split and split not in SPLIT_ALIASES:
+            raise ClassforgeError(f"{csv_path}: split {split!r} for {r['path']}; use train, val or test")
+        samples.append(Sample(str(f.resolve()), r["path"], r["label"], r.get("group", ""),
+                              SPLIT_ALIASES.get(split, "")))
+    return Dataset(str(root), task, samples, "csv", ignored, [])
+
+
+def _apply_bins(ds: Dataset, bins: str) -> None:
+    try:
+        edges = sorted(float(x) for x in bins.split(",") if x.strip())
+    except ValueError:
+        raise ClassforgeError(f"--bins expects numbers like 0,3,10,20; got {bins!r}") from None
+
+    def fmt(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else str(x)
+
+    kept = []
+    for s in ds.samples:
+        try:
+            v = float(s.label)
+        except ValueError:
+            raise ClassforgeError(f"--bins needs numeric labels; {s.rel} has label {s.label!r}") from None
+        if v < edges[0]:
+            ds.ignored.append((s.rel, f"label {s.label} below the first bin edge {fmt(edges[0])}"))
+            continue
+        i = sum(1 for e in edges if v >= e) - 1
+        s.label = f"{fmt(edges[i])}-{fmt(edges[i + 1])}" if i + 1 < len(edges) else f"{fmt(edges[i])}+"
+        kept.append(s)
+    ds.samples = kept
+
+
+def _select_classes(ds: Dataset, classes: str | None, max_classes: int | None) -> None:
+    if classes:
+        wanted = [c.strip() for c in classes.split(",") if c.strip()]
+        known = set(ds.classes)
+        unknown = [c for c in wanted if c not in known]
+        if unknown:
+            raise ClassforgeError(f"--classes: unknown {unknown}; available: {', '.join(ds.classes[:30])}")
+        ds.samples = [s for s in ds.samples if s.label in set(wanted)]
+    if max_classes:
+        keep = set(ds.classes[:max_classes])
+        ds.samples = [s for s in ds.samples if s.label in keep]

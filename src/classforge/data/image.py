@@ -1,0 +1,118 @@
+"""Image decoding and transforms. The same `load_image` + eval transform serve training, evaluation and
+prediction, so a served model preprocesses exactly as the evaluated one did."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from classforge.models.registry import InputSpec
+
+
+class BadFile(Exception):
+    """A data file that cannot be used; the message is the reason shown to the user."""
+
+
+_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def open_image(src, max_pixels: int = 89_478_485) -> Image.Image:
+    """Decode fully (so truncation is detected now), honour EXIF rotation, flatten alpha onto white, RGB."""
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        if isinstance(src, (bytes, bytearray)):
+            if len(src) == 0:
+                raise BadFile("empty file (0 bytes)")
+            fp = io.BytesIO(src)
+        else:
+            p = Path(src)
+            if p.stat().st_size == 0:
+                raise BadFile("empty file (0 bytes)")
+            fp = p
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(fp)
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise BadFile(f"too many pixels ({w}x{h} = {w * h / 1e6:.1f} MP > {max_pixels / 1e6:.1f} MP "
+                                  "limit; possible decompression bomb)")
+                img.load()
+            except BadFile:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise BadFile(f"decompression bomb: {e}") from None
+            except Image.UnidentifiedImageError:
+                raise BadFile("not an image (unrecognised format)") from None
+            except (OSError, SyntaxError, ValueError) as e:
+                msg = str(e)
+                if "truncated" in msg:
+                    raise BadFile("truncated image (file ends before the image data does)") from None
+                raise BadFile(f"cannot decode image: {msg}") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the image
+        pass
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+def resize_for_cache(img: Image.Image, spec: InputSpec) -> Image.Image:
+    """Shrink large images once so that the in-memory cache stays small (short side = size / crop_pct)."""
+    target = int(round(spec.size / spec.crop_pct))
+    w, h = img.size
+    if min(w, h) <= target:
+        return img
+    s = target / min(w, h)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), _INTERP.get(spec.interpolation, Image.BICUBIC))
+
+
+def eval_transform(spec: InputSpec):
+    """Resize short side to size/crop_pct, centre crop to size, normalise. Returns a callable PIL -> (3,H,W)."""
+    from torchvision.transforms import v2 as T
+
+    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
+        spec.interpolation, T.InterpolationMode.BICUBIC)
+    resize = int(round(spec.size / spec.crop_pct))
+    return T.Compose([
+        T.ToImage(),
+        T.Resize(resize, interpolation=interp, antialias=True),
+        T.CenterCrop(spec.size),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+def train_transform(spec: InputSpec, level: str = "light"):
+    """Random resized crop + flip (light); plus colour jitter and RandomAffine (strong); none = eval."""
+    from torchvision.transforms import v2 as T
+
+    if level == "none":
+        return eval_transform(spec)
+    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
+        spec.interpolation, T.InterpolationMode.BICUBIC)
+    ops = [T.ToImage(), T.RandomResizedCrop(spec.size, scale=(0.5 if level == "light" else 0.25, 1.0),
+                                            interpolation=interp, antialias=True),
+           T.RandomHorizontalFlip()]
+    if level == "strong":
+        ops += [T.ColorJitter(0.3, 0.3, 0.3, 0.05), T.RandomAffine(degrees=15, translate=(0.1, 0.1), shear=8)]
+    elif level == "light":
+        ops += [T.ColorJitter(0.1, 0.1, 0.1)]
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)]
+    return T.Compose(ops)
+
+
+def dhash(img: Image.Image, size: int = 8) -> int:
+    """64-bit difference hash: robust to resizing and recompression, used for near-duplicate detection."""
+    g = np.asarray(img.convert("L").resize((size + 1, size), Image.BILINEAR), dtype=np.int16)
+    bits = (g[:, 1:] > g[:, :-1]).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
