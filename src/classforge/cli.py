@@ -1,0 +1,229 @@
+"""Command line: each command is a thin wrapper over the public API."""
+
+
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from classforge.models.registry import ClassforgeError  # noqa: E402
+
+app = typer.Typer(
+    help="classforge: turn a folder of labelled images or sounds into a trained, evaluated, exported and "
+         "served classifier.\n\nTypical flow: inspect DATA -> train DATA --out RUN -> open RUN/report.html -> "
+         "predict RUN file.jpg -> export RUN -> serve RUN.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=False)
+
+# Data options shared by inspect / train / compare / search.
+DataOpt = typer.Argument(..., help="Folder (one subfolder per class, or train/ val/ test/ splits), or a .zip/.tar.gz")
+LabelsCsv = typer.Option(None, "--labels-csv", help="CSV with columns path,label[,group][,split]; paths relative to DATA")
+LabelFromName = typer.Option(None, "--label-from-name", help="Regex with a named group 'label' applied to file names, e.g. '^(?P<label>\\d+)_'")
+Bins = typer.Option(None, "--bins", help="Bin numeric labels at these edges, e.g. 0,3,10,20 (ages -> 0-3, 3-10, 10-20, 20+)")
+Classes = typer.Option(None, "--classes", help="Train on these classes only: a,b,c")
+MaxClasses = typer.Option(None, "--max-classes", help="Train on the first N classes only")
+GroupBy = typer.Option(None, "--group-by", help="Regex on the relative path; its first group names a group whose files never straddle splits")
+MinSize = typer.Option(None, "--min-size", help="Skip images smaller than this many pixels on either side (default 8)")
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(2)
+
+
+def _run(fn, *a, **kw):
+    try:
+        return fn(*a, **kw)
+    except ClassforgeError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130)
+
+
+@app.command()
+def inspect(data: str = DataOpt, labels_csv: Optional[str] = LabelsCsv, label_from_name: Optional[str] = LabelFromName,
+            bins: Optional[str] = Bins, classes: Optional[str] = Classes, max_classes: Optional[int] = MaxClasses,
+            group_by: Optional[str] = GroupBy, min_size: int = typer.Option(8, "--min-size", help="Minimum image side"),
+            split: str = typer.Option("0.7,0.2,0.1", help="Fractions train,val,test when DATA has no official split"),
+            seed: int = typer.Option(0, help="Seed of the split"),
+            as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON")):
+    """Show what DATA holds: classes, counts, sizes, formats, bad files and duplicates. Reads only."""
+    from classforge.inspect import inspect_data
+
+    res = _run(inspect_data, data, labels_csv=labels_csv, label_from_name=label_from_name, bins=bins, classes=classes,
+               max_classes=max_classes, group_by=group_by, min_size=min_size, split=split, seed=seed)
+    if as_json:
+        print(json.dumps(res["json"], indent=2))
+    else:
+        res["print"](console)
+
+
+def _train_options(
+    data: str = DataOpt,
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<data>-<backbone>-<strategy>-<time>)"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml or a search's best.yaml); flags override it"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Registered name (see `classforge backbones`) or any timm model name [default efficientnet_lite0]"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Local checkpoint (.safetensors or state-dict .pth) for the backbone; needed offline for hub models"),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Start the backbone from random weights"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help="linear (cached embeddings + head, default) | finetune | two-stage | scratch"),
+    labels_csv: Optional[str] = LabelsCsv, label_from_name: Optional[str] = LabelFromName, bins: Optional[str] = Bins,
+    classes: Optional[str] = Classes, max_classes: Optional[int] = MaxClasses, group_by: Optional[str] = GroupBy,
+    test_groups: Optional[str] = typer.Option(None, "--test-groups", help="Hold out these groups (comma-separated) as the test set"),
+    split: Optional[str] = typer.Option(None, "--split", help="train,val,test fractions when DATA has no split [0.7,0.2,0.1]"),
+    split_file: Optional[str] = typer.Option(None, "--split-file", help="Re-use a split.csv (e.g. from an earlier run)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the split and training [0]"),
+    min_size: Optional[int] = MinSize,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping may end sooner); default per strategy"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [32]"),
+    lr: Optional[str] = typer.Option(None, "--lr", help="Learning rate, or 'auto' for Lightning's LR finder (plot saved)"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay [0.05]"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout before the head [0]"),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing [0]"),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Early-stopping patience in epochs [5]"),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long: 90s, 10m, 1h"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto | 32-true | bf16-mixed | 16-mixed [auto: bf16 where the CPU has it]"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Trade compute for activation memory"),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong [light]"),
+    views: Optional[int] = typer.Option(None, "--views", help="Augmented views per training file for cached embeddings [1]"),
+    balance: Optional[str] = typer.Option(None, "--balance", help="oversample | weights | 'augment-to N'"),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto | cpu | gpu | mps (Lightning)"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Number of devices/processes (Lightning) [auto]"),
+    num_nodes: Optional[int] = typer.Option(None, "--num-nodes", help="Nodes for multi-node DDP [1]"),
+    dist_strategy: Optional[str] = typer.Option(None, "--dist-strategy", help="Lightning strategy: auto | ddp | fsdp ... [auto]"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="DataLoader workers [0]"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/last.ckpt"),
+    clip_seconds: Optional[str] = typer.Option(None, "--clip-seconds", help="Audio clip length in seconds, or 'longest'"),
+    background_dir: Optional[str] = typer.Option(None, "--background-dir", help="Audio: folder of background sounds mixed in as augmentation"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set key=value (repeatable)"),
+):
+    return locals()
+
+
+def build_config(opts: dict):
+    import yaml
+
+    from classforge.config import TrainConfig
+
+    opts = dict(opts)
+    cfg = TrainConfig.load(opts.pop("config")) if opts.get("config") else TrainConfig()
+    if opts.pop("no_pretrained", False):
+        opts["pretrained"] = False
+    extra = dict(cfg.extra)
+    for k in ("clip_seconds", "background_dir"):
+        v = opts.pop(k, None)
+        if v is not None:
+            extra[k] = v if k != "clip_seconds" or v == "longest" else float(v)
+    for kv in opts.pop("set_", None) or []:
+        if "=" not in kv:
+            raise ClassforgeError(f"--set expects key=value, got {kv!r}")
+        k, v = kv.split("=", 1)
+        opts[k.strip()] = yaml.safe_load(v)
+    overrides = {k: v for k, v in opts.items() if v is not None and v is not False}
+    overrides["extra"] = extra
+    return cfg.replace(**overrides)
+
+
+@app.command()
+def train(**kw):
+    """Train a classifier on DATA and write a run directory with model, metrics and report.html."""
+    from classforge.train.run import train as run_train
+
+    cfg = _run(build_config, kw)
+    _run(run_train, cfg)
+
+
+train.__signature__ = __import__("inspect").signature(_train_options, eval_str=True)  # typer reads the options from here
+train.__doc__ = train.__doc__
+
+
+@app.command()
+def evaluate(run_dir: str = typer.Argument(..., help="A run directory"),
+             data: Optional[str] = typer.Argument(None, help="Folder to score (class subfolders); default: the run's own test split"),
+             out: Optional[str] = typer.Option(None, "--out", help="Where to write the evaluation [RUN/evaluations/<data>]")):
+    """Re-score a trained run on any labelled folder; writes metrics, predictions and a report."""
+    from classforge.evaluate.evaluate import evaluate as ev
+
+    res = _run(ev, run_dir, data, out)
+    t = res["test"]
+    console.print(f"accuracy {t['accuracy']:.4f} (95% CI {t['accuracy_ci95'][0]:.3f}-{t['accuracy_ci95'][1]:.3f}, "
+                  f"n={t['n']}), macro F1 {t['macro_f1']:.4f}, ECE {t['ece']:.4f}")
+    console.print(f"Report: {Path(res['out']).resolve() / 'report.html'}")
+
+
+@app.command()
+def predict(run_dir: str = typer.Argument(..., help="A run directory"),
+            files: list[str] = typer.Argument(..., help="Image or audio files"),
+            top_k: int = typer.Option(3, "--top-k", help="How many classes to show per file"),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+            backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime if model.onnx exists) | torch | onnx")):
+    """Predict the class of files with a trained run."""
+    from classforge.api import predict_files
+
+    results = _run(predict_files, run_dir, files, top_k=top_k, backend=backend)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        if "error" in r:
+            console.print(f"[red]{r['file']}: {r['error']}[/]")
+            continue
+        top = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
+        console.print(f"{r['file']}: [bold]{r['label']}[/] ({r['probability']:.3f})   top-{top_k}: {top}")
+    if any("error" in r for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def backbones(task: Optional[str] = typer.Option(None, help="Only image or audio")):
+    """List the registered backbones with input size and weights source (any timm name works too)."""
+    from classforge.models.registry import registered
+
+    t = Table(title="classforge backbones")
+    for c in ("name", "task", "input", "weights", "description"):
+        t.add_column(c)
+    for e in registered().values():
+        if task and e.task != task:
+            continue
+        t.add_row(e.name, e.task, e.input_desc, e.weights_desc, e.description)
+    console.print(t)
+    console.print("Any other timm model name also works for images (hub weights online, --weights PATH offline).")
+
+
+def _add_extensions() -> None:
+    """Commands that live beside their feature (describe, export, serve, compare, search...)."""
+    for mod in ("classforge.models.anatomy", "classforge.export", "classforge.serve.cli", "classforge.compare",
+                "classforge.search", "classforge.sweep"):
+        try:
+            m = __import__(mod, fromlist=["add_commands"])
+        except ImportError as e:
+            if mod in str(e) or "classforge" in str(e):
+                continue
+            raise
+        if hasattr(m, "add_commands"):
+            m.add_commands(app)
+
+
+_add_extensions()
+
+
+def main() -> None:
+    try:
+        app()
+    except ClassforgeError as e:  # raised outside _run (e.g. in an extension command)
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""One preprocessor per task, chosen from the backbone's InputSpec: load(src) -> raw, eval(raw), train(raw)."""
+
+from __future__ import annotations
+
+from classforge.models.registry import InputSpec
+
+
+def make_preprocessor(spec: InputSpec, augment: str = "none", **kwargs):
+    if spec.task == "audio":
+        from classforge.data.audio import AudioPreprocessor
+
+        return AudioPreprocessor(spec, augment=augment, **kwargs)
+    from classforge.data.image import ImagePreprocessor
+
+    return ImagePreprocessor(spec, augment=augment, **kwargs)

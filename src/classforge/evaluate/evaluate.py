@@ -1,0 +1,127 @@
+"""Score a model through the same Predictor that `predict` and the server use, and write the report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from classforge.evaluate import report as rp
+from classforge.evaluate.metrics import summarize
+from classforge.models.registry import ClassforgeError, count_params
+from classforge.serve.predictor import Predictor
+
+
+def _public(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in ("confusion", "per_class")}
+
+
+def score(predictor: Predictor, samples, labels: list[str], desc: str) -> tuple[np.ndarray, np.ndarray]:
+    idx = {c: i for i, c in enumerate(labels)}
+    y = np.array([idx[s.label] for s in samples], dtype=int)
+    probs = predictor.predict_proba([s.path for s in samples], progress_desc=desc)
+    return y, probs
+
+
+def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float) -> dict:
+    from classforge.train.run import environment
+
+    t = time.time()
+    predictor = Predictor(model, model.backbone.spec, data.labels, max_pixels=cfg.max_pixels)
+    results = {}
+    for split in ("val", "test"):
+        ss = data.of(split)
+        if ss:
+            y, probs = score(predictor, ss, data.labels, f"Evaluating {split}")
+            results[split] = (ss, y, probs, summarize(y, probs, len(data.labels)))
+    timing = {"total_s": 0.0, **extra_timing, "eval_s": time.time() - t}
+    summary = {
+        "task": model.backbone.spec.task, "backbone": cfg.backbone, "strategy": cfg.strategy,
+        "classes": len(data.labels), "data": str(cfg.data), "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "test": _public(results["test"][3]), "val": _public(results["val"][3]) if "val" in results else None,
+        "params": count_params(model), "timing": timing,
+        "split": {"method": data.split.method, "counts": data.split.counts, "seed": cfg.seed,
+                  "duplicate_clusters": data.split.duplicate_clusters, "excluded": len(data.split.excluded)},
+        "skipped": len(data.checked.skipped), "environment": environment(),
+        "samples_per_class": {c: int(n) for c, n in zip(data.labels, np.bincount(data.y("train"), minlength=len(data.labels)))},
+    }
+    write_artifacts(run, summary, data.labels, results, data.checked.skipped, data.split.excluded, data.notes,
+                    cfg.top_k, t_start)
+    return summary
+
+
+def write_artifacts(run: Path, summary: dict, labels: list[str], results: dict, skipped, excluded, notes,
+                    top_k: int, t_start: float) -> None:
+    ss, y, probs, m = results["test"]
+    rp.write_predictions(run / "predictions.csv", [s.rel for s in ss], labels, y, probs, top_k)
+    rp.write_per_class(run / "per_class.csv", labels, m["per_class"])
+    rp.plot_confusion(run / "confusion_matrix.png", m["confusion"], labels)
+    rp.plot_reliability(run / "reliability.png", y, probs)
+    rows = read_metrics(run / "metrics.csv")
+    rp.plot_curves(run / "curves.png", rows)
+    mistakes = rp.worst_mistakes(ss, labels, y, probs)
+    summary["timing"]["total_s"] = time.time() - t_start
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    rp.write_html(run, summary, labels, m["per_class"], mistakes, skipped, excluded, notes, summary["task"])
+
+
+def read_metrics(path: Path) -> list[dict]:
+    import csv
+
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def evaluate(run_dir: str | Path, data: str | None = None, out: str | Path | None = None, **discover_kw) -> dict:
+    """Re-score a finished run on any folder (all its files count as test), or on its own test split."""
+    from classforge.data.discover import discover
+    from classforge.data.validate import validate
+
+    run = Path(run_dir)
+    predictor = Predictor.from_run(run)
+    labels = predictor.labels
+    t0 = time.time()
+    if data is None:
+        from classforge.config import TrainConfig
+
+        cfg = TrainConfig.load(run / "config.yaml")
+        data = cfg.data
+        if not data and not cfg.labels_csv:
+            raise ClassforgeError("Give a DATA_DIR: this run does not record its data folder")
+        ds = discover(cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes)
+        split_rows = _read_split(run / "split.csv")
+        samples = [s for s in ds.samples if split_rows.get(s.rel) == "test"]
+    else:
+        ds = discover(data, **discover_kw)
+        samples = ds.samples
+    ds.samples = samples
+    checked = validate(ds)
+    unknown = sorted({s.label for s in checked.good} - set(labels))
+    good = [s for s in checked.good if s.label in set(labels)]
+    if not good:
+        raise ClassforgeError(f"No files of this run's classes ({', '.join(labels[:10])}...) found in {data}")
+    y, probs = score(predictor, good, labels, "Evaluating")
+    m = summarize(y, probs, len(labels))
+    out = Path(out) if out else run / "evaluations" / Path(str(data)).name
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"task": predictor.spec.task, "backbone": predictor.meta["backbone"], "strategy": "evaluate",
+               "classes": len(labels), "data": str(data), "created": dt.datetime.now().isoformat(timespec="seconds"),
+               "test": _public(m), "val": None, "params": {"total": 0, "trainable": 0},
+               "timing": {"total_s": 0.0}, "backend": predictor.backend}
+    notes = [f"classes not known to the model were skipped: {unknown}"] if unknown else []
+    write_artifacts(out, summary, labels, {"test": (good, y, probs, m)}, checked.skipped, [], notes, 3, t0)
+    return {"out": str(out), **summary}
+
+
+def _read_split(path: Path) -> dict[str, str]:
+    import csv
+
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return {r["path"]: r["split"] for r in csv.DictReader(f)}

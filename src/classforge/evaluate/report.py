@@ -1,0 +1,212 @@
+"""Everything a person looks at after a run: CSVs, plots and one self-contained report.html."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def write_predictions(path: Path, rels: list[str], labels: list[str], y_true, probs: np.ndarray, top_k: int = 3):
+    k = min(top_k, len(labels))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "true", "predicted", "probability", "correct", "top_k"])
+        for rel, t, p in zip(rels, y_true, probs):
+            order = np.argsort(-p)[:k]
+            w.writerow([rel, labels[t], labels[order[0]], f"{p[order[0]]:.6f}", int(order[0] == t),
+                        ";".join(f"{labels[i]}:{p[i]:.4f}" for i in order)])
+
+
+def write_per_class(path: Path, labels: list[str], pc: dict):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "precision", "recall", "f1", "support"])
+        for i, lab in enumerate(labels):
+            w.writerow([lab, f"{pc['precision'][i]:.4f}", f"{pc['recall'][i]:.4f}", f"{pc['f1'][i]:.4f}",
+                        int(pc["support"][i])])
+
+
+def plot_confusion(path: Path, cm: np.ndarray, labels: list[str]):
+    n = len(labels)
+    size = min(24, max(5, 0.35 * n + 3))
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    if n <= 40:
+        ax.set_xticks(range(n), labels, rotation=90 if n > 8 else 0, fontsize=8 if n > 15 else 10)
+        ax.set_yticks(range(n), labels, fontsize=8 if n > 15 else 10)
+        if n <= 20:
+            for i in range(n):
+                for j in range(n):
+                    if cm[i, j]:
+                        ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                                color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, rows: list[dict]) -> bool:
+    """Loss and accuracy per epoch, train vs val, from metrics.csv rows."""
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for stage, style in (("train", "-o"), ("val", "-s")):
+            pts = [(r["epoch"], r[f"{stage}_{metric}"]) for r in rows if r.get(f"{stage}_{metric}") not in (None, "")]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, [float(y) for y in ys], style, label=stage, markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    stages = sorted({r.get("stage", "") for r in rows} - {""})
+    fig.suptitle("Training curves" + (f" (stages: {', '.join(stages)})" if len(stages) > 1 else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_reliability(path: Path, y_true, probs: np.ndarray, n_bins: int = 10):
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(y_true)
+    edges = np.linspace(0, 1, n_bins + 1)
+    accs, confs, counts = [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        counts.append(int(m.sum()))
+        accs.append(correct[m].mean() if m.any() else 0)
+        confs.append(conf[m].mean() if m.any() else 0)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.bar(edges[:-1], accs, width=1 / n_bins, align="edge", alpha=0.7, edgecolor="k", label="accuracy")
+    ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability (test)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _img_tag(path: Path, width: int = 0) -> str:
+    if not path.exists():
+        return ""
+    b64 = base64.b64encode(path.read_bytes()).decode()
+    w = f' width="{width}"' if width else ""
+    return f'<img src="data:image/png;base64,{b64}"{w} alt="{html.escape(path.name)}">'
+
+
+_AUDIO_MIME = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".oga": "audio/ogg",
+               ".opus": "audio/ogg", ".mp3": "audio/mpeg"}
+
+
+def _media_tag(abs_path: str, task: str) -> str:
+    """A thumbnail (images) or an audio player (sounds), embedded so report.html travels alone."""
+    p = Path(abs_path)
+    try:
+        if task == "audio":
+            data = p.read_bytes()
+            if len(data) > 2_000_000:
+                return "<em>(clip too large to embed)</em>"
+            mime = _AUDIO_MIME.get(p.suffix.lower(), "audio/wav")
+            return f'<audio controls preload="none" src="data:{mime};base64,{base64.b64encode(data).decode()}"></audio>'
+        from classforge.data.image import open_image
+
+        img = open_image(p)
+        img.thumbnail((160, 160))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    except Exception:  # noqa: BLE001 - a missing file must not break the report
+        return "<em>(unavailable)</em>"
+
+
+def worst_mistakes(samples, labels, y_true, probs, n: int = 12) -> list[dict]:
+    pred = probs.argmax(axis=1)
+    wrong = np.where(pred != np.asarray(y_true))[0]
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:n]  # most confident mistakes first
+    return [{"path": samples[i].path, "rel": samples[i].rel, "true": labels[y_true[i]],
+             "predicted": labels[pred[i]], "probability": float(probs[i, pred[i]]),
+             "p_true": float(probs[i, y_true[i]])} for i in wrong]
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
+h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ddd;padding:4px 9px;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
+.cards{display:flex;gap:1em;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:8px;padding:.8em 1.2em}
+.big{font-size:1.8em;font-weight:600}.gal{display:flex;flex-wrap:wrap;gap:12px}
+.gal div{width:180px;font-size:.85em;border:1px solid #eee;padding:6px}.gal img{max-width:170px}
+.gal audio{width:170px}.warn{color:#a40}details{margin:1em 0}"""
+
+
+def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
+    th = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(str(h))}</th>' for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(str(c))}</td>'
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict, mistakes: list[dict],
+               skipped: list, excluded: list, notes: list[str], task: str, extra_sections: list[str] = ()):
+    t, v = summary["test"], summary.get("val") or {}
+    lo, hi = t["accuracy_ci95"]
+    cards = [
+        ("test accuracy", f'{t["accuracy"]:.3f}', f"95% CI {lo:.3f}–{hi:.3f}, n={t['n']}"),
+        ("macro F1", f'{t["macro_f1"]:.3f}', "test"),
+        ("calibration error", f'{t["ece"]:.3f}', "ECE, 15 bins"),
+        ("val accuracy", f'{v.get("accuracy", float("nan")):.3f}', f"n={v.get('n', 0)}"),
+        ("time", f'{summary["timing"]["total_s"]:.0f} s', "total wall time"),
+    ]
+    cards_html = "".join(f'<div class="card"><div>{a}</div><div class="big">{b}</div><div class="sub">{c}</div></div>'
+                         for a, b, c in cards)
+    pc_rows = [[lab, f"{per_class_test['precision'][i]:.3f}", f"{per_class_test['recall'][i]:.3f}",
+                f"{per_class_test['f1'][i]:.3f}", int(per_class_test["support"][i])] for i, lab in enumerate(labels)]
+    gal = "".join(
+        f'<div>{_media_tag(m["path"], task)}<br><b>true:</b> {html.escape(m["true"])}<br>'
+        f'<b>predicted:</b> {html.escape(m["predicted"])} ({m["probability"]:.2f})<br>'
+        f'<span class="sub">p(true)={m["p_true"]:.2f}<br>{html.escape(m["rel"])}</span></div>' for m in mistakes)
+    info_rows = [["task", task], ["backbone", summary["backbone"]], ["strategy", summary["strategy"]],
+                 ["classes", summary["classes"]], ["data", summary.get("data", "")],
+                 ["split", summary.get("split", {}).get("method", "")],
+                 ["split sizes", json.dumps(summary.get("split", {}).get("counts", {}))],
+                 ["parameters (total / trainable)", f'{summary["params"]["total"]:,} / {summary["params"]["trainable"]:,}'],
+                 ["timing", ", ".join(f"{k} {v:.1f}s" for k, v in summary["timing"].items())]]
+    skipped_html = _table(["file", "reason"], [list(s) for s in skipped]) if skipped else "<p>None.</p>"
+    excl_html = _table(["file", "reason"], [list(s) for s in excluded]) if excluded else "<p>None.</p>"
+    notes_html = "".join(f'<li>{html.escape(n)}</li>' for n in notes)
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>classforge report</title>
+<style>{_CSS}</style></head><body>
+<h1>classforge report</h1><p class="sub">{html.escape(summary["backbone"])} · {html.escape(summary["strategy"])} ·
+{summary["classes"]} classes · {html.escape(summary.get("created", ""))}</p>
+<div class="cards">{cards_html}</div>
+{f'<ul class="warn">{notes_html}</ul>' if notes else ''}
+<h2>Run</h2>{_table(["", ""], info_rows)}
+<h2>Training curves</h2>{_img_tag(run / "curves.png", 900) or '<p>No per-epoch curves for this run.</p>'}
+{_img_tag(run / "lr_finder.png", 450)}
+<h2>Confusion matrix</h2>{_img_tag(run / "confusion_matrix.png", 700)}
+<h2>Calibration</h2>{_img_tag(run / "reliability.png", 380)}
+<h2>Per-class metrics (test)</h2>{_table(["class", "precision", "recall", "F1", "support"], pc_rows)}
+<h2>Worst mistakes (most confident wrong predictions)</h2><div class="gal">{gal or '<p>No mistakes.</p>'}</div>
+{''.join(extra_sections)}
+<h2>Skipped files ({len(skipped)})</h2>{skipped_html}
+<h2>Excluded duplicates ({len(excluded)})</h2>{excl_html}
+<p class="sub">Files: summary.json, metrics.csv, predictions.csv, per_class.csv, split.csv, config.yaml.</p>
+</body></html>"""
+    (run / "report.html").write_text(doc)

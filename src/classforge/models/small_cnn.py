@@ -1,0 +1,549 @@
+"""Small CNNs trained from scratch, under a parameter budget.
+
+One family, `cnn`, covers the classic shapes:
+
+- ``block="plain"``: per stage, ``depth`` × (Conv → [BN] → ReLU), then a 2×2 max-pool (LeNet, the course
+  tutorial, VGG-style nets); optional hidden fully-connected layers on the flattened map.
+- ``block="residual"``: a 3×3 stem, then per stage ``depth`` basic blocks (conv-BN-ReLU-conv-BN + shortcut,
+  ReLU), the first block of every later stage with stride 2, then global average pooling (ResNet-20/32/56
+  for CIFAR, He et al. 2016, §4.2). Shortcuts are "option A" (identity; stride-2 subsampling and zero-padded
+  channels when the shape changes) so they cost no parameters — that matters under a budget. A stage narrower
+  than the one before it falls back to a 1×1 projection.
+
+Budget: the count includes the Linear head a `Classifier` adds for ``num_classes``. ``max_params`` refuses a
+model that does not fit; ``fit_budget`` scales all widths by one multiplier (binary search, then a greedy
+one-channel fill) to the largest model that fits.
+
+`capsnet` is a capsule network with dynamic routing (Sabour et al. 2017), scaled down for 28-32 px inputs
+on a CPU. See `CapsNet` for what its features are.
+
+Residual additions are done by an `Add` module and shortcuts by a `Shortcut` module so that the anatomy
+(`classforge.models.anatomy`) sees them as rows; custom modules report their own operations through
+``anatomy_fn()`` / ``anatomy_ops(inputs, output)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from classforge.models.registry import Backbone, ClassforgeError, InputSpec, register_backbone
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def cifar_spec(input_size: int = 32, in_channels: int = 3) -> InputSpec:
+    """CIFAR-10 statistics; for other channel counts (1 = grayscale / log-mel) their channel average."""
+    if in_channels == 3:
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    else:
+        mean = (round(sum(CIFAR10_MEAN) / 3, 4),) * in_channels
+        std = (round(sum(CIFAR10_STD) / 3, 4),) * in_channels
+    return InputSpec(task="image", size=int(input_size), mean=mean, std=std, interpolation="bilinear",
+                     crop_pct=1.0, channels=int(in_channels))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building blocks that make every operation visible to forward hooks
+
+
+class Add(nn.Module):
+    """Elementwise sum of two tensors (the residual addition), as a module so the anatomy counts it."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    def anatomy_fn(self) -> str:
+        return "Add (residual)"
+
+    def anatomy_ops(self, inputs, output) -> dict[str, int]:
+        return {"adds": output.numel()}
+
+
+class Shortcut(nn.Module):
+    """Parameter-free "option A" shortcut: subsample by `stride`, zero-pad channels from `cin` to `cout`.
+    Pure data movement: no arithmetic counted."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.cin, self.cout, self.stride = cin, cout, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.cout > self.cin:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.cout - self.cin))  # pads dim 1 (channels) at the end
+        return x
+
+    def anatomy_fn(self) -> str:
+        return f"Shortcut A s{self.stride} +{self.cout - self.cin}ch zero-pad"
+
+    def anatomy_ops(self, inputs, output) -> dict[str, int]:
+        return {}
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU (He et al. 2016)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        if stride == 1 and cin == cout:
+            self.shortcut: nn.Module = nn.Identity()
+        elif cout >= cin:
+            self.shortcut = Shortcut(cin, cout, stride)
+        else:  # narrowing: zero-padding cannot help, project with a 1x1 conv (option B)
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.add = Add()
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(self.add(out, self.shortcut(x)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The CNN family
+
+
+def _per_stage(value: int | Sequence[int], n: int, what: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * n
+    value = [int(v) for v in value]
+    if len(value) != n:
+        raise ClassforgeError(f"{what} has {len(value)} entries but there are {n} stages (widths)")
+    return value
+
+
+def _parse_ints(value: Any, what: str) -> list[int]:
+    """Accept [16, 32, 64], (16, 32, 64), "16,32,64" or "16x32x64" (from a CLI or a YAML file)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise ClassforgeError(f"{what} must be integers like 16,32,64; got {value!r}") from None
+    if isinstance(value, int):
+        value = [value]
+    out = [int(v) for v in value]
+    if any(v < 1 for v in out):
+        raise ClassforgeError(f"{what} must be positive, got {out}")
+    return out
+
+
+class SmallCNN(Backbone):
+    """A from-scratch CNN: stages of plain or residual blocks, then global pooling or flatten + hidden FCs.
+
+    forward(x: (B, in_channels, H, W)) -> (B, feature_dim), feature_dim = hidden[-1] if hidden else
+    widths[-1] (global pooling) or the flattened map size (no pooling, no hidden).
+    """
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 128), depth: int | Sequence[int] = 1,
+                 block: str = "plain", kernel_size: int = 3, padding: int | None = None,
+                 batch_norm: bool = True, global_pool: bool = True, hidden: Sequence[int] = (),
+                 dropout: float = 0.0, input_size: int = 32, in_channels: int = 3):
+        super().__init__()
+        widths = _parse_ints(widths, "widths")
+        hidden = _parse_ints(hidden, "hidden")
+        if not widths:
+            raise ClassforgeError("widths must list at least one stage width")
+        if block not in ("plain", "residual"):
+            raise ClassforgeError(f"block must be 'plain' or 'residual', got {block!r}")
+        depths = _per_stage(depth, len(widths), "depth")
+        if any(d < 1 for d in depths):
+            raise ClassforgeError(f"depth must be >= 1 per stage, got {depths}")
+        self.spec = cifar_spec(input_size, in_channels)
+        self.config = dict(widths=widths, depth=depths, block=block, kernel_size=kernel_size, padding=padding,
+                           batch_norm=batch_norm, global_pool=global_pool, hidden=hidden, dropout=dropout,
+                           input_size=input_size, in_channels=in_channels)
+        pad = kernel_size // 2 if padding is None else int(padding)
+        side = int(input_size)
+
+        stages: list[nn.Module] = []
+        cin = in_channels
+        if block == "plain":
+            for w, d in zip(widths, depths):
+                layers: list[nn.Module] = []
+                for _ in range(d):
+                    layers.append(nn.Conv2d(cin, w, kernel_size, 1, pad, bias=not batch_norm))
+                    if batch_norm:
+                        layers.append(nn.BatchNorm2d(w))
+                    layers.append(nn.ReLU(inplace=True))
+                    cin, side = w, side + 2 * pad - kernel_size + 1
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+                if side < 1:
+                    raise ClassforgeError(f"input_size {input_size} is too small for {len(widths)} stages "
+                                          f"of {kernel_size}x{kernel_size} convs and 2x2 pooling")
+                stages.append(nn.Sequential(*layers))
+        else:
+            stem = nn.Sequential(nn.Conv2d(cin, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                 nn.ReLU(inplace=True))
+            cin = widths[0]
+            for i, (w, d) in enumerate(zip(widths, depths)):
+                blocks: list[nn.Module] = [stem] if i == 0 else []
+                for j in range(d):
+                    stride = 2 if (i > 0 and j == 0) else 1
+                    blocks.append(BasicBlock(cin, w, stride))
+                    cin = w
+                    side = (side - 1) // stride + 1
+                stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+
+        if global_pool or block == "residual":
+            self.pool: nn.Module = nn.AdaptiveAvgPool2d(1)
+            flat = cin
+        else:
+            self.pool = nn.Identity()
+            flat = cin * side * side
+        self.flatten = nn.Flatten(1)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        fcs: list[nn.Module] = []
+        for h in hidden:
+            fcs += [nn.Linear(flat, h), nn.ReLU(inplace=True)]
+            if dropout > 0:
+                fcs.append(nn.Dropout(dropout))
+            flat = h
+        self.fc = nn.Sequential(*fcs)
+        self.feature_dim = int(flat)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        if any(p.is_meta for p in self.parameters()):
+            return  # shape-only copy built to count parameters (fit_widths): init would only cost time
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Zero-init the last BN of each residual branch: every block starts as identity (Goyal et al. 2017).
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)  # (B, C, H, W), H and W halve per stage after the first (residual) or per stage (plain)
+        x = self.drop(self.flatten(self.pool(x)))  # (B, C) or (B, C*H*W)
+        return self.fc(x)  # (B, feature_dim)
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        groups = [list(s.parameters()) for s in self.stages] + [list(self.fc.parameters())]
+        return [g for g in groups if g]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Capsule network
+
+
+class Squash(nn.Module):
+    """v = |s|² / (1 + |s|²) · s / |s| over the last dim (Sabour et al. 2017, eq. 1)."""
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        n2 = (s * s).sum(-1, keepdim=True)  # (..., 1)
+        return s * (n2 / (1 + n2) / torch.sqrt(n2 + self.eps))
+
+    def anatomy_fn(self) -> str:
+        return "Squash"
+
+    def anatomy_ops(self, inputs, output) -> dict[str, int]:
+        # per capsule of dim d: |s|² = d mults + (d-1) adds; 1+n2 and n2+eps = 2 adds; 2 divisions + 1 sqrt
+        # (other); the final scaling = d mults.
+        d = output.shape[-1]
+        n = output.numel() // d
+        return {"mults": n * 2 * d, "adds": n * (d + 1), "other": n * 3}
+
+
+class PrimaryCaps(nn.Module):
+    """A conv whose output channels are `types` groups of `dim`-vectors: (B, types*H*W, dim), squashed."""
+
+    def __init__(self, cin: int, types: int, dim: int, kernel_size: int = 9, stride: int = 2):
+        super().__init__()
+        self.types, self.dim = types, dim
+        self.conv = nn.Conv2d(cin, types * dim, kernel_size, stride)
+        self.squash = Squash()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.conv(x)  # (B, types*dim, H, W)
+        b, _, h, w = u.shape
+        u = u.reshape(b, self.types, self.dim, h, w).permute(0, 1, 3, 4, 2).reshape(b, self.types * h * w, self.dim)
+        return self.squash(u)  # (B, N_in, dim)
+
+
+class DigitCaps(nn.Module):
+    """Fully-connected capsules with routing-by-agreement (Sabour et al. 2017, procedure 1).
+
+    Each input capsule i predicts every output capsule j with its own matrix: û_j|i = W_ij u_i. Routing
+    logits b start at 0; for `iters` rounds: c = softmax_j(b), s_j = Σ_i c_ij û_j|i, v_j = squash(s_j),
+    b += û_j|i · v_j. Gradients flow through the final round only (û is detached inside the agreement
+    updates), as in most reference implementations: this halves the memory of the backward pass.
+    """
+
+    def __init__(self, n_in: int, n_out: int, d_in: int, d_out: int, iters: int = 3):
+        super().__init__()
+        self.n_in, self.n_out, self.d_in, self.d_out, self.iters = n_in, n_out, d_in, d_out, iters
+        self.weight = nn.Parameter(torch.randn(n_in, n_out, d_out, d_in) * (1.0 / math.sqrt(d_in)))
+        self.softmax = nn.Softmax(dim=-1)
+        self.squash = Squash()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:  # u: (B, N_in, D_in)
+        u_hat = torch.einsum("ijdk,bik->bijd", self.weight, u)  # (B, N_in, N_out, D_out)
+        u_det = u_hat.detach()
+        logits = u.new_zeros(u.shape[0], self.n_in, self.n_out)  # (B, N_in, N_out)
+        for r in range(self.iters):
+            c = self.softmax(logits)  # coupling coefficients over output capsules
+            last = r == self.iters - 1
+            s = (c.unsqueeze(-1) * (u_hat if last else u_det)).sum(1)  # (B, N_out, D_out)
+            v = self.squash(s)
+            if not last:
+                logits = logits + (u_det * v.unsqueeze(1)).sum(-1)  # agreement (B, N_in, N_out)
+        return v  # (B, N_out, D_out)
+
+    def anatomy_fn(self) -> str:
+        return f"DigitCaps {self.n_in}x{self.d_in}D -> {self.n_out}x{self.d_out}D, {self.iters} routing iters"
+
+    def anatomy_ops(self, inputs, output) -> dict[str, int]:
+        # Softmax and Squash are child modules with their own rows; counted here: the predictions û, the
+        # weighted sums s (every round) and the agreement updates (every round but the last).
+        ni, no, di, do, r = self.n_in, self.n_out, self.d_in, self.d_out, self.iters
+        mults = ni * no * do * di + r * ni * no * do + (r - 1) * ni * no * do
+        adds = ni * no * do * (di - 1) + r * (ni - 1) * no * do + (r - 1) * (ni * no * (do - 1) + ni * no)
+        return {"mults": mults, "adds": adds, "macs": ni * no * do * di}
+
+
+class CapsNet(Backbone):
+    """Conv(ReLU) → PrimaryCaps → DigitCaps with dynamic routing, scaled down for small inputs on a CPU.
+
+    Sabour et al. use 256 conv channels and 32×8D primary capsules on 28 px MNIST (8.2M parameters, with a
+    reconstruction decoder); the defaults here are 64 channels and 8×8D primary capsules (≈1.0M at 32 px).
+
+    Features: the flattened digit-capsule pose vectors, (B, num_capsules × capsule_dim) — not only their
+    lengths — so the Linear head a `Classifier` adds sees the pose as well as the presence of each
+    capsule. Training therefore uses the usual cross-entropy on the head instead of the paper's margin loss
+    and decoder; `capsule_lengths()` gives the paper's class scores when num_capsules equals the classes.
+    """
+
+    def __init__(self, input_size: int = 32, in_channels: int = 3, conv_channels: int = 64,
+                 kernel_size: int = 9, primary_types: int = 8, primary_dim: int = 8, num_capsules: int = 10,
+                 capsule_dim: int = 16, routing_iters: int = 3):
+        super().__init__()
+        self.spec = cifar_spec(input_size, in_channels)
+        side = input_size - kernel_size + 1
+        side = (side - kernel_size) // 2 + 1
+        if side < 1:
+            raise ClassforgeError(f"capsnet needs inputs larger than {2 * kernel_size - 1}px, got {input_size}")
+        self.conv = nn.Conv2d(in_channels, conv_channels, kernel_size)
+        self.relu = nn.ReLU(inplace=True)
+        self.primary = PrimaryCaps(conv_channels, primary_types, primary_dim, kernel_size, 2)
+        self.digits = DigitCaps(primary_types * side * side, num_capsules, primary_dim, capsule_dim, routing_iters)
+        self.flatten = nn.Flatten(1)
+        self.feature_dim = num_capsules * capsule_dim
+
+    def capsule_lengths(self, x: torch.Tensor) -> torch.Tensor:
+        return self.digits(self.primary(self.relu(self.conv(x)))).norm(dim=-1)  # (B, num_capsules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.digits(self.primary(self.relu(self.conv(x))))  # (B, num_capsules, capsule_dim)
+        return self.flatten(v)  # (B, num_capsules * capsule_dim)
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        return [list(self.conv.parameters()), list(self.primary.parameters()), list(self.digits.parameters())]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Budget, weights, factories
+
+
+def head_params(feature_dim: int, num_classes: int | None) -> int:
+    return 0 if not num_classes else feature_dim * num_classes + num_classes
+
+
+def total_params(backbone: Backbone, num_classes: int | None) -> int:
+    """Parameters of Classifier(backbone, num_classes): backbone + Linear head."""
+    return sum(p.numel() for p in backbone.parameters()) + head_params(backbone.feature_dim, num_classes)
+
+
+def _head_note(num_classes: int | None) -> str:
+    if num_classes:
+        return f"including the Linear head for {num_classes} classes"
+    return "backbone only: pass num_classes to count the head too"
+
+
+def check_budget(name: str, backbone: Backbone, num_classes: int | None, max_params: int | None) -> None:
+    if max_params is None:
+        return
+    n = total_params(backbone, num_classes)
+    if n > max_params:
+        raise ClassforgeError(
+            f"{name} has {n:,} parameters ({_head_note(num_classes)}), over --max-params {max_params:,} "
+            f"by {n - max_params:,}. Use --fit-budget {max_params} to scale its widths down to the largest "
+            "model that fits, or pass smaller widths."
+        )
+
+
+def _scaled(cfg: dict, m: float) -> dict:
+    out = dict(cfg)
+    out["widths"] = [max(1, round(w * m)) for w in cfg["widths"]]
+    out["hidden"] = [max(1, round(h * m)) for h in cfg["hidden"]]
+    return out
+
+
+def _meta_count(cfg: dict, num_classes: int | None) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        return total_params(SmallCNN(**cfg), num_classes)
+
+
+def fit_widths(cfg: dict, budget: int, num_classes: int | None, name: str = "cnn") -> dict:
+    """The config whose widths (and hidden sizes), scaled by one multiplier then filled greedily one channel
+    at a time, give the largest model with at most `budget` parameters (head included)."""
+    cfg = dict(cfg, widths=_parse_ints(cfg["widths"], "widths"), hidden=_parse_ints(cfg.get("hidden", ()), "hidden"))
+
+    def fits(c: dict) -> bool:
+        return _meta_count(c, num_classes) <= budget
+
+    smallest = _scaled(cfg, 0.0)
+    if not fits(smallest):
+        raise ClassforgeError(
+            f"--fit-budget {budget:,} is too small for {name}: even with 1 channel per layer it has "
+            f"{_meta_count(smallest, num_classes):,} parameters ({_head_note(num_classes)})."
+        )
+    lo, hi = 0.0, 1.0
+    while fits(_scaled(cfg, hi)) and hi < 1024:
+        lo, hi = hi, hi * 2
+    for _ in range(24):  # parameter count is non-decreasing in the multiplier
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(_scaled(cfg, mid)) else (lo, mid)
+    best = _scaled(cfg, lo)
+    # Greedy fill of what rounding left: one more channel per layer, last (widest) first, while it fits.
+    keys = [("hidden", i) for i in reversed(range(len(best["hidden"])))] + \
+           [("widths", i) for i in reversed(range(len(best["widths"])))]
+    improved = True
+    while improved:
+        improved = False
+        for key, i in keys:
+            trial = {**best, key: list(best[key])}
+            trial[key][i] += 1
+            if fits(trial):
+                best, improved = trial, True
+    return best
+
+
+def load_backbone_weights(backbone: Backbone, path: str) -> None:
+    """Load a safetensors (or plain state-dict) file of the backbone; a Classifier's file works too
+    (its `backbone.` prefix is stripped, its head ignored)."""
+    from classforge.models.image import load_state_file
+
+    sd = load_state_file(path)
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ClassforgeError(f"{path} does not match this architecture: {str(e).splitlines()[0]}") from None
+    backbone.weights_source = f"file:{path}"
+
+
+_CNN_KEYS = ("widths", "depth", "block", "kernel_size", "padding", "batch_norm", "global_pool", "hidden",
+             "dropout", "input_size", "in_channels")
+_BUDGET_KEYS = ("fit_budget", "max_params", "num_classes")
+
+
+def _check_kwargs(name: str, kwargs: dict, allowed: Sequence[str]) -> None:
+    for k in kwargs:
+        if k not in allowed:
+            close = difflib.get_close_matches(k, allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ClassforgeError(f"{name} does not take {k!r}.{hint} It takes: {', '.join(allowed)}")
+
+
+def build_cnn(name: str, base: dict, weights: str | None = None, fit_budget: int | None = None,
+              max_params: int | None = None, num_classes: int | None = None, **overrides) -> SmallCNN:
+    """A preset `base` config updated by user overrides, fitted to / checked against the budget."""
+    _check_kwargs(name, overrides, _CNN_KEYS + _BUDGET_KEYS)
+    cfg = {**base, **overrides}
+    if fit_budget is not None:
+        budget = min(int(fit_budget), int(max_params)) if max_params is not None else int(fit_budget)
+        cfg = fit_widths(cfg, budget, num_classes, name)
+    model = SmallCNN(**cfg)
+    check_budget(name, model, num_classes, max_params)
+    if weights:
+        load_backbone_weights(model, weights)
+    return model
+
+
+PRESETS: dict[str, dict] = {
+    # The course tutorial's LeNet: conv 6@5x5 → ReLU → pool → conv 16@5x5 → ReLU → pool → fc 120 → fc 84.
+    "cnn_lenet": dict(widths=[6, 16], depth=1, block="plain", kernel_size=5, padding=0, batch_norm=False,
+                      global_pool=False, hidden=[120, 84]),
+    # Three conv-BN-ReLU-pool stages and global average pooling: ≈95K parameters with a 10-class head.
+    "cnn_small": dict(widths=[32, 64, 128], depth=1, block="plain"),
+    # ResNet-20 for CIFAR (He et al. 2016): 3 stages × 3 basic blocks, widths 16/32/64.
+    "cnn_resnet20": dict(widths=[16, 32, 64], depth=3, block="residual"),
+    # ResNet-20 with a 60-wide last stage: fits 256K parameters with a 10-class head.
+    "cnn_resnet_256k": dict(widths=[16, 32, 60], depth=3, block="residual"),
+}
+_DESCRIPTIONS = {
+    "cnn_lenet": "LeNet-5 as in the PyTorch CIFAR-10 tutorial (62,006 params with a 10-class head)",
+    "cnn_small": "3-stage conv-BN-ReLU-maxpool CNN for 32px, global avg pool (<100K params)",
+    "cnn_resnet20": "ResNet-20 for CIFAR (3x3 basic blocks, widths 16/32/64, ~0.27M params)",
+    "cnn_resnet_256k": "ResNet-20 with widths 16/32/60: under 256K params with a 10-class head",
+}
+
+
+@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|residual, "
+                   "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)")
+def cnn(pretrained: bool = False, weights: str | None = None, **kwargs) -> SmallCNN:
+    # `pretrained` is accepted for the common factory signature; these nets have no published weights.
+    return build_cnn("cnn", PRESETS["cnn_small"], weights=weights, **kwargs)
+
+
+def _preset_factory(name: str):
+    def factory(pretrained: bool = False, weights: str | None = None, **kwargs) -> SmallCNN:
+        return build_cnn(name, PRESETS[name], weights=weights, **kwargs)
+
+    factory.__name__ = name
+    return factory
+
+
+for _name in PRESETS:
+    register_backbone(_name, "image", description=_DESCRIPTIONS[_name],
+                      input_desc="3x32x32 (input_size=, in_channels=)")(_preset_factory(_name))
+
+_CAPS_KEYS = ("input_size", "in_channels", "conv_channels", "kernel_size", "primary_types", "primary_dim",
+              "num_capsules", "capsule_dim", "routing_iters")
+
+
+@register_backbone("capsnet", "image", description="Capsule network with dynamic routing (Sabour 2017), "
+                   "small: features = flattened digit capsules", input_desc="3x32x32 (28-32px)")
+def capsnet(pretrained: bool = False, weights: str | None = None, max_params: int | None = None,
+            num_classes: int | None = None, fit_budget: int | None = None, **kwargs) -> CapsNet:
+    _check_kwargs("capsnet", kwargs, _CAPS_KEYS)
+    if fit_budget is not None:
+        raise ClassforgeError("fit_budget scales the cnn* backbones; for capsnet set conv_channels / "
+                              "primary_types instead (or use --max-params to check a size)")
+    if num_classes and "num_capsules" not in kwargs:
+        kwargs["num_capsules"] = num_classes  # one digit capsule per class, as in the paper
+    model = CapsNet(**kwargs)
+    check_budget("capsnet", model, num_classes, max_params)
+    if weights:
+        load_backbone_weights(model, weights)
+    return model

@@ -1,0 +1,127 @@
+"""Run the frozen backbone once per file and cache the embeddings on disk (keyed by file hash + backbone)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from classforge.data.discover import Sample, cache_dir
+from classforge.data.image import BadFile
+from classforge.progress import progress
+
+
+def fast_cpu_bf16() -> bool:
+    """bf16 autocast pays off on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is slower."""
+    if os.environ.get("CLASSFORGE_NO_BF16") == "1":
+        return False
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def prepare_fast(model: torch.nn.Module, task: str, device: str = "cpu") -> torch.nn.Module:
+    model = model.eval().to(device)
+    if task == "image":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def fast_context(model: torch.nn.Module, device: str = "cpu"):
+    """bf16 autocast where it is fast and the model says it is safe; fp32 otherwise."""
+    if device == "cpu" and fast_cpu_bf16() and getattr(getattr(model, "backbone", model), "bf16_safe", True):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def forward_batches(model, xs: list[torch.Tensor], task: str, device: str = "cpu") -> torch.Tensor:
+    x = torch.stack(xs).to(device)
+    if task == "image":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with fast_context(model, device):
+        return model(x).float().cpu()
+
+
+def backbone_key(name: str, weights_source: str, spec: dict, extra: str = "") -> str:
+    fast = "bf16" if fast_cpu_bf16() else "fp32"
+    blob = json.dumps([name, weights_source, spec, fast, extra], sort_keys=True)
+    return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+
+class EmbeddingCache:
+    """Files under cache_dir()/embeddings/<backbone key>/<sha1[:2]>/<sha1>.npy, shape (views, D).
+    Row 0 is the clean (eval-transform) view; rows 1.. are augmented views (seeded by file hash + row)."""
+
+    def __init__(self, key: str):
+        self.dir = cache_dir() / "embeddings" / key
+
+    def _path(self, sha1: str) -> Path:
+        return self.dir / sha1[:2] / f"{sha1}.npy"
+
+    def get(self, sha1: str, views: int) -> np.ndarray | None:
+        p = self._path(sha1)
+        if not p.exists():
+            return None
+        try:
+            a = np.load(p)
+        except (OSError, ValueError):
+            return None
+        return a[:views] if a.shape[0] >= views else None
+
+    def put(self, sha1: str, arr: np.ndarray) -> None:
+        p = self._path(sha1)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, arr.astype(np.float32))
+        tmp.replace(p)
+
+
+def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key: str, views: int = 1,
+            batch_size: int = 32, device: str = "cpu", desc: str = "Embedding") -> tuple[np.ndarray, dict]:
+    """(N, views, D) embeddings; cached ones are read, the rest computed in batches. Returns stats too."""
+    cache = EmbeddingCache(key)
+    out: list[np.ndarray | None] = [cache.get(h, views) for h in sha1s]
+    todo = [i for i, a in enumerate(out) if a is None]
+    stats = {"cached": len(samples) - len(todo), "computed": len(todo)}
+    if not todo:
+        return np.stack(out), stats
+    model = prepare_fast(backbone, backbone.spec.task, device)
+
+    def load(i: int):
+        raw = preprocessor.load(samples[i].path)
+        xs = [preprocessor.eval(raw)]
+        if views > 1:
+            seed = int(sha1s[i][:8], 16)
+            torch.manual_seed(seed)  # the same file always gets the same augmented views
+            np.random.seed(seed % (2**32))
+            xs += [preprocessor.train(raw) for _ in range(views - 1)]
+        return i, xs
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        chunks = [todo[j:j + batch_size] for j in range(0, len(todo), batch_size)]
+        bar = progress(range(len(todo)), total=len(todo), desc=desc, unit="file")
+        pending = pool.map(lambda ch: [load(i) for i in ch], chunks)
+        for loaded in pending:
+            idx = [i for i, _ in loaded]
+            xs = [x for _, vs in loaded for x in vs]
+            feats = forward_batches(model, xs, backbone.spec.task, device).numpy()
+            feats = feats.reshape(len(idx), views, -1)
+            for i, f in zip(idx, feats):
+                out[i] = f
+                cache.put(sha1s[i], f)
+            bar.update(len(idx))
+        bar.close()
+    return np.stack(out), stats
+
+
+__all__ = ["extract", "EmbeddingCache", "backbone_key", "fast_context", "prepare_fast", "forward_batches", "BadFile"]

@@ -1,0 +1,233 @@
+"""The training flow, top to bottom: discover -> validate -> split -> fit (strategy) -> save -> evaluate."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from classforge.config import TrainConfig, parse_duration, parse_fractions
+from classforge.data.discover import Dataset, Sample, discover
+from classforge.data.preprocess import make_preprocessor
+from classforge.data.split import SplitReport, make_split, read_split, write_split
+from classforge.data.validate import Validation, validate
+from classforge.models.registry import ClassforgeError, Classifier, count_params, create_backbone
+from classforge.progress import progress
+from classforge.train import embeddings as emb
+
+STRATEGIES = ("linear", "finetune", "two-stage", "scratch")
+DEFAULT_EPOCHS = {"linear": 60, "finetune": 8, "two-stage": 6, "scratch": 30}
+DEFAULT_LR = {"linear": 3e-3, "finetune": 1e-3, "two-stage": 3e-4, "scratch": 2e-3}
+
+
+@dataclass
+class Prepared:
+    """Data after discovery, validation and splitting: what every strategy starts from."""
+
+    ds: Dataset
+    checked: Validation
+    split: SplitReport
+    labels: list[str]
+    samples: list[Sample]  # with split set; excluded ones dropped
+    notes: list[str] = field(default_factory=list)
+
+    def of(self, split: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == split]
+
+    def y(self, split: str) -> list[int]:
+        idx = {c: i for i, c in enumerate(self.labels)}
+        return [idx[s.label] for s in self.of(split)]
+
+
+def prepare_data(cfg: TrainConfig) -> Prepared:
+    ds = discover(cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes, cfg.group_by)
+    checked = validate(ds, cfg.min_size, cfg.max_pixels)
+    if not checked.good:
+        raise ClassforgeError(f"No usable files in {ds.root}: all {len(ds.samples)} failed validation")
+    if cfg.split_file:
+        report = read_split(cfg.split_file, checked.good)
+    else:
+        report = make_split(checked.good, checked.info, parse_fractions(cfg.split), cfg.seed, cfg.test_groups,
+                            cfg.near_dup_distance)
+    samples = [s for s in checked.good if s.split]
+    labels = sorted({s.label for s in samples if s.split == "train"}, key=ds.classes.index)
+    notes = list(ds.notes) + list(report.notes)
+    unseen = {s.label for s in samples} - set(labels)
+    if unseen:
+        notes.append(f"classes with no training sample were dropped from evaluation: {sorted(unseen)}")
+        samples = [s for s in samples if s.label in set(labels)]
+    if len(labels) < 2:
+        raise ClassforgeError(f"Need at least 2 classes with training samples, found {labels}")
+    return Prepared(ds, checked, report, labels, samples, notes)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train, save and evaluate one run; returns the run directory."""
+    if cfg.strategy not in STRATEGIES:
+        raise ClassforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    run = make_run_dir(cfg)
+    data = prepare_data(cfg)
+    write_split(run / "split.csv", data.samples)
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained and cfg.strategy != "scratch",
+                               weights=cfg.weights, **backbone_kwargs(cfg, len(data.labels)))
+    model = Classifier(backbone, len(data.labels), cfg.dropout)
+    timing = {"embedding_s": 0.0, "fit_s": 0.0}
+    history: list[dict] = []
+    if cfg.strategy in ("linear", "two-stage"):
+        history += fit_head_on_embeddings(model, data, cfg, run, timing)
+    if cfg.strategy in ("finetune", "two-stage", "scratch"):
+        t = time.time()
+        history += fit_full(model, data, cfg, run, stage=cfg.strategy)
+        timing["fit_s"] += time.time() - t
+        if not is_global_zero():
+            return run  # DDP workers stop here; rank 0 saves and evaluates
+    save_model(run, model, cfg, data.labels)
+    write_metrics(run, history)
+    timing["eval_s"] = 0.0
+    t = time.time()
+    from classforge.evaluate.evaluate import evaluate_run
+
+    summary = evaluate_run(run, data, cfg, model, extra_timing=timing, t_start=t0)
+    print_summary(run, summary)
+    return run
+
+
+def backbone_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
+    kw = dict(cfg.extra.get("backbone_kwargs", {}))
+    if cfg.extra.get("clip_seconds"):
+        kw["clip_seconds"] = cfg.extra["clip_seconds"]
+    return kw
+
+
+def make_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        run = Path(cfg.out)
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run = Path("runs") / f"{Path(str(cfg.data)).name or 'run'}-{cfg.backbone}-{cfg.strategy}-{stamp}"
+    data_root = Path(cfg.data).resolve() if cfg.data else None
+    if data_root and (run.resolve() == data_root or data_root in run.resolve().parents):
+        raise ClassforgeError(f"--out {run} is inside the data folder; classforge never writes into your data")
+    run.mkdir(parents=True, exist_ok=True)
+    cfg.save(run / "config.yaml")
+    return run
+
+
+def is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("GLOBAL_RANK", "0"))) == 0 and \
+        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+# ----------------------------------------------------------------------------------------------- strategies
+def views_per_class(data: Prepared, cfg: TrainConfig) -> int:
+    """--views K, or enough augmented views that the smallest class reaches N (--balance augment-to N)."""
+    views = max(1, cfg.views)
+    if cfg.balance and cfg.balance.startswith("augment-to"):
+        target = int(cfg.balance.split()[-1] if " " in cfg.balance else cfg.balance.split("-")[-1].split("=")[-1])
+        counts = np.bincount(data.y("train"), minlength=len(data.labels))
+        views = max(views, min(16, math.ceil(target / max(1, counts[counts > 0].min()))))
+    return views
+
+
+def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, timing: dict) -> list[dict]:
+    """Frozen backbone run once per file (cached on disk); the head trains on the cached tensors."""
+    bb = model.backbone
+    key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), json.dumps(backbone_kwargs(cfg, 0)))
+    pre = make_preprocessor(bb.spec, augment=cfg.augment if cfg.augment != "none" else "light",
+                            max_pixels=cfg.max_pixels, **audio_kwargs(cfg))
+    views = views_per_class(data, cfg)
+    t = time.time()
+    feats = {}
+    for split in ("train", "val"):
+        ss = data.of(split)
+        v = views if split == "train" else 1
+        sha = [data.checked.info[s.path].sha1 for s in ss]
+        feats[split], stats = emb.extract(bb, ss, sha, pre, key, v, cfg.batch_size, desc=f"Embedding {split}")
+        print(f"  {split}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed")
+    timing["embedding_s"] += time.time() - t
+    ytr = np.repeat(np.array(data.y("train")), feats["train"].shape[1])
+    xtr = feats["train"].reshape(-1, feats["train"].shape[-1])
+    xva, yva = feats["val"][:, 0], np.array(data.y("val"))
+    t = time.time()
+    from classforge.train.head import fit_head
+
+    hist = fit_head(model.head, xtr, ytr, xva, yva, cfg, run, class_weights(data, cfg))
+    timing["fit_s"] += time.time() - t
+    return hist
+
+
+def audio_kwargs(cfg: TrainConfig) -> dict:
+    if cfg.extra.get("background_dir"):
+        return {"background_dir": cfg.extra["background_dir"]}
+    return {}
+
+
+def class_weights(data: Prepared, cfg: TrainConfig) -> torch.Tensor | None:
+    if cfg.balance not in ("weights", "oversample"):
+        return None
+    counts = np.bincount(data.y("train"), minlength=len(data.labels)).astype(float)
+    w = counts.sum() / (len(counts) * np.maximum(counts, 1))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def load_raws(samples: list[Sample], pre, desc: str) -> list:
+    """Decode every file once into memory (shrunk to the model's size), in parallel."""
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        return list(progress(ex.map(lambda s: pre.load(s.path), samples), total=len(samples), desc=desc))
+
+
+def fit_full(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, stage: str) -> list[dict]:
+    from classforge.train.fit import fit_lightning
+
+    return fit_lightning(model, data, cfg, run, stage)
+
+
+def save_model(run: Path, model: Classifier, cfg: TrainConfig, labels: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(run / "model.safetensors"))
+    meta = {"backbone": cfg.backbone, "backbone_kwargs": backbone_kwargs(cfg, len(labels)),
+            "num_classes": len(labels), "dropout": cfg.dropout, "spec": model.backbone.spec.to_dict(),
+            "task": model.backbone.spec.task, "weights_source": model.backbone.weights_source,
+            "format": "classforge-run/1"}
+    (run / "model.json").write_text(json.dumps(meta, indent=2))
+    (run / "labels.json").write_text(json.dumps(labels, indent=2))
+
+
+def write_metrics(run: Path, history: list[dict]) -> None:
+    keys = ["stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"]
+    extra = sorted({k for h in history for k in h} - set(keys))
+    with open(run / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys + extra)
+        w.writeheader()
+        for h in history:
+            w.writerow({k: h.get(k, "") for k in keys + extra})
+
+
+def print_summary(run: Path, s: dict) -> None:
+    t = s["test"]
+    lo, hi = t["accuracy_ci95"]
+    print(f"\nTest accuracy {t['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={t['n']}), macro F1 {t['macro_f1']:.3f}, "
+          f"ECE {t['ece']:.3f}; total {s['timing']['total_s']:.1f}s")
+    print(f"Report: {(run / 'report.html').resolve()}")
+
+
+def environment() -> dict:
+    import lightning
+    import timm
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "lightning": lightning.__version__, "machine": platform.machine(), "cpus": os.cpu_count()}
