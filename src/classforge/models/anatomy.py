@@ -16,9 +16,9 @@ Operations are split into **adds** (additions and subtractions), **mults** (mult
   adds = out_elems × (K − 1), + out_elems if it has a bias. MACs = out_elems × K.
 - ConvTranspose: mults = in_elems × Cout/groups × kernel volume; adds = mults − out_elems (+ out_elems with a bias).
 - Linear, K = in_features: mults = out_elems × K; adds = out_elems × (K − 1) (+ out_elems with a bias).
-  MACs = out_elems × K. "macs" in the totals counts conv and linear layers only, which is what
-  `torch.utils.flop_counter.FlopCounterMode` counts (it reports 2 FLOPs per MAC), plus the "macs" a custom
-  module reports for its own matmul-like work (the capsule predictions û = W u of `DigitCaps`).
+  MACs = out_elems × K. "macs" in the totals sums the MACs of conv and linear layers and those a custom
+  module reports for its own matmul-like work (the capsule predictions û = W u of `DigitCaps`): what
+  `torch.utils.flop_counter.FlopCounterMode` counts, at 2 FLOPs per MAC.
 - MaxPool with a k-element window: (k − 1) max per output (padding included, as the window has k slots).
   Adaptive max-pool: (window size − 1) per output with the exact adaptive windows.
 - AvgPool with a k-element window: (k − 1) adds + 1 mult (by the constant 1/k) per output. Adaptive
@@ -34,6 +34,8 @@ Operations are split into **adds** (additions and subtractions), **mults** (mult
   centring (n adds), variance (n mults, n − 1 adds, 1 mult), + eps (1 add), rsqrt (1 other), scaling (n mults),
   and with an affine transform n mults + n adds.
 - Residual addition (`classforge.models.small_cnn.Add`): 1 add per output element.
+- Capsules (`small_cnn.Squash`, `small_cnn.DigitCaps`): see their ``anatomy_ops``; the routing's softmax and
+  squash calls are rows of their own, one per routing iteration.
 - Dropout (eval), Flatten, Unflatten, reshapes, zero-padding shortcuts: 0 operations.
 - A module may report its own counts with ``anatomy_ops(inputs, output) -> {"adds", "mults", "max",
   "other", "macs"}`` (called with batch-1 tensors; "macs" ⊆ its mults) and its description with
@@ -51,9 +53,10 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -129,9 +132,9 @@ class Anatomy:
 
     def _summary_lines(self) -> list[str]:
         tot = self.totals
-        lines = [f"params {tot['params']:,} | MACs (conv+linear) {tot['macs']:,} | "
-                 f"ops {tot['ops']:,} = adds {tot['adds']:,} + mults {tot['mults']:,} + "
-                 f"max {tot['max']:,} + other {tot['other']:,}"]
+        lines = [(f"params {tot['params']:,} | MACs (conv+linear) {tot['macs']:,} | "
+                  f"ops {tot['ops']:,} = adds {tot['adds']:,} + mults {tot['mults']:,} + "
+                  f"max {tot['max']:,} + other {tot['other']:,}")]
         if self.reference_macs is not None:
             lines.append(f"torch FlopCounterMode: {self.reference_macs:,} MACs (2 FLOPs each)")
         return lines
@@ -446,49 +449,58 @@ def _parse_args(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _run_dir_model(path: Path) -> tuple[str, dict, int | None]:
+    """(backbone name, backbone kwargs, classes) of a run directory: model.json when the run wrote one
+    (the exact kwargs the model was built with), else config.yaml (`backbone`, `extra.backbone_kwargs`) and
+    labels.json (a JSON list of class names)."""
+    import yaml
+
+    meta_file, cfg_file, labels_file = path / "model.json", path / "config.yaml", path / "labels.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("backbone"):
+            return meta["backbone"], dict(meta.get("backbone_kwargs") or {}), meta.get("num_classes")
+    if not cfg_file.is_file():
+        raise ClassforgeError(f"{path} is a folder without config.yaml: not a run directory")
+    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    if not cfg.get("backbone"):
+        raise ClassforgeError(f"{cfg_file} has no `backbone` key")
+    kwargs = cfg.get("backbone_kwargs") or (cfg.get("extra") or {}).get("backbone_kwargs") or {}
+    classes = len(json.loads(labels_file.read_text())) if labels_file.is_file() else None
+    return cfg["backbone"], dict(kwargs), classes
+
+
 def build_for_describe(target: str, num_classes: int | None = None, kwargs: dict | None = None):
     """(Classifier, title, default per-sample input shape) for a backbone name or a run directory."""
     from classforge.models.registry import Classifier, create_backbone
 
     kwargs = dict(kwargs or {})
     path = Path(target)
-    state_file = None
     if path.is_dir():
-        import yaml
-
-        cfg_file = path / "config.yaml"
-        if not cfg_file.is_file():
-            raise ClassforgeError(f"{path} is a folder without config.yaml: not a run directory")
-        cfg = yaml.safe_load(cfg_file.read_text()) or {}
-        name = cfg.get("backbone")
-        if not name:
-            raise ClassforgeError(f"{cfg_file} has no `backbone` key")
-        labels_file = path / "labels.json"
-        if num_classes is None and labels_file.is_file():
-            num_classes = len(json.loads(labels_file.read_text()))
-        kwargs = {**(cfg.get("backbone_kwargs") or (cfg.get("extra") or {}).get("backbone_kwargs") or {}),
-                  **kwargs}
-        state_file = path / "model.safetensors"
+        name, run_kwargs, run_classes = _run_dir_model(path)
+        kwargs = {**run_kwargs, **kwargs}  # exactly what the run was built with, unless overridden
+        num_classes = run_classes if num_classes is None else num_classes
+        state_file: Path | None = path / "model.safetensors"
         title = f"{path.name} ({name})"
     else:
-        name, title = target, target
+        name, title, state_file = target, target, None
+        if ("fit_budget" in kwargs or "max_params" in kwargs) and "num_classes" not in kwargs:
+            kwargs["num_classes"] = 10 if num_classes is None else int(num_classes)  # the budget counts the head
     num_classes = 10 if num_classes is None else int(num_classes)
-    if ("fit_budget" in kwargs or "max_params" in kwargs) and "num_classes" not in kwargs:
-        kwargs["num_classes"] = num_classes
     backbone = create_backbone(name, pretrained=False, **kwargs)
     model = Classifier(backbone, num_classes)
     if state_file is not None and state_file.is_file():
-        # Rebuilding from the config must give the trained architecture; the weights prove it.
+        # Rebuilding from the run's files must give the trained architecture; the weights prove it.
         from safetensors.torch import load_file
 
         try:
             model.load_state_dict(load_file(str(state_file)), strict=True)
         except RuntimeError as e:
-            raise ClassforgeError(f"{state_file} does not match the model rebuilt from config.yaml "
+            raise ClassforgeError(f"{state_file} does not match the model rebuilt from the run's files "
                                   f"({name}, {num_classes} classes): {str(e).splitlines()[0]}") from None
     spec = backbone.spec
     if spec.task == "audio":
-        default = (int(round(spec.sample_rate * spec.clip_seconds)),)
+        default = (round(spec.sample_rate * spec.clip_seconds),)
     else:
         default = (spec.channels, spec.size, spec.size)
     return model, f"{title}, {num_classes} classes", default
@@ -502,12 +514,13 @@ def add_commands(app: typer.Typer) -> None:
         target: Annotated[str, typer.Argument(
             metavar="MODEL_OR_RUN_DIR",
             help="A registered backbone name (see `classforge backbones`), any timm model name, or a run "
-                 "directory (config.yaml + labels.json [+ model.safetensors]).")],
+                 "directory (model.json, or config.yaml + labels.json; model.safetensors, when present, "
+                 "must fit the rebuilt model).")],
         input: Annotated[str | None, typer.Option(
             "--input", "-i", help="Per-sample input shape, e.g. 3x32x32 (default: from the backbone's "
                                   "input spec; audio: number of samples).")] = None,
         num_classes: Annotated[int | None, typer.Option(
-            "--num-classes", "-c", help="Classes of the Linear head (default: labels.json of a run, else 10).",
+            "--num-classes", "-c", help="Classes of the Linear head (default: the run's classes, else 10).",
             min=1)] = None,
         arg: Annotated[list[str] | None, typer.Option(
             "--arg", "-a", help="Backbone argument KEY=VALUE (YAML value), repeatable, e.g. "

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,9 +166,9 @@ class SmallCNN(Backbone):
         if any(d < 1 for d in depths):
             raise ClassforgeError(f"depth must be >= 1 per stage, got {depths}")
         self.spec = cifar_spec(input_size, in_channels)
-        self.config = dict(widths=widths, depth=depths, block=block, kernel_size=kernel_size, padding=padding,
-                           batch_norm=batch_norm, global_pool=global_pool, hidden=hidden, dropout=dropout,
-                           input_size=input_size, in_channels=in_channels)
+        self.config = {"widths": widths, "depth": depths, "block": block, "kernel_size": kernel_size,
+                       "padding": padding, "batch_norm": batch_norm, "global_pool": global_pool, "hidden": hidden,
+                       "dropout": dropout, "input_size": input_size, "in_channels": in_channels}
         pad = kernel_size // 2 if padding is None else int(padding)
         side = int(input_size)
 
@@ -492,14 +493,14 @@ def build_cnn(name: str, base: dict, weights: str | None = None, fit_budget: int
 
 PRESETS: dict[str, dict] = {
     # The course tutorial's LeNet: conv 6@5x5 → ReLU → pool → conv 16@5x5 → ReLU → pool → fc 120 → fc 84.
-    "cnn_lenet": dict(widths=[6, 16], depth=1, block="plain", kernel_size=5, padding=0, batch_norm=False,
-                      global_pool=False, hidden=[120, 84]),
+    "cnn_lenet": {"widths": [6, 16], "depth": 1, "block": "plain", "kernel_size": 5, "padding": 0,
+                  "batch_norm": False, "global_pool": False, "hidden": [120, 84]},
     # Three conv-BN-ReLU-pool stages and global average pooling: ≈95K parameters with a 10-class head.
-    "cnn_small": dict(widths=[32, 64, 128], depth=1, block="plain"),
+    "cnn_small": {"widths": [32, 64, 128], "depth": 1, "block": "plain"},
     # ResNet-20 for CIFAR (He et al. 2016): 3 stages × 3 basic blocks, widths 16/32/64.
-    "cnn_resnet20": dict(widths=[16, 32, 64], depth=3, block="residual"),
+    "cnn_resnet20": {"widths": [16, 32, 64], "depth": 3, "block": "residual"},
     # ResNet-20 with a 60-wide last stage: fits 256K parameters with a 10-class head.
-    "cnn_resnet_256k": dict(widths=[16, 32, 60], depth=3, block="residual"),
+    "cnn_resnet_256k": {"widths": [16, 32, 60], "depth": 3, "block": "residual"},
 }
 _DESCRIPTIONS = {
     "cnn_lenet": "LeNet-5 as in the PyTorch CIFAR-10 tutorial (62,006 params with a 10-class head)",

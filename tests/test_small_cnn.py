@@ -1,0 +1,171 @@
+"""Small CNNs from scratch: exact parameter counts, budgets, weights, and that every preset trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from classforge.models.registry import ClassforgeError, Classifier, count_params, create_backbone, registered
+from classforge.models.small_cnn import CIFAR10_MEAN, CIFAR10_STD, PRESETS, total_params
+
+PRESET_NAMES = ["cnn", *PRESETS, "capsnet"]
+
+
+def params_with_head(name: str, num_classes: int = 10, **kw) -> int:
+    return count_params(Classifier(create_backbone(name, pretrained=False, **kw), num_classes))["total"]
+
+
+def test_all_registered_as_image_backbones():
+    reg = registered()
+    for name in PRESET_NAMES:
+        assert reg[name].task == "image"
+
+
+def test_lenet_is_the_tutorial_network():
+    b = create_backbone("cnn_lenet", pretrained=False)
+    assert b.feature_dim == 84
+    # conv1 3*6*5*5+6 = 456; conv2 6*16*5*5+16 = 2,416; fc1 16*5*5*120+120 = 48,120; fc2 120*84+84 = 10,164;
+    # head 84*10+10 = 850
+    assert params_with_head("cnn_lenet") == 456 + 2_416 + 48_120 + 10_164 + 850 == 62_006
+    convs = [m for m in b.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.padding) for c in convs] == [(6, (5, 5), (0, 0)), (16, (5, 5), (0, 0))]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in b.modules())
+    assert [m.out_features for m in b.modules() if isinstance(m, nn.Linear)] == [120, 84]
+
+
+def test_preset_sizes_for_10_classes():
+    assert params_with_head("cnn_small") < 100_000
+    assert 260_000 < params_with_head("cnn_resnet20") < 280_000  # ResNet-20: 0.27M
+    assert params_with_head("cnn_resnet_256k") <= 256_000
+    resnet20 = create_backbone("cnn_resnet20", pretrained=False)
+    assert sum(isinstance(m, nn.Conv2d) for m in resnet20.modules()) == 19  # + the head = 20 layers
+
+
+def test_input_spec():
+    spec = create_backbone("cnn_resnet20", pretrained=False).spec
+    assert (spec.task, spec.size, spec.mean, spec.std) == ("image", 32, CIFAR10_MEAN, CIFAR10_STD)
+    assert (spec.interpolation, spec.crop_pct, spec.channels) == ("bilinear", 1.0, 3)
+    mono = create_backbone("cnn_small", pretrained=False, in_channels=1, input_size=64)
+    assert (mono.spec.channels, mono.spec.size, len(mono.spec.mean)) == (1, 64, 1)
+    assert mono(torch.randn(2, 1, 64, 64)).shape == (2, 128)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_every_preset_forward_backward(name):
+    torch.manual_seed(0)
+    model = Classifier(create_backbone(name, pretrained=False), 10)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.backbone(x).shape == (2, model.backbone.feature_dim)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([1, 7]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.parameters())
+    # param_groups: every parameter exactly once, from input to output
+    groups = model.backbone.param_groups()
+    flat = [id(p) for g in groups for p in g]
+    assert sorted(flat) == sorted(id(p) for p in model.backbone.parameters())
+    first_param = next(model.backbone.parameters())
+    assert groups[0][0] is first_param
+
+
+@pytest.mark.parametrize("name", ["cnn_lenet", "cnn_resnet20"])
+def test_channels_last_gives_the_same_features(name):
+    b = create_backbone(name, pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = b(x)
+        out = b.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_max_params_refuses_with_the_count_and_a_hint():
+    with pytest.raises(ClassforgeError) as e:
+        create_backbone("cnn_resnet20", pretrained=False, max_params=256_000, num_classes=10)
+    msg = str(e.value)
+    assert "269,722" in msg and "256,000" in msg and "--fit-budget" in msg
+    # the head counts: LeNet fits 62,006 exactly with 10 classes, not with 11
+    create_backbone("cnn_lenet", pretrained=False, max_params=62_006, num_classes=10)
+    with pytest.raises(ClassforgeError, match="62,091"):
+        create_backbone("cnn_lenet", pretrained=False, max_params=62_006, num_classes=11)
+
+
+@pytest.mark.parametrize("name,budget", [("cnn_resnet20", 256_000), ("cnn_small", 50_000), ("cnn_lenet", 150_000)])
+def test_fit_budget_gives_the_largest_net_that_fits(name, budget):
+    b = create_backbone(name, pretrained=False, fit_budget=budget, num_classes=10)
+    n = total_params(b, 10)
+    assert n == params_with_head(name, widths=b.config["widths"], hidden=b.config["hidden"])
+    assert 0.97 * budget <= n <= budget
+    # one more channel in the last stage no longer fits
+    wider = list(b.config["widths"])
+    wider[-1] += 1
+    assert params_with_head(name, widths=wider, hidden=b.config["hidden"]) > budget
+
+
+def test_fit_budget_too_small_and_bad_arguments():
+    with pytest.raises(ClassforgeError, match="too small"):
+        create_backbone("cnn_resnet20", pretrained=False, fit_budget=100, num_classes=10)
+    with pytest.raises(ClassforgeError, match="Did you mean 'widths'"):
+        create_backbone("cnn", pretrained=False, width=[8, 16])
+    with pytest.raises(ClassforgeError, match="plain"):
+        create_backbone("cnn", pretrained=False, block="dense")
+    with pytest.raises(ClassforgeError, match="too small"):
+        create_backbone("cnn_lenet", pretrained=False, input_size=8)
+
+
+def test_cnn_family_arguments():
+    b = create_backbone("cnn", pretrained=False, widths="8,16", depth=2, block="residual", dropout=0.1)
+    assert b.feature_dim == 16
+    assert sum(isinstance(m, nn.Conv2d) for m in b.modules()) == 1 + 2 * 2 * 2
+    assert b(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+    narrowing = create_backbone("cnn", pretrained=False, widths=[16, 8], block="residual")  # 1x1 projection
+    assert narrowing(torch.randn(1, 3, 32, 32)).shape == (1, 8)
+
+
+def test_weights_file_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    src = create_backbone("cnn_resnet20", pretrained=False).eval()
+    for m in src.modules():  # make the zero-initialised BNs non-trivial so the check means something
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "bb.safetensors"))
+    save_file({f"backbone.{k}": v.contiguous() for k, v in src.state_dict().items()}
+              | {"head.weight": torch.zeros(10, 64), "head.bias": torch.zeros(10)},
+              str(tmp_path / "model.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    for f in ("bb.safetensors", "model.safetensors"):
+        b = create_backbone("cnn_resnet20", pretrained=False, weights=str(tmp_path / f)).eval()
+        assert b.weights_source.startswith("file:")
+        torch.testing.assert_close(b(x), src(x))
+    with pytest.raises(ClassforgeError, match="does not match"):
+        create_backbone("cnn_small", pretrained=False, weights=str(tmp_path / "bb.safetensors"))
+
+
+def test_capsnet_trains_on_tiny_random_data():
+    torch.manual_seed(0)
+    b = create_backbone("capsnet", pretrained=False, input_size=28, conv_channels=16, primary_types=4,
+                        capsule_dim=8, num_classes=2)
+    assert b.feature_dim == 2 * 8  # one 8-D digit capsule per class, flattened
+    model = Classifier(b, 2)
+    x = torch.randn(16, 3, 28, 28)
+    y = torch.arange(16) % 2
+    x[y == 1, 0] += 1.0  # a learnable difference between the classes
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    lengths = b.capsule_lengths(x)
+    assert lengths.shape == (16, 2) and bool(((lengths >= 0) & (lengths < 1)).all())  # squashed
+
+
+def test_capsnet_budget_check():
+    with pytest.raises(ClassforgeError, match="capsnet has"):
+        create_backbone("capsnet", pretrained=False, max_params=500_000, num_classes=10)
+    with pytest.raises(ClassforgeError, match="fit_budget"):
+        create_backbone("capsnet", pretrained=False, fit_budget=500_000)
