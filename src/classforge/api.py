@@ -11,7 +11,7 @@ from classforge.models.registry import ClassforgeError
 def train(data: str, out: str | None = None, **options) -> Path:
     """Train on DATA; options are TrainConfig keys (backbone, strategy, epochs, ...). Returns the run directory."""
     from classforge.config import TrainConfig
-    from classforge.train.run import train as run_train
+    from classforge.training.run import train as run_train
 
     return run_train(TrainConfig().replace(data=str(data), out=str(out or ""), **options))
 
@@ -45,7 +45,7 @@ def predict_files(run_dir: str | Path, files: list[str], top_k: int = 3, backend
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, out: str | None = None) -> dict:
-    from classforge.evaluate.evaluate import evaluate as ev
+    from classforge.evaluation.evaluate import evaluate as ev
 
     return ev(run_dir, data, out)
 

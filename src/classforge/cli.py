@@ -137,7 +137,7 @@ def build_config(opts: dict):
 @app.command()
 def train(**kw):
     """Train a classifier on DATA and write a run directory with model, metrics and report.html."""
-    from classforge.train.run import train as run_train
+    from classforge.training.run import train as run_train
 
     cfg = _run(build_config, kw)
     _run(run_train, cfg)
@@ -152,7 +152,7 @@ def evaluate(run_dir: str = typer.Argument(..., help="A run directory"),
              data: Optional[str] = typer.Argument(None, help="Folder to score (class subfolders); default: the run's own test split"),
              out: Optional[str] = typer.Option(None, "--out", help="Where to write the evaluation [RUN/evaluations/<data>]")):
     """Re-score a trained run on any labelled folder; writes metrics, predictions and a report."""
-    from classforge.evaluate.evaluate import evaluate as ev
+    from classforge.evaluation.evaluate import evaluate as ev
 
     res = _run(ev, run_dir, data, out)
     t = res["test"]
@@ -173,7 +173,7 @@ def predict(run_dir: str = typer.Argument(..., help="A run directory"),
     results = _run(predict_files, run_dir, files, top_k=top_k, backend=backend)
     if as_json:
         print(json.dumps(results, indent=2))
-        return
+        raise typer.Exit(1 if any("error" in r for r in results) else 0)
     for r in results:
         if "error" in r:
             console.print(f"[red]{r['file']}: {r['error']}[/]")
@@ -198,6 +198,15 @@ def backbones(task: Optional[str] = typer.Option(None, help="Only image or audio
         t.add_row(e.name, e.task, e.input_desc, e.weights_desc, e.description)
     console.print(t)
     console.print("Any other timm model name also works for images (hub weights online, --weights PATH offline).")
+
+
+@app.command()
+def demo(out: str = typer.Option("runs/demo", "--out", help="Run directory"),
+         backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="Backbone to use")):
+    """Train on scikit-learn's digits (no download) and print the path of the report."""
+    from classforge.demo import run_demo
+
+    _run(run_demo, out, backbone)
 
 
 def _add_extensions() -> None:

@@ -31,7 +31,7 @@ class TrainConfig:
     test_groups: str | None = None  # "artwork,icons": these groups form the test split
     split_file: str | None = None
     seed: int = 0
-    near_dup_distance: int = 3  # perceptual-hash Hamming distance counted as a near duplicate
+    near_dup_distance: int = 18  # bits of the 255-bit perceptual hash within which images are near duplicates
     # model
     backbone: str = "efficientnet_lite0"
     weights: str | None = None

@@ -76,7 +76,7 @@ def inspect_data(data: str, labels_csv=None, label_from_name=None, bins=None, cl
         console.print(t)
         console.print(f"{len(labels)} classes, {len(ds.samples)} files, {len(checked.good)} usable. "
                       f"Split: {rep.method} -> train {rep.counts['train']}, val {rep.counts['val']}, test {rep.counts['test']}.")
-        console.print(f"Duplicate clusters (exact or near, dHash distance <= 3): {len(clusters)}; "
+        console.print(f"Duplicate clusters (exact or near, perceptual-hash distance <= 18 of 255 bits): {len(clusters)}; "
                       f"copies that would straddle splits and are dropped from evaluation: {len(rep.excluded)}")
         for n in js["notes"]:
             console.print(f"[yellow]note:[/] {n}")

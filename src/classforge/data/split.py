@@ -68,7 +68,7 @@ def _assign(samples: list[Sample], fracs: tuple[float, float, float], seed: int)
 
 
 def make_split(samples: list[Sample], info: dict[str, FileInfo], fracs=(0.7, 0.2, 0.1), seed: int = 0,
-               test_groups: str | None = None, near_dup_distance: int = 3) -> SplitReport:
+               test_groups: str | None = None, near_dup_distance: int = 18) -> SplitReport:
     """Sets `split` on every sample in place and returns what was done. Samples may arrive with splits
     (official folders, a CSV split column); those are kept."""
     notes = []

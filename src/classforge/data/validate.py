@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from classforge.data.discover import Dataset, Sample, cache_dir
-from classforge.data.image import BadFile, dhash, open_image
+from classforge.data.image import BadFile, open_image, phash
 from classforge.progress import progress
 
-_VERSION = 2  # bump when the record format or the checks change
+_VERSION = 4  # bump when the record format or the checks change
 
 
 @dataclass
@@ -22,7 +22,7 @@ class FileInfo:
     ok: bool
     reason: str = ""
     sha1: str = ""
-    phash: int = 0  # images: 64-bit dHash; audio: 0
+    phash: int = 0  # images: 255-bit perceptual hash; audio: 0
     width: int = 0
     height: int = 0
     format: str = ""
@@ -60,7 +60,7 @@ def _check_image(s: Sample, min_size: int, max_pixels: int) -> FileInfo:
     w, h = img.size
     if min(w, h) < min_size:
         return FileInfo(s.rel, False, f"too small ({w}x{h} < --min-size {min_size})", width=w, height=h)
-    return FileInfo(s.rel, True, sha1=_sha1(s.path), phash=dhash(img), width=w, height=h, format=fmt)
+    return FileInfo(s.rel, True, sha1=_sha1(s.path), phash=phash(img), width=w, height=h, format=fmt)
 
 
 def _check_audio(s: Sample) -> FileInfo:
@@ -123,9 +123,10 @@ def validate(ds: Dataset, min_size: int = 8, max_pixels: int = 89_478_485, worke
     return Validation(good, skipped, info)
 
 
-def duplicate_groups(samples: list[Sample], info: dict[str, FileInfo], max_distance: int = 3) -> list[list[int]]:
-    """Clusters (indices into samples) of exact (same bytes) and near duplicates (dHash within max_distance).
-    Near pairs are found by pigeonhole on four 16-bit chunks: pairs within distance 3 share one chunk."""
+def duplicate_groups(samples: list[Sample], info: dict[str, FileInfo], max_distance: int = 18) -> list[list[int]]:
+    """Clusters (indices into samples) of exact (same bytes) and near duplicates (255-bit pHash within
+    max_distance bits). Near pairs are found by pigeonhole: split the hash into max_distance + 1 chunks;
+    two hashes within that distance agree exactly on at least one chunk, so only bucket-mates are compared."""
     parent = list(range(len(samples)))
 
     def find(i):
@@ -148,13 +149,15 @@ def duplicate_groups(samples: list[Sample], info: dict[str, FileInfo], max_dista
             by_sha[sha] = i
     hashes = [info[s.path].phash for s in samples]
     if max_distance >= 0 and any(hashes):
-        n_chunks = 4
+        n_chunks = max_distance + 1
+        width = -(-256 // n_chunks)
+        mask = (1 << width) - 1
         buckets: dict[tuple[int, int], list[int]] = {}
         for i, h in enumerate(hashes):
             if h == 0:
                 continue
             for c in range(n_chunks):
-                buckets.setdefault((c, (h >> (16 * c)) & 0xFFFF), []).append(i)
+                buckets.setdefault((c, (h >> (width * c)) & mask), []).append(i)
         for members in buckets.values():
             if len(members) < 2 or len(members) > 2000:  # huge buckets: flat images; exact matches still count
                 continue

@@ -59,7 +59,7 @@ class Predictor:
             self.input_name = self.session.get_inputs()[0].name
             self.backend = "onnxruntime"
         elif model is not None:
-            from classforge.train.embeddings import prepare_fast
+            from classforge.training.embeddings import prepare_fast
 
             self.model = prepare_fast(model, spec.task, device) if fast else model.eval().to(device)
         else:
@@ -92,7 +92,7 @@ class Predictor:
             return self.session.run(None, {self.input_name: x.numpy().astype(np.float32)})[0]
         with self._lock:
             if self.fast:
-                from classforge.train.embeddings import forward_batches
+                from classforge.training.embeddings import forward_batches
 
                 return forward_batches(self.model, list(x), self.spec.task, self.device).numpy()
             with torch.inference_mode():

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from classforge.config import TrainConfig, parse_duration
-from classforge.train.embeddings import fast_cpu_bf16
+from classforge.training.embeddings import fast_cpu_bf16
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")

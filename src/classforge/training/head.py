@@ -9,13 +9,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from classforge.config import TrainConfig
-from classforge.train.module import ClassifierModule
-from classforge.train.trainer import make_trainer
+from classforge.training.module import ClassifierModule
+from classforge.training.trainer import make_trainer
 
 
 def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray,
              cfg: TrainConfig, run: Path, class_weights: torch.Tensor | None = None) -> list[dict]:
-    from classforge.train.run import DEFAULT_EPOCHS, DEFAULT_LR
+    from classforge.training.run import DEFAULT_EPOCHS, DEFAULT_LR
 
     epochs = cfg.epochs if cfg.epochs and cfg.strategy == "linear" else DEFAULT_EPOCHS["linear"]
     lr = DEFAULT_LR["linear"] if cfg.strategy != "linear" or cfg.lr in ("default", "auto") else float(cfg.lr)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classforge.evaluate import report as rp
-from classforge.evaluate.metrics import summarize
+from classforge.evaluation import report as rp
+from classforge.evaluation.metrics import summarize
 from classforge.models.registry import ClassforgeError, count_params
 from classforge.serve.predictor import Predictor
 
@@ -26,8 +26,8 @@ def score(predictor: Predictor, samples, labels: list[str], desc: str) -> tuple[
     return y, probs
 
 
-def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float) -> dict:
-    from classforge.train.run import environment
+def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float, extra: dict | None = None) -> dict:
+    from classforge.training.run import environment
 
     t = time.time()
     predictor = Predictor(model, model.backbone.spec, data.labels, max_pixels=cfg.max_pixels)
@@ -47,6 +47,7 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
                   "duplicate_clusters": data.split.duplicate_clusters, "excluded": len(data.split.excluded)},
         "skipped": len(data.checked.skipped), "environment": environment(),
         "samples_per_class": {c: int(n) for c, n in zip(data.labels, np.bincount(data.y("train"), minlength=len(data.labels)))},
+        **(extra or {}),
     }
     write_artifacts(run, summary, data.labels, results, data.checked.skipped, data.split.excluded, data.notes,
                     cfg.top_k, t_start)

@@ -23,7 +23,7 @@ from classforge.data.split import SplitReport, make_split, read_split, write_spl
 from classforge.data.validate import Validation, validate
 from classforge.models.registry import ClassforgeError, Classifier, count_params, create_backbone
 from classforge.progress import progress
-from classforge.train import embeddings as emb
+from classforge.training import embeddings as emb
 
 STRATEGIES = ("linear", "finetune", "two-stage", "scratch")
 DEFAULT_EPOCHS = {"linear": 60, "finetune": 8, "two-stage": 6, "scratch": 30}
@@ -84,9 +84,10 @@ def train(cfg: TrainConfig) -> Path:
                                weights=cfg.weights, **backbone_kwargs(cfg, len(data.labels)))
     model = Classifier(backbone, len(data.labels), cfg.dropout)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
+    extra: dict = {}
     history: list[dict] = []
     if cfg.strategy in ("linear", "two-stage"):
-        history += fit_head_on_embeddings(model, data, cfg, run, timing)
+        history += fit_head_on_embeddings(model, data, cfg, run, timing, extra)
     if cfg.strategy in ("finetune", "two-stage", "scratch"):
         t = time.time()
         history += fit_full(model, data, cfg, run, stage=cfg.strategy)
@@ -95,11 +96,9 @@ def train(cfg: TrainConfig) -> Path:
             return run  # DDP workers stop here; rank 0 saves and evaluates
     save_model(run, model, cfg, data.labels)
     write_metrics(run, history)
-    timing["eval_s"] = 0.0
-    t = time.time()
-    from classforge.evaluate.evaluate import evaluate_run
+    from classforge.evaluation.evaluate import evaluate_run
 
-    summary = evaluate_run(run, data, cfg, model, extra_timing=timing, t_start=t0)
+    summary = evaluate_run(run, data, cfg, model, extra_timing=timing, t_start=t0, extra=extra)
     print_summary(run, summary)
     return run
 
@@ -141,7 +140,8 @@ def views_per_class(data: Prepared, cfg: TrainConfig) -> int:
     return views
 
 
-def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, timing: dict) -> list[dict]:
+def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, timing: dict,
+                           extra: dict) -> list[dict]:
     """Frozen backbone run once per file (cached on disk); the head trains on the cached tensors."""
     bb = model.backbone
     key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), json.dumps(backbone_kwargs(cfg, 0)))
@@ -150,18 +150,21 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     views = views_per_class(data, cfg)
     t = time.time()
     feats = {}
+    extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "key": key}
     for split in ("train", "val"):
         ss = data.of(split)
         v = views if split == "train" else 1
         sha = [data.checked.info[s.path].sha1 for s in ss]
         feats[split], stats = emb.extract(bb, ss, sha, pre, key, v, cfg.batch_size, desc=f"Embedding {split}")
         print(f"  {split}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed")
+        for k in ("cached", "computed"):
+            extra["embeddings"][k] += stats[k]
     timing["embedding_s"] += time.time() - t
     ytr = np.repeat(np.array(data.y("train")), feats["train"].shape[1])
     xtr = feats["train"].reshape(-1, feats["train"].shape[-1])
     xva, yva = feats["val"][:, 0], np.array(data.y("val"))
     t = time.time()
-    from classforge.train.head import fit_head
+    from classforge.training.head import fit_head
 
     hist = fit_head(model.head, xtr, ytr, xva, yva, cfg, run, class_weights(data, cfg))
     timing["fit_s"] += time.time() - t
@@ -189,7 +192,7 @@ def load_raws(samples: list[Sample], pre, desc: str) -> list:
 
 
 def fit_full(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, stage: str) -> list[dict]:
-    from classforge.train.fit import fit_lightning
+    from classforge.training.fit import fit_lightning
 
     return fit_lightning(model, data, cfg, run, stage)
 

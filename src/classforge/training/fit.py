@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from classforge.config import TrainConfig
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.registry import Classifier
-from classforge.train.module import ClassifierModule, FileDataset
-from classforge.train.trainer import make_trainer
+from classforge.training.module import ClassifierModule, FileDataset
+from classforge.training.trainer import make_trainer
 
 
 def lr_groups(model: Classifier, stage: str, lr: float, mult: float) -> list[tuple[list, float]]:
@@ -42,7 +42,7 @@ def _sampler(labels: list[int], cfg: TrainConfig, n_classes: int):
 
 
 def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: str) -> list[dict]:
-    from classforge.train.run import DEFAULT_EPOCHS, DEFAULT_LR, class_weights, load_raws
+    from classforge.training.run import DEFAULT_EPOCHS, DEFAULT_LR, class_weights, load_raws
 
     spec = model.backbone.spec
     pre = make_preprocessor(spec, augment=cfg.augment, max_pixels=cfg.max_pixels)

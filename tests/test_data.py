@@ -1,0 +1,182 @@
+"""Discovery, validation and splitting on real generated files."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tarfile
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import draw_sample, make_image_folder, tree_checksums
+from PIL import Image
+
+from classforge.config import TrainConfig
+from classforge.data.discover import discover
+from classforge.data.split import make_split, read_split, write_split
+from classforge.data.validate import validate
+from classforge.models.registry import ClassforgeError
+from classforge.training.run import prepare_data
+
+
+def test_folders_layout(shapes_dir):
+    ds = discover(shapes_dir)
+    assert ds.task == "image" and ds.layout == "folders"
+    assert ds.classes == ["checker", "circle", "stripes"]
+    assert Counter(s.label for s in ds.samples) == {"circle": 24, "stripes": 24, "checker": 24}
+
+
+def test_official_train_val_only_evaluates_val_as_test_and_carves_val_from_train(tmp_path):
+    make_image_folder(tmp_path / "train", 20, kinds=("circle", "stripes"))
+    make_image_folder(tmp_path / "valid", 6, kinds=("circle", "stripes"), seed=1)
+    data = prepare_data(TrainConfig(data=str(tmp_path)))
+    counts = Counter(s.split for s in data.samples)
+    assert counts["test"] == 12  # all of valid/
+    assert all(s.rel.startswith("valid/") for s in data.of("test"))
+    assert counts["val"] > 0 and all(s.rel.startswith("train/") for s in data.of("val"))
+    assert {s.label for s in data.of("val")} == {"circle", "stripes"}  # stratified slice
+    assert any("evaluated as the test set" in n for n in data.notes)
+
+
+def test_csv_labels_with_groups_and_splits(tmp_path):
+    make_image_folder(tmp_path / "imgs", 10, kinds=("circle", "stripes"))
+    rows = []
+    for p in sorted((tmp_path / "imgs").rglob("*.png")):
+        i = int(p.stem.split("_")[1])
+        rows.append([str(p.relative_to(tmp_path)), p.parent.name, f"g{i % 5}", "test" if i % 5 == 4 else ""])
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group", "split"])
+        w.writerows(rows)
+    data = prepare_data(TrainConfig(data=str(tmp_path), labels_csv=str(tmp_path / "labels.csv"), split="0.75,0.25,0"))
+    assert {s.rel for s in data.of("test")} == {r[0] for r in rows if r[3] == "test"}
+    # a group never straddles splits
+    by_group = {}
+    for s in data.samples:
+        by_group.setdefault(s.group, set()).add(s.split)
+    assert all(len(v) == 1 for v in by_group.values()), by_group
+
+
+def test_label_from_name_with_bins(tmp_path):
+    rng = np.random.default_rng(0)
+    for age in (1, 2, 5, 7, 15, 30, 45, 80):
+        for j in range(3):
+            draw_sample("circle", rng).save(tmp_path / f"{age}_{j}.jpg")
+    ds = discover(tmp_path, label_from_name=r"^(?P<label>\d+)_", bins="0,3,10,40")
+    assert Counter(s.label for s in ds.samples) == {"0-3": 6, "3-10": 6, "10-40": 6, "40+": 6}
+    with pytest.raises(ClassforgeError, match="named group"):
+        discover(tmp_path, label_from_name=r"^(\d+)_")
+
+
+def test_classes_subset_and_max_classes(shapes_dir):
+    assert discover(shapes_dir, classes="circle,stripes").classes == ["circle", "stripes"]
+    assert discover(shapes_dir, max_classes=1).classes == ["checker"]
+    with pytest.raises(ClassforgeError, match="unknown"):
+        discover(shapes_dir, classes="circle,nope")
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archives_extract_to_cache_not_beside_the_file(tmp_path, shapes_dir, kind):
+    arc = tmp_path / f"data.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(arc, "w") as z:
+            for p in shapes_dir.rglob("*.png"):
+                z.write(p, Path("shapes") / p.relative_to(shapes_dir))
+    else:
+        with tarfile.open(arc, "w:gz") as t:
+            t.add(shapes_dir, arcname="shapes")
+    before = sorted(tmp_path.iterdir())
+    ds = discover(arc)
+    assert sorted(tmp_path.iterdir()) == before  # nothing written beside the archive
+    assert len(ds.samples) == 72 and ds.classes == ["checker", "circle", "stripes"]
+
+
+def _bad_folder(root: Path) -> Path:
+    make_image_folder(root, 12, kinds=("circle", "stripes"))
+    good = root / "circle" / "circle_000.png"
+    jpg = root / "circle" / "truncated.jpg"
+    draw_sample("circle", np.random.default_rng(5), 128).save(jpg, quality=90)
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
+    (root / "circle" / "empty.png").write_bytes(b"")
+    (root / "stripes" / "notes.jpg").write_text("this is a text file, not an image")
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(root / "stripes" / "tiny.png")
+    # a PNG header that claims 20000 x 20000 pixels: a decompression bomb
+    bomb = Image.new("L", (20000, 20000))
+    bomb.save(root / "stripes" / "bomb.png", optimize=True)
+    assert good.exists()
+    return root
+
+
+def test_bad_files_are_skipped_with_reasons_and_data_is_untouched(tmp_path):
+    root = _bad_folder(tmp_path / "bad")
+    before = tree_checksums(root)
+    ds = discover(root)
+    checked = validate(ds, min_size=8, max_pixels=50_000_000)
+    reasons = dict(checked.skipped)
+    assert "truncated" in reasons["circle/truncated.jpg"]
+    assert "empty" in reasons["circle/empty.png"]
+    assert "not an image" in reasons["stripes/notes.jpg"]
+    assert "too small" in reasons["stripes/tiny.png"]
+    assert "pixels" in reasons["stripes/bomb.png"]
+    assert len(checked.good) == 24
+    assert tree_checksums(root) == before
+
+
+def test_split_is_stratified_deterministic_and_keeps_duplicates_together(tmp_path):
+    root = make_image_folder(tmp_path / "d", 40, kinds=("circle", "stripes"))
+    # exact copies and a near duplicate (re-encoded at another size) of one image
+    src = root / "circle" / "circle_000.png"
+    shutil.copy(src, root / "circle" / "copy_a.png")
+    shutil.copy(src, root / "circle" / "copy_b.png")
+    Image.open(src).resize((80, 80)).save(root / "circle" / "near_c.jpg", quality=92)
+
+    def split(seed):
+        ds = discover(root)
+        checked = validate(ds)
+        rep = make_split(checked.good, checked.info, (0.6, 0.2, 0.2), seed)
+        return {s.rel: s.split for s in checked.good}, rep
+
+    a, rep = split(3)
+    b, _ = split(3)
+    c, _ = split(4)
+    assert a == b and a != c
+    family = {a[r] for r in ("circle/circle_000.png", "circle/copy_a.png", "circle/copy_b.png", "circle/near_c.jpg")}
+    assert len(family) == 1
+    assert rep.duplicate_clusters >= 1
+    for label in ("circle", "stripes"):
+        n = Counter(sp for r, sp in a.items() if r.startswith(label))
+        assert n["train"] > n["val"] > 0 and n["test"] > 0
+
+
+def test_group_split_drops_cross_split_duplicates_from_evaluation(tmp_path):
+    root = make_image_folder(tmp_path / "d", 12, kinds=("circle", "stripes"))
+    shutil.copy(root / "circle" / "circle_000.png", root / "circle" / "circle_dup.png")
+    ds = discover(root, group_by=r"_\d(\d)\d|dup")  # groups by the tens digit; the copy has its own group
+    checked = validate(ds)
+    rep = make_split(checked.good, checked.info, (0.5, 0.0, 0.5), seed=0)
+    splits = {s.rel: s.split for s in checked.good}
+    pair = [splits["circle/circle_000.png"], splits["circle/circle_dup.png"]]
+    assert "" in pair or pair[0] == pair[1]  # never in two different splits
+    if "" in pair:
+        assert any("duplicate of" in why for _, why in rep.excluded)
+
+
+def test_split_file_roundtrip(tmp_path, shapes_dir):
+    ds = discover(shapes_dir)
+    checked = validate(ds)
+    make_split(checked.good, checked.info, (0.7, 0.2, 0.1), 0)
+    write_split(tmp_path / "split.csv", checked.good)
+    want = {s.rel: s.split for s in checked.good}
+    ds2 = discover(shapes_dir)
+    read_split(tmp_path / "split.csv", ds2.samples)
+    assert {s.rel: s.split for s in ds2.samples} == want
+
+
+def test_test_groups_hold_out_whole_groups(tmp_path):
+    make_image_folder(tmp_path, 15, kinds=("circle", "stripes"))
+    data = prepare_data(TrainConfig(data=str(tmp_path), group_by=r"_0(\d)", test_groups="1"))
+    assert data.of("test") and all(s.group == "1" for s in data.of("test"))
+    assert all(s.group != "1" for s in data.of("train") + data.of("val"))

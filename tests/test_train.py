@@ -1,0 +1,155 @@
+"""End to end on generated images: the run directory contract, predict parity, strategies, bad data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image_folder, tree_checksums
+from test_data import _bad_folder
+
+import classforge
+from classforge.models.registry import ClassforgeError
+
+RUN_FILES = ["config.yaml", "labels.json", "split.csv", "model.safetensors", "model.json", "metrics.csv",
+             "summary.json", "predictions.csv", "per_class.csv", "confusion_matrix.png", "curves.png", "report.html"]
+
+
+def read_csv(p: Path) -> list[dict]:
+    with open(p) as f:
+        return list(csv.DictReader(f))
+
+
+def test_linear_run_directory_contract(linear_run):
+    for f in RUN_FILES:
+        assert (linear_run / f).is_file(), f
+    s = json.loads((linear_run / "summary.json").read_text())
+    assert s["task"] == "image" and s["backbone"] == "efficientnet_lite0" and s["strategy"] == "linear"
+    assert s["classes"] == 3
+    t = s["test"]
+    assert t["n"] > 0 and 0 <= t["accuracy_ci95"][0] <= t["accuracy"] <= t["accuracy_ci95"][1] <= 1
+    assert t["accuracy"] >= 0.9  # three visually obvious classes
+    for k in ("macro_f1", "ece"):
+        assert k in t and k in s["val"]
+    assert s["params"]["total"] > 3_000_000 and s["timing"]["embedding_s"] > 0
+    assert s["embeddings"]["computed"] + s["embeddings"]["cached"] == s["split"]["counts"]["train"] + s["split"]["counts"]["val"]
+    rows = read_csv(linear_run / "metrics.csv")
+    assert len(rows) >= 2 and rows[0]["stage"] == "head" and rows[0]["train_loss"]
+    html = (linear_run / "report.html").read_text()
+    for section in ("Confusion matrix", "Per-class metrics", "Worst mistakes", "Skipped files", "Training curves"):
+        assert section in html
+
+
+def test_predictions_csv_matches_predict_api(linear_run):
+    """The Predictor behind `predict` gives the probabilities the evaluation wrote."""
+    rows = read_csv(linear_run / "predictions.csv")
+    data_root = Path(json.loads((linear_run / "summary.json").read_text())["data"])
+    paths = [str(data_root / r["path"]) for r in rows[:6]]
+    res = classforge.load(linear_run).predict(paths, top_k=3)
+    for r, p in zip(rows, res):
+        assert p["label"] == r["predicted"]
+        assert abs(p["probability"] - float(r["probability"])) < 1e-4
+        assert len(p["top_k"]) == 3 and p["top_k"][0]["label"] == p["label"]
+
+
+def test_predict_cli_json_and_bad_file(linear_run, shapes_dir, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    img = next((shapes_dir / "circle").glob("*.png"))
+    out = subprocess.run([sys.executable, "-m", "classforge.cli", "predict", str(linear_run), str(img), str(bad),
+                          "--json", "--top-k", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1  # one file failed
+    res = json.loads(out.stdout)
+    assert res[0]["label"] == "circle" and len(res[0]["top_k"]) == 2
+    assert "not an image" in res[1]["error"]
+    assert "Traceback" not in out.stderr
+
+
+def test_second_run_reuses_embedding_cache(linear_run, shapes_dir, tmp_path):
+    run2 = classforge.train(shapes_dir, tmp_path / "again", epochs=5)
+    s = json.loads((run2 / "summary.json").read_text())
+    assert s["embeddings"]["computed"] == 0 and s["embeddings"]["cached"] > 0
+
+
+def test_run_loads_without_training_code(linear_run):
+    """A run needs only safetensors + JSON: load it in a fresh interpreter that blocks lightning."""
+    code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"
+            "import classforge\n"
+            f"p = classforge.load({str(linear_run)!r}, backend='torch')\n"
+            "print(len(p.labels))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "3"
+
+
+def test_evaluate_rescores_on_another_folder(linear_run, tmp_path):
+    other = make_image_folder(tmp_path / "other", 6, seed=42)
+    res = classforge.evaluate(linear_run, str(other), out=str(tmp_path / "ev"))
+    assert res["test"]["n"] == 18 and res["test"]["accuracy"] >= 0.8
+    assert (tmp_path / "ev" / "report.html").is_file() and (tmp_path / "ev" / "predictions.csv").is_file()
+
+
+def test_bad_files_train_fine_and_are_reported(tmp_path):
+    root = _bad_folder(tmp_path / "bad")
+    before = tree_checksums(root)
+    run = classforge.train(root, tmp_path / "run", epochs=3)
+    html = (run / "report.html").read_text()
+    for name in ("truncated.jpg", "empty.png", "notes.jpg", "tiny.png", "bomb.png"):
+        assert name in html
+    s = json.loads((run / "summary.json").read_text())
+    assert s["skipped"] == 5
+    assert tree_checksums(root) == before
+
+
+def test_finetune_small_cnn_with_time_budget_and_resume(tmp_path):
+    root = make_image_folder(tmp_path / "d", 16, kinds=("circle", "stripes"))
+    t0 = time.time()
+    run = classforge.train(root, tmp_path / "ft", backbone="cnn_small", strategy="scratch", epochs=200,
+                           time_budget="8s", batch_size=16, patience=1000)
+    assert time.time() - t0 < 120
+    rows = read_csv(run / "metrics.csv")
+    assert rows[0]["epoch"] == "0" and rows[0]["val_acc"]  # evaluation before the first epoch
+    assert 1 <= len(rows) - 1 < 200  # stopped by the budget, not by the epoch count
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    run2 = classforge.train(root, tmp_path / "ft", backbone="cnn_small", strategy="scratch",
+                            epochs=len(rows) + 1, batch_size=16, resume=True, patience=1000)
+    rows2 = read_csv(run2 / "metrics.csv")
+    assert rows2[-1]["epoch"] == str(len(rows) + 1) and len(rows2) <= 3  # continued, not restarted
+
+
+def test_two_stage_on_lite0(tmp_path):
+    root = make_image_folder(tmp_path / "d", 12, kinds=("circle", "stripes"))
+    run = classforge.train(root, tmp_path / "ts", strategy="two-stage", epochs=1, batch_size=8)
+    stages = {r["stage"] for r in read_csv(run / "metrics.csv")}
+    assert stages == {"head", "two-stage"}
+    s = json.loads((run / "summary.json").read_text())
+    assert s["test"]["accuracy"] >= 0.75 and s["params"]["trainable"] == s["params"]["total"]
+
+
+def test_ddp_two_cpu_processes_finetune(tmp_path):
+    """Data-parallel fine-tuning over gloo with 2 CPU processes gives an ordinary run directory."""
+    root = make_image_folder(tmp_path / "d", 12, kinds=("circle", "stripes"))
+    env = {**os.environ, "CLASSFORGE_QUIET": "1"}
+    cmd = [sys.executable, "-m", "classforge.cli", "train", str(root), "--out", str(tmp_path / "ddp"),
+           "--backbone", "cnn_small", "--strategy", "finetune", "--epochs", "2", "--batch-size", "8",
+           "--accelerator", "cpu", "--devices", "2", "--dist-strategy", "ddp"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for f in RUN_FILES:
+        assert (tmp_path / "ddp" / f).is_file(), f
+    assert "world_size=2" in out.stderr + out.stdout or "distributed_backend=gloo" in out.stderr + out.stdout
+
+
+def test_clear_errors_without_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "classforge.cli", "train", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Data not found" in out.stdout and "Traceback" not in out.stderr
+    with pytest.raises(ClassforgeError, match="Did you mean 'epochs'"):
+        classforge.train(tmp_path, epoch=3)
