@@ -117,6 +117,7 @@ def test_finetune_small_cnn_with_time_budget_and_resume(tmp_path):
     rows = read_csv(run / "metrics.csv")
     assert rows[0]["epoch"] == "0" and rows[0]["val_acc"]  # evaluation before the first epoch
     assert 1 <= len(rows) - 1 < 200  # stopped by the budget, not by the epoch count
+    assert json.loads((run / "summary.json").read_text())["trainer"]["stopped_by"] == "time budget"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     run2 = classforge.train(root, tmp_path / "ft", backbone="cnn_small", strategy="scratch",
                             epochs=len(rows) + 1, batch_size=16, resume=True, patience=1000)
@@ -144,7 +145,8 @@ def test_ddp_two_cpu_processes_finetune(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for f in RUN_FILES:
         assert (tmp_path / "ddp" / f).is_file(), f
-    assert "world_size=2" in out.stderr + out.stdout or "distributed_backend=gloo" in out.stderr + out.stdout
+    s = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert s["trainer"]["world_size"] == 2 and s["trainer"]["strategy"] == "DDPStrategy"
 
 
 def test_clear_errors_without_traceback(tmp_path):

@@ -105,6 +105,9 @@ def _train_options(
     resume: bool = typer.Option(False, "--resume", help="Continue from RUN/checkpoints/last.ckpt"),
     clip_seconds: Optional[str] = typer.Option(None, "--clip-seconds", help="Audio clip length in seconds, or 'longest'"),
     background_dir: Optional[str] = typer.Option(None, "--background-dir", help="Audio: folder of background sounds mixed in as augmentation"),
+    backbone_arg: Optional[list[str]] = typer.Option(None, "--arg", "-a", help="Backbone argument key=value (repeatable), e.g. -a widths=[16,32,64] -a block=residual"),
+    max_params: Optional[int] = typer.Option(None, "--max-params", help="Refuse a model with more parameters (head included)"),
+    fit_budget: bool = typer.Option(False, "--fit-budget", help="With --max-params: scale a cnn* backbone's widths to fit instead of refusing"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set key=value (repeatable)"),
 ):
     return locals()
@@ -124,6 +127,13 @@ def build_config(opts: dict):
         v = opts.pop(k, None)
         if v is not None:
             extra[k] = v if k != "clip_seconds" or v == "longest" else float(v)
+    args = dict(cfg.backbone_args)
+    for kv in opts.pop("backbone_arg", None) or []:
+        if "=" not in kv:
+            raise ClassforgeError(f"--arg expects key=value, got {kv!r}")
+        k, v = kv.split("=", 1)
+        args[k.strip()] = yaml.safe_load(v)
+    opts["backbone_args"] = args or None
     for kv in opts.pop("set_", None) or []:
         if "=" not in kv:
             raise ClassforgeError(f"--set expects key=value, got {kv!r}")

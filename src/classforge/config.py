@@ -38,6 +38,9 @@ class TrainConfig:
     pretrained: bool = True
     strategy: str = "linear"  # linear | finetune | two-stage | scratch
     dropout: float = 0.0
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # e.g. {"widths": [16, 32, 64], "block": "residual"}
+    max_params: int | None = None  # refuse a model (backbone + head) with more parameters
+    fit_budget: bool = False  # from-scratch CNNs: scale widths down to fit --max-params instead of refusing
     # optimisation
     epochs: int = 0  # 0 = strategy default
     batch_size: int = 32

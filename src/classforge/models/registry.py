@@ -70,18 +70,20 @@ class BackboneEntry:
     input_desc: str = ""
     weights_desc: str = "none (trained from scratch)"
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    budget_aware: bool = False  # factory takes num_classes / max_params / fit_budget (from-scratch CNNs)
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}
 
 
 def register_backbone(name: str, task: str, description: str = "", input_desc: str = "",
-                      weights_desc: str = "none (trained from scratch)"):
+                      weights_desc: str = "none (trained from scratch)", budget_aware: bool = False):
     """Decorator: `@register_backbone("cnn_lenet", "image")` over a factory
     `f(pretrained: bool, weights: str | None, **kwargs) -> Backbone`."""
 
     def deco(fn):
-        _REGISTRY[name] = BackboneEntry(name, task, fn, description, input_desc, weights_desc)
+        _REGISTRY[name] = BackboneEntry(name, task, fn, description, input_desc, weights_desc,
+                                        budget_aware=budget_aware)
         return fn
 
     return deco
@@ -120,6 +122,11 @@ def create_backbone(name: str, pretrained: bool = True, weights: str | None = No
         f"Unknown backbone {name!r}.{hint} Run `classforge backbones` for the registered ones; "
         "any timm model name also works."
     )
+
+
+def is_budget_aware(name: str) -> bool:
+    e = registered().get(name)
+    return bool(e and e.budget_aware)
 
 
 def backbone_task(name: str) -> str:

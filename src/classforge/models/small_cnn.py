@@ -511,7 +511,7 @@ _DESCRIPTIONS = {
 
 
 @register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|residual, "
-                   "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)")
+                   "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)", budget_aware=True)
 def cnn(pretrained: bool = False, weights: str | None = None, **kwargs) -> SmallCNN:
     # `pretrained` is accepted for the common factory signature; these nets have no published weights.
     return build_cnn("cnn", PRESETS["cnn_small"], weights=weights, **kwargs)
@@ -527,14 +527,14 @@ def _preset_factory(name: str):
 
 for _name in PRESETS:
     register_backbone(_name, "image", description=_DESCRIPTIONS[_name],
-                      input_desc="3x32x32 (input_size=, in_channels=)")(_preset_factory(_name))
+                      input_desc="3x32x32 (input_size=, in_channels=)", budget_aware=True)(_preset_factory(_name))
 
 _CAPS_KEYS = ("input_size", "in_channels", "conv_channels", "kernel_size", "primary_types", "primary_dim",
               "num_capsules", "capsule_dim", "routing_iters")
 
 
 @register_backbone("capsnet", "image", description="Capsule network with dynamic routing (Sabour 2017), "
-                   "small: features = flattened digit capsules", input_desc="3x32x32 (28-32px)")
+                   "small: features = flattened digit capsules", input_desc="3x32x32 (28-32px)", budget_aware=True)
 def capsnet(pretrained: bool = False, weights: str | None = None, max_params: int | None = None,
             num_classes: int | None = None, fit_budget: int | None = None, **kwargs) -> CapsNet:
     _check_kwargs("capsnet", kwargs, _CAPS_KEYS)

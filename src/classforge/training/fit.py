@@ -41,7 +41,7 @@ def _sampler(labels: list[int], cfg: TrainConfig, n_classes: int):
                                  generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: str) -> list[dict]:
+def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: str, extra: dict) -> list[dict]:
     from classforge.training.run import DEFAULT_EPOCHS, DEFAULT_LR, class_weights, load_raws
 
     spec = model.backbone.spec
@@ -78,7 +78,21 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
         rows.append(pre_training_eval(trainer, module, val_dl, stage))
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(ckpt) if cfg.resume and ckpt.exists() else None)
     model.backbone.set_grad_checkpointing(False)
+    extra["trainer"] = {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                        "accelerator": type(trainer.accelerator).__name__, "precision": str(trainer.precision),
+                        "epochs_run": trainer.current_epoch, "stopped_by": stop_reason(trainer)}
     return rows + hist.rows
+
+
+def stop_reason(trainer) -> str:
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping) and cb.stopped_epoch:
+            return "early stopping"
+        if isinstance(cb, Timer) and cb.time_remaining() is not None and cb.time_remaining() <= 0:
+            return "time budget"
+    return "max epochs"
 
 
 def _world(cfg: TrainConfig) -> int:

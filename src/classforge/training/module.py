@@ -72,11 +72,8 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(logits.float(), y, weight=w,
                                label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         acc = (logits.argmax(-1) == y).float().mean()
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=not on_step,
-                 batch_size=len(y))
-        self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, sync_dist=not on_step,
-                 batch_size=len(y))
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
+        self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
         return loss
 
     def training_step(self, batch, batch_idx):

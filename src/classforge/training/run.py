@@ -83,6 +83,7 @@ def train(cfg: TrainConfig) -> Path:
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained and cfg.strategy != "scratch",
                                weights=cfg.weights, **backbone_kwargs(cfg, len(data.labels)))
     model = Classifier(backbone, len(data.labels), cfg.dropout)
+    check_budget(cfg, model)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
     extra: dict = {}
     history: list[dict] = []
@@ -90,7 +91,7 @@ def train(cfg: TrainConfig) -> Path:
         history += fit_head_on_embeddings(model, data, cfg, run, timing, extra)
     if cfg.strategy in ("finetune", "two-stage", "scratch"):
         t = time.time()
-        history += fit_full(model, data, cfg, run, stage=cfg.strategy)
+        history += fit_full(model, data, cfg, run, cfg.strategy, extra)
         timing["fit_s"] += time.time() - t
         if not is_global_zero():
             return run  # DDP workers stop here; rank 0 saves and evaluates
@@ -104,10 +105,24 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def backbone_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
-    kw = dict(cfg.extra.get("backbone_kwargs", {}))
+    """Architecture arguments saved in model.json, so that a run rebuilds exactly the trained network."""
+    from classforge.models.registry import is_budget_aware
+
+    kw = dict(cfg.backbone_args)
     if cfg.extra.get("clip_seconds"):
         kw["clip_seconds"] = cfg.extra["clip_seconds"]
+    if is_budget_aware(cfg.backbone) and num_classes:
+        kw["num_classes"] = num_classes
+        if cfg.max_params:
+            kw["fit_budget" if cfg.fit_budget else "max_params"] = cfg.max_params
     return kw
+
+
+def check_budget(cfg: TrainConfig, model: Classifier) -> None:
+    n = count_params(model)["total"]
+    if cfg.max_params and n > cfg.max_params:
+        raise ClassforgeError(f"{cfg.backbone} with its head has {n:,} parameters, over --max-params "
+                              f"{cfg.max_params:,}; --fit-budget scales the from-scratch cnn* backbones to fit")
 
 
 def make_run_dir(cfg: TrainConfig) -> Path:
@@ -191,10 +206,10 @@ def load_raws(samples: list[Sample], pre, desc: str) -> list:
         return list(progress(ex.map(lambda s: pre.load(s.path), samples), total=len(samples), desc=desc))
 
 
-def fit_full(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, stage: str) -> list[dict]:
+def fit_full(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, stage: str, extra: dict) -> list[dict]:
     from classforge.training.fit import fit_lightning
 
-    return fit_lightning(model, data, cfg, run, stage)
+    return fit_lightning(model, data, cfg, run, stage, extra)
 
 
 def save_model(run: Path, model: Classifier, cfg: TrainConfig, labels: list[str]) -> None:
