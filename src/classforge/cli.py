@@ -73,7 +73,7 @@ def _train_options(
     data: str = DataOpt,
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<data>-<backbone>-<strategy>-<time>)"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml or a search's best.yaml); flags override it"),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Registered name (see `classforge backbones`) or any timm model name [default efficientnet_lite0]"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Registered name (see `classforge backbones`) or any timm model name [auto: efficientnet_lite0 for images, efficientat_mn04 for audio]"),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local checkpoint (.safetensors or state-dict .pth) for the backbone; needed offline for hub models"),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Start the backbone from random weights"),
     strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help="linear (cached embeddings + head, default) | finetune | two-stage | scratch"),
@@ -91,11 +91,15 @@ def _train_options(
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout before the head [0]"),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing [0]"),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early-stopping patience in epochs [5]"),
-    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long: 90s, 10m, 1h"),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long: 90s, 10m, 1h. The LR schedule stretches to the budget (epochs unlimited unless --epochs)"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule over the run (or the --time-budget): cosine (warm-up + cosine, default) | step (base LR, /10, /100 over 50%/25%/25%; the course's 0.01/0.001/0.0001 with SGD) | onecycle | constant"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="auto (SGD+momentum for --schedule step, else AdamW) | adamw | sgd"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the network for training (pays off only on long runs; measure)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto | 32-true | bf16-mixed | 16-mixed [auto: bf16 where the CPU has it]"),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Trade compute for activation memory"),
-    augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong [light]"),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong | cifar (pad + random crop + flip; what light means for small from-scratch inputs) [light]"),
     views: Optional[int] = typer.Option(None, "--views", help="Augmented views per training file for cached embeddings [1]"),
+    augment_to: Optional[int] = typer.Option(None, "--augment-to", help="Audio: write N augmented variants of every training recording to the cache (they inherit its split)"),
     balance: Optional[str] = typer.Option(None, "--balance", help="oversample | weights | 'augment-to N'"),
     accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto | cpu | gpu | mps (Lightning)"),
     devices: Optional[str] = typer.Option(None, "--devices", help="Number of devices/processes (Lightning) [auto]"),
@@ -108,6 +112,9 @@ def _train_options(
     backbone_arg: Optional[list[str]] = typer.Option(None, "--arg", "-a", help="Backbone argument key=value (repeatable), e.g. -a widths=[16,32,64] -a block=residual"),
     max_params: Optional[int] = typer.Option(None, "--max-params", help="Refuse a model with more parameters (head included)"),
     fit_budget: bool = typer.Option(False, "--fit-budget", help="With --max-params: scale a cnn* backbone's widths to fit instead of refusing"),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Images: classical ops applied at train and predict time, in order: autocontrast, equalize, gamma=0.8, blur=1.0, bilateral, nlmeans"),
+    track: Optional[str] = typer.Option(None, "--track", help="Also log the run to an experiment tracker: mlflow"),
+    track_uri: Optional[str] = typer.Option(None, "--track-uri", help="MLflow tracking URI [sqlite:///mlflow.db, artifacts in ./mlruns]"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set key=value (repeatable)"),
 ):
     return locals()
@@ -122,6 +129,8 @@ def build_config(opts: dict):
     cfg = TrainConfig.load(opts.pop("config")) if opts.get("config") else TrainConfig()
     if opts.pop("no_pretrained", False):
         opts["pretrained"] = False
+    if opts.pop("compile_", False):
+        opts["compile"] = True
     extra = dict(cfg.extra)
     for k in ("clip_seconds", "background_dir"):
         v = opts.pop(k, None)
@@ -222,7 +231,7 @@ def demo(out: str = typer.Option("runs/demo", "--out", help="Run directory"),
 def _add_extensions() -> None:
     """Commands that live beside their feature (describe, export, serve, compare, search...)."""
     for mod in ("classforge.models.anatomy", "classforge.export", "classforge.serve.cli", "classforge.compare",
-                "classforge.search", "classforge.sweep"):
+                "classforge.search", "classforge.tracking", "classforge.sweep"):
         try:
             m = __import__(mod, fromlist=["add_commands"])
         except ImportError as e:

@@ -33,7 +33,7 @@ class TrainConfig:
     seed: int = 0
     near_dup_distance: int = 18  # bits of the 255-bit perceptual hash within which images are near duplicates
     # model
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "auto"  # auto: efficientnet_lite0 for images, efficientat_mn04 for audio
     weights: str | None = None
     pretrained: bool = True
     strategy: str = "linear"  # linear | finetune | two-stage | scratch
@@ -46,7 +46,11 @@ class TrainConfig:
     batch_size: int = 32
     lr: str = "default"  # "default" | "auto" (LR finder) | float
     backbone_lr_mult: float = 0.1
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # AdamW's; with SGD the default becomes 5e-4 (classic L2 strength)
+    optimizer: str = "auto"  # auto (sgd for the step schedule, else adamw) | adamw | sgd (momentum, Nesterov)
+    momentum: float = 0.9  # SGD momentum
+    schedule: str = "cosine"  # cosine (warm-up + cosine) | step (1, 1/10, 1/100 over 50/25/25%) | onecycle | constant
+    compile: bool = False  # torch.compile the network for training
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     patience: int = 5
@@ -55,7 +59,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     augment: str = "light"  # none | light | strong
     views: int = 1  # augmented views per image for cached embeddings (linear)
+    augment_to: int = 0  # audio: N augmented variants per training recording, written to the cache
     balance: str | None = None  # oversample | weights | augment-to N
+    preprocess: str | None = None  # images: "autocontrast,gamma=0.8,blur=1.0" (classforge.preprocess_ops)
     # hardware (passed to Lightning)
     accelerator: str = "auto"
     devices: str = "auto"
@@ -66,6 +72,8 @@ class TrainConfig:
     out: str = ""
     resume: bool = False
     top_k: int = 3
+    track: str | None = None  # "mlflow": also log the run to an MLflow store (classforge.tracking)
+    track_uri: str | None = None  # MLflow tracking URI [sqlite:///mlflow.db, artifacts in ./mlruns]
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:

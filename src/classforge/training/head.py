@@ -17,6 +17,11 @@ def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.nd
              cfg: TrainConfig, run: Path, class_weights: torch.Tensor | None = None) -> list[dict]:
     from classforge.training.run import DEFAULT_EPOCHS, DEFAULT_LR
 
+    # Standardise the features (embeddings come at very different scales per backbone), train on that, then
+    # fold the scaling into the Linear layer so the saved model still maps raw backbone features to logits.
+    mu = xtr.mean(axis=0)
+    sigma = xtr.std(axis=0) + 1e-6
+    xtr, xva = (xtr - mu) / sigma, (xva - mu) / sigma if len(xva) else xva
     epochs = cfg.epochs if cfg.epochs and cfg.strategy == "linear" else DEFAULT_EPOCHS["linear"]
     lr = DEFAULT_LR["linear"] if cfg.strategy != "linear" or cfg.lr in ("default", "auto") else float(cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -33,4 +38,8 @@ def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.nd
                                  "val_loss" if has_val else "train_loss", distributed=False, checkpoints=False,
                                  precision="32-true", max_time_s=None)
     trainer.fit(module, train_dl, val_dl)
+    with torch.no_grad():
+        w = head.weight / torch.from_numpy(sigma).float()
+        head.bias -= w @ torch.from_numpy(mu).float()
+        head.weight.copy_(w)
     return hist.rows

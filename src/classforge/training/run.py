@@ -75,13 +75,25 @@ def train(cfg: TrainConfig) -> Path:
     """Train, save and evaluate one run; returns the run directory."""
     if cfg.strategy not in STRATEGIES:
         raise ClassforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
+    if cfg.track:
+        from classforge.tracking import check_tracker
+
+        check_tracker(cfg.track)  # an unknown tracker or missing package fails now, not after training
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     run = make_run_dir(cfg)
     data = prepare_data(cfg)
+    cfg = resolve_for_data(cfg, data)
+    cfg.save(run / "config.yaml")
     write_split(run / "split.csv", data.samples)
+    if cfg.augment_to:
+        add_offline_variants(data, cfg)
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained and cfg.strategy != "scratch",
                                weights=cfg.weights, **backbone_kwargs(cfg, len(data.labels)))
+    if cfg.preprocess:
+        from classforge.preprocess_ops import attach_ops
+
+        attach_ops(backbone, cfg.preprocess)  # into the InputSpec: model.json, cache key, every preprocessor
     model = Classifier(backbone, len(data.labels), cfg.dropout)
     check_budget(cfg, model)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
@@ -101,7 +113,71 @@ def train(cfg: TrainConfig) -> Path:
 
     summary = evaluate_run(run, data, cfg, model, extra_timing=timing, t_start=t0, extra=extra)
     print_summary(run, summary)
+    if cfg.track:
+        from classforge.tracking import track_run
+
+        track_run(run, cfg.track, cfg.track_uri)
     return run
+
+
+DEFAULT_BACKBONE = {"image": "efficientnet_lite0", "audio": "efficientat_mn04"}
+
+
+def resolve_for_data(cfg: TrainConfig, data: Prepared) -> TrainConfig:
+    """Defaults that depend on the data: the backbone for the task, audio clip length, SpecAugment."""
+    from classforge.models.registry import backbone_task
+
+    changes: dict = {}
+    if cfg.backbone in ("auto", ""):
+        changes["backbone"] = DEFAULT_BACKBONE[data.ds.task]
+    name = changes.get("backbone", cfg.backbone)
+    if backbone_task(name) != data.ds.task:
+        raise ClassforgeError(f"{name} is a {backbone_task(name)} backbone but {data.ds.root} holds {data.ds.task} "
+                              f"files; try --backbone {DEFAULT_BACKBONE[data.ds.task]}")
+    extra = dict(cfg.extra)
+    if data.ds.task == "audio":
+        if extra.get("clip_seconds") == "longest":
+            longest = max(data.checked.info[s.path].duration_s for s in data.of("train"))
+            extra["clip_seconds"] = round(longest, 3)
+            data.notes.append(f"--clip-seconds longest: {longest:.2f} s (the longest training recording)")
+        args = dict(cfg.backbone_args)
+        if cfg.strategy != "linear" and "spec_augment" not in args and cfg.augment != "none":
+            args["spec_augment"] = True  # masking on log-mels while fine-tuning; a no-op at eval time
+            changes["backbone_args"] = args
+    changes["extra"] = extra
+    return cfg.replace(**changes)
+
+
+def add_offline_variants(data: Prepared, cfg: TrainConfig) -> None:
+    """--augment-to N: N augmented copies of every *training* recording, written to the cache. Each copy
+    inherits its source's label, group and split, so no variant of a val/test recording is ever trained on."""
+    if data.ds.task != "audio":
+        raise ClassforgeError("--augment-to writes audio variants; for images use --views K or --balance")
+    from classforge.data.audio import augment_to_variants, load_audio
+    from classforge.data.validate import FileInfo, _sha1
+
+    sr = create_spec_rate(cfg)
+    train = data.of("train")
+    waves = [(s.path, load_audio(s.path, sr)) for s in progress(train, total=len(train), desc="Decoding sources")]
+    level = cfg.augment if cfg.augment in ("light", "strong") else "strong"
+    variants = augment_to_variants(waves, cfg.augment_to, sr, level=level,
+                                   background_dir=cfg.extra.get("background_dir"), seed=cfg.seed)
+    added = []
+    for s, paths in zip(train, variants):
+        for k, p in enumerate(paths):
+            v = Sample(p, f"{s.rel}#variant{k:02d}", s.label, s.group, "train")
+            src = data.checked.info[s.path]
+            data.checked.info[p] = FileInfo(v.rel, True, sha1=_sha1(p), duration_s=src.duration_s,
+                                            sample_rate=sr, channels=1, format="WAV")
+            added.append(v)
+    data.samples += added
+    data.notes.append(f"--augment-to {cfg.augment_to}: {len(added)} variants of {len(train)} training recordings "
+                      "(none of validation or test recordings)")
+
+
+def create_spec_rate(cfg: TrainConfig) -> int:
+    bb = create_backbone(cfg.backbone, pretrained=False, **backbone_kwargs(cfg, 0))
+    return bb.spec.sample_rate
 
 
 def backbone_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
@@ -161,7 +237,7 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     bb = model.backbone
     key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), json.dumps(backbone_kwargs(cfg, 0)))
     pre = make_preprocessor(bb.spec, augment=cfg.augment if cfg.augment != "none" else "light",
-                            max_pixels=cfg.max_pixels, **audio_kwargs(cfg))
+                            max_pixels=cfg.max_pixels, seed=cfg.seed, **audio_kwargs(cfg))
     views = views_per_class(data, cfg)
     t = time.time()
     feats = {}
