@@ -70,7 +70,7 @@ def inspect(data: str = DataOpt, labels_csv: Optional[str] = LabelsCsv, label_fr
 
 
 def _train_options(
-    data: str = DataOpt,
+    data: Optional[str] = typer.Argument(None, help="Folder (one subfolder per class, or train/ val/ test/ splits), or a .zip/.tar.gz; may be left out when --config names it"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<data>-<backbone>-<strategy>-<time>)"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml or a search's best.yaml); flags override it"),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Registered name (see `classforge backbones`) or any timm model name [auto: efficientnet_lite0 for images, efficientat_mn04 for audio]"),
@@ -150,7 +150,10 @@ def build_config(opts: dict):
         opts[k.strip()] = yaml.safe_load(v)
     overrides = {k: v for k, v in opts.items() if v is not None and v is not False}
     overrides["extra"] = extra
-    return cfg.replace(**overrides)
+    cfg = cfg.replace(**overrides)
+    if not cfg.data:
+        raise ClassforgeError("Give DATA, or a --config that names it (data: ...)")
+    return cfg
 
 
 @app.command()
@@ -209,7 +212,8 @@ def backbones(task: Optional[str] = typer.Option(None, help="Only image or audio
     from classforge.models.registry import registered
 
     t = Table(title="classforge backbones")
-    for c in ("name", "task", "input", "weights", "description"):
+    t.add_column("name", no_wrap=True)
+    for c in ("task", "input", "weights", "description"):
         t.add_column(c)
     for e in registered().values():
         if task and e.task != task:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,9 +53,13 @@ def forward_batches(model, xs: list[torch.Tensor], task: str, device: str = "cpu
         return model(x).float().cpu()
 
 
+PREPROCESS_VERSION = 2  # bump when decoding/transforms change what a backbone sees
+
+
 def backbone_key(name: str, weights_source: str, spec: dict, extra: str = "") -> str:
+    """Cache key: backbone, its weights, its input spec, the numeric path (bf16/fp32), preprocessing version."""
     fast = "bf16" if fast_cpu_bf16() else "fp32"
-    blob = json.dumps([name, weights_source, spec, fast, extra], sort_keys=True)
+    blob = json.dumps([name, weights_source, spec, fast, extra, PREPROCESS_VERSION], sort_keys=True)
     return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
 
@@ -97,14 +102,17 @@ def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key
         return np.stack(out), stats
     model = prepare_fast(backbone, backbone.spec.task, device)
 
+    seed_lock = threading.Lock()
+
     def load(i: int):
         raw = preprocessor.load(samples[i].path)
         xs = [preprocessor.eval(raw)]
         if views > 1:
-            seed = int(sha1s[i][:8], 16)
-            torch.manual_seed(seed)  # the same file always gets the same augmented views
-            np.random.seed(seed % (2**32))
-            xs += [preprocessor.train(raw) for _ in range(views - 1)]
+            with seed_lock:  # global RNGs: one file at a time, so the same file always gets the same views
+                seed = int(sha1s[i][:8], 16)
+                torch.manual_seed(seed)
+                np.random.seed(seed % (2**32))
+                xs += [preprocessor.train(raw) for _ in range(views - 1)]
         return i, xs
 
     with ThreadPoolExecutor(max_workers=2) as pool:
