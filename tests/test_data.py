@@ -51,7 +51,7 @@ def test_csv_labels_with_groups_and_splits(tmp_path):
         w = csv.writer(f)
         w.writerow(["path", "label", "group", "split"])
         w.writerows(rows)
-    data = prepare_data(TrainConfig(data=str(tmp_path), labels_csv=str(tmp_path / "labels.csv"), split="0.75,0.25,0"))
+    data = prepare_data(TrainConfig(data=str(tmp_path), labels_csv=str(tmp_path / "labels.csv")))  # default 0.7,0.2,0.1
     assert {s.rel for s in data.of("test")} == {r[0] for r in rows if r[3] == "test"}
     # a group never straddles splits
     by_group = {}

@@ -103,7 +103,12 @@ def make_split(samples: list[Sample], info: dict[str, FileInfo], fracs=(0.7, 0.2
                 s.split = ""
         method = "official splits; val carved from train (" + _assign(samples, (t / (t + v), v / (t + v), 0.0), seed) + ")"
     elif given and any(not s.split for s in samples):
-        method = "partly given; rest " + _assign(samples, fracs, seed)
+        # Splits named explicitly for some files (a CSV split column, --test-groups) are not topped up with
+        # other files: the rest is divided among the remaining splits only.
+        f = [0.0 if SPLITS[i] in given else fracs[i] for i in range(3)]
+        if sum(f) <= 0:
+            f = [1.0, 0.0, 0.0]
+        method = "partly given; rest " + _assign(samples, tuple(x / sum(f) for x in f), seed)
     else:
         method = _assign(samples, fracs, seed) if not given else "given"
     excluded = _resolve_duplicates(samples, clusters)
