@@ -60,23 +60,46 @@ def plot_confusion(path: Path, cm: np.ndarray, labels: list[str]):
     plt.close(fig)
 
 
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def plot_curves(path: Path, rows: list[dict]) -> bool:
-    """Loss and accuracy per epoch, train vs val, from metrics.csv rows."""
+    """Loss and accuracy per epoch, train vs val, from metrics.csv rows. Stages (head, then fine-tune) follow
+    each other on one epoch axis, separated by a dotted line."""
     if not rows:
         return False
+    stages: list[str] = []
+    for r in rows:
+        if r.get("stage", "") not in stages:
+            stages.append(r.get("stage", ""))
+    offset, offsets = 0.0, {}
+    for st in stages:
+        offsets[st] = offset
+        offset += max((_num(r["epoch"]) or 0) for r in rows if r.get("stage", "") == st)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"train": "tab:blue", "val": "tab:orange"}
     for ax, metric in zip(axes, ("loss", "acc")):
-        for stage, style in (("train", "-o"), ("val", "-s")):
-            pts = [(r["epoch"], r[f"{stage}_{metric}"]) for r in rows if r.get(f"{stage}_{metric}") not in (None, "")]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, [float(y) for y in ys], style, label=stage, markersize=3)
-        ax.set_xlabel("epoch")
+        for st in stages:
+            for split in ("train", "val"):
+                pts = [(offsets[st] + _num(r["epoch"]), _num(r.get(f"{split}_{metric}"))) for r in rows
+                       if r.get("stage", "") == st and _num(r.get(f"{split}_{metric}")) is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    label = split if st == stages[0] else None
+                    ax.plot(xs, ys, "-o" if split == "train" else "-s", color=colors[split], label=label,
+                            markersize=3, alpha=0.9 if st == stages[-1] else 0.6)
+            if offsets[st] > 0:
+                ax.axvline(offsets[st], color="grey", ls=":", lw=1)
+                ax.text(offsets[st], ax.get_ylim()[1], f" {st}", va="top", fontsize=8, color="grey")
+        ax.set_xlabel("epoch" + (f" ({' then '.join(stages)})" if len(stages) > 1 else ""))
         ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    stages = sorted({r.get("stage", "") for r in rows} - {""})
-    fig.suptitle("Training curves" + (f" (stages: {', '.join(stages)})" if len(stages) > 1 else ""))
+    fig.suptitle("Training curves (epoch 0 = before training)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
