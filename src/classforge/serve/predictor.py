@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from classforge.data.image import BadFile
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.registry import ClassforgeError, Classifier, InputSpec, create_backbone
 
@@ -41,23 +42,31 @@ def load_run_model(run_dir: str | Path) -> tuple[Classifier, dict, list[str]]:
 
 class Predictor:
     """predict_proba(inputs) -> (N, C) probabilities; predict(inputs, top_k) -> list of dicts.
-    Inputs are paths, bytes or PIL images / waveforms. Thread-safe: concurrent calls share one model."""
+    Inputs are paths, bytes or PIL images / waveforms. Thread-safe: concurrent calls share one model.
+    The server calls start_batching(): forward_batched() then joins requests that arrive together into one
+    forward pass (classforge.serve.batching). max_audio_seconds refuses long recordings before decoding."""
 
     def __init__(self, model: torch.nn.Module | None, spec: InputSpec, labels: list[str], onnx_path=None,
-                 device: str = "cpu", max_pixels: int = 89_478_485, fast: bool = True):
+                 device: str = "cpu", max_pixels: int = 89_478_485, fast: bool = True,
+                 max_audio_seconds: float | None = None, threads: int | None = None):
         self.model, self.spec, self.labels, self.device = model, spec, list(labels), device
         self.pre = make_preprocessor(spec, augment="none", max_pixels=max_pixels)
+        self.max_audio_seconds = max_audio_seconds
         self.fast = fast
         self.session = None
         self.backend = "torch"
+        self.batcher = None
         self._lock = threading.Lock()
         if onnx_path is not None:
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
             self.input_name = self.session.get_inputs()[0].name
             self.backend = "onnxruntime"
+            self.onnx_path = Path(onnx_path)
         elif model is not None:
             from classforge.training.embeddings import prepare_fast
 
@@ -67,11 +76,16 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, backend: str = "auto", device: str = "cpu", **kw) -> "Predictor":
+        """backend: auto (ONNX Runtime when model.onnx exists, else PyTorch) | onnx | int8 (model.int8.onnx
+        from `classforge export --quantize int8`) | torch."""
         run = Path(run_dir)
-        onnx_file = run / "model.onnx"
-        use_onnx = backend == "onnx" or (backend == "auto" and onnx_file.is_file())
+        if backend not in ("auto", "onnx", "int8", "torch"):
+            raise ClassforgeError(f"backend must be auto, onnx, int8 or torch, not {backend!r}")
+        onnx_file = run / ("model.int8.onnx" if backend == "int8" else "model.onnx")
+        use_onnx = backend in ("onnx", "int8") or (backend == "auto" and onnx_file.is_file())
         if use_onnx and not onnx_file.is_file():
-            raise ClassforgeError(f"{onnx_file} not found; run `classforge export {run}` first")
+            flag = " --quantize int8" if backend == "int8" else ""
+            raise ClassforgeError(f"{onnx_file} not found; run `classforge export {run}{flag}` first")
         if use_onnx:
             meta = json.loads((run / "model.json").read_text())
             labels = json.loads((run / "labels.json").read_text())
@@ -83,8 +97,20 @@ class Predictor:
         return p
 
     # -- preprocess -> forward -> postprocess
+    def load(self, src):
+        """Decode with the limits: image pixels (in the decoder), audio duration (header first, so a long
+        recording is refused before it is decoded)."""
+        if self.spec.task == "audio" and self.max_audio_seconds:
+            check_audio_duration(src, self.max_audio_seconds)
+            raw = self.pre.load(src)
+            seconds = len(raw) / self.spec.sample_rate
+            if seconds > self.max_audio_seconds * 1.05:  # MP3 headers only estimate their length
+                raise BadFile(f"audio too long ({seconds:.1f} s > {self.max_audio_seconds:g} s limit)")
+            return raw
+        return self.pre.load(src)
+
     def preprocess(self, src) -> torch.Tensor:
-        return self.pre.eval(self.pre.load(src))
+        return self.pre.eval(self.load(src))
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
         """(B, ...) preprocessed batch -> (B, C) logits as float32."""
@@ -97,6 +123,23 @@ class Predictor:
                 return forward_batches(self.model, list(x), self.spec.task, self.device).numpy()
             with torch.inference_mode():
                 return self.model(x.to(self.device)).float().cpu().numpy()
+
+    # -- micro-batching of concurrent requests (the server turns it on)
+    def start_batching(self, max_batch: int = 16, max_wait_ms: float = 5.0) -> Predictor:
+        from classforge.serve.batching import MicroBatcher
+
+        if self.batcher is None:
+            self.batcher = MicroBatcher(self.forward, max_batch, max_wait_ms)
+        return self
+
+    def forward_batched(self, x: torch.Tensor) -> np.ndarray:
+        """forward(x), shared with other threads' requests that arrive within the batching window."""
+        return self.batcher.submit(x) if self.batcher is not None else self.forward(x)
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher = None
 
     def predict_proba(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
         from classforge.progress import progress
@@ -122,6 +165,21 @@ class Predictor:
 
     def predict(self, inputs, top_k: int = 3) -> list[dict]:
         return self.postprocess(self.predict_proba(list(inputs)), top_k)
+
+
+def check_audio_duration(src, limit_s: float) -> None:
+    """Refuse long audio from its header, before decoding; unreadable headers are left to the decoder."""
+    import io
+
+    import soundfile as sf
+
+    try:
+        fp = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src
+        info = sf.info(fp)
+    except Exception:  # noqa: BLE001 - the decoder reports what is wrong with the file
+        return
+    if info.samplerate > 0 and info.frames / info.samplerate > limit_s * 1.05:
+        raise BadFile(f"audio too long ({info.frames / info.samplerate:.1f} s > {limit_s:g} s limit)")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

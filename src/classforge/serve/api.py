@@ -1,0 +1,311 @@
+"""The REST API (FastAPI) around the one Predictor, with the Gradio UI mounted at `/`.
+
+    app = create_app("runs/x")            # uvicorn.run(app, host="127.0.0.1", port=8000)
+
+POST /predict (multipart, field `file`, repeatable; `top_k` as query or form field) -> labels + probabilities,
+GET /health, GET /labels, GET /metadata, OpenAPI docs at /docs. Every bad input gets a 4xx JSON body
+`{"error": "...", "status": N}` that says what was wrong; uploads are held in memory (never written under a name
+from the request) and no path from a request is ever opened."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from classforge.data.image import BadFile
+from classforge.serve.predictor import Predictor, softmax
+
+log = logging.getLogger("classforge.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may send. Defaults suit a small CPU server; all are `classforge serve` flags."""
+
+    max_upload_mb: float = 20.0  # whole request body (all files + multipart overhead)
+    max_files: int = 16  # files per request
+    max_pixels: int = 40_000_000  # per image (a 48 MP phone photo is over; 24 MP is under)
+    max_audio_seconds: float = 60.0  # per recording
+    max_top_k: int = 100
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# -------------------------------------------------------------------------------------------- response models
+class Score(BaseModel):
+    label: str
+    probability: float
+
+
+class FileResult(BaseModel):
+    filename: str | None
+    label: str
+    probability: float
+    top_k: list[Score]
+
+
+class PredictResponse(BaseModel):
+    results: list[FileResult]
+    backend: str
+    model: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    status: int
+
+
+ERRORS = {c: {"model": ErrorResponse} for c in (400, 413, 415, 422)}
+
+
+def bad_file_status(reason: str) -> int:
+    """BadFile reasons -> HTTP status: too big for the limits 413, not our kind of file 415, broken 422."""
+    r = reason.lower()
+    if "too many pixels" in r or "decompression bomb" in r or "too long" in r:
+        return 413
+    if "unrecognised format" in r or "format not recognised" in r or "not an image" in r:
+        return 415
+    if "empty file" in r:
+        return 400
+    return 422
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """A JSON 413 for request bodies over `max_bytes`, for the API and the UI's upload route alike.
+    Declared too large (Content-Length): read and drop up to `drain_bytes` of it first, because a client still
+    sending when the connection closes sees a reset instead of the answer. Not declared (chunked): counted while
+    the app reads; past the limit the app's read fails and its response is replaced by the 413."""
+
+    def __init__(self, app, max_bytes: int, drain_bytes: int = 256 * 2**20):
+        self.app, self.max_bytes, self.drain_bytes = app, max_bytes, drain_bytes
+
+    def _response(self, size: str) -> JSONResponse:
+        return JSONResponse({"error": f"request too large ({size}the body may hold at most "
+                                      f"{self.max_bytes / 2**20:g} MB, --max-upload-mb)", "status": 413},
+                            status_code=413, headers={"connection": "close"})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            more = int(length) <= self.drain_bytes
+            while more:
+                msg = await receive()
+                more = msg["type"] == "http.request" and msg.get("more_body", False)
+            return await self._response(f"{int(length) / 2**20:.1f} MB; ")(scope, receive, send)
+        total, over, started = 0, False, False
+
+        async def counted_receive():
+            nonlocal total, over
+            if over:
+                raise BodyTooLarge()
+            msg = await receive()
+            if msg["type"] == "http.request":
+                total += len(msg.get("body", b""))
+                if total > self.max_bytes:
+                    over = True
+                    raise BodyTooLarge()
+            return msg
+
+        async def guarded_send(msg):
+            nonlocal started
+            if over:
+                if msg["type"] == "http.response.start" and not started:
+                    started = True
+                    await self._response("")(scope, receive, send)
+                return  # the app's own (error) response is dropped
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not over or started:
+                raise
+            started = True
+            await self._response("")(scope, receive, send)
+
+
+# -------------------------------------------------------------------------------------------- the app
+def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str = "auto", ui: bool = True,
+               batch_size: int = 16, batch_wait_ms: float = 5.0, threads: int | None = None,
+               predictor: Predictor | None = None) -> FastAPI:
+    """A FastAPI app serving RUN_DIR. `predictor` may be given (tests, custom backends); otherwise it is
+    Predictor.from_run(run_dir, backend) with the limits applied and micro-batching on (`batch_size` rows,
+    `batch_wait_ms` window; batch_size=1 turns it off)."""
+    run = Path(run_dir)
+    limits = limits or Limits()
+    if predictor is None:
+        predictor = Predictor.from_run(run, backend=backend, max_pixels=limits.max_pixels,
+                                       max_audio_seconds=limits.max_audio_seconds, threads=threads)
+    if batch_size > 1:
+        predictor.start_batching(batch_size, batch_wait_ms)
+    summary = _read_json(run / "summary.json") or {}
+    export = _read_json(run / "export.json")
+    name = run.resolve().name
+    task = predictor.spec.task
+
+    about = dict(title=f"classforge: {name}", version="1",
+                 description=f"{task.capitalize()} classifier `{name}` ({len(predictor.labels)} labels, backend "
+                             f"{predictor.backend}). POST files to /predict; the web UI is at /.")
+    try:  # the multipart parser stops counting files/fields early (FastAPI >= 0.16x); /predict checks again
+        app = FastAPI(**about, form_limits={"max_files": limits.max_files, "max_fields": 16,
+                                            "max_part_size": 64 * 1024})
+    except TypeError:
+        app = FastAPI(**about)
+    app.state.predictor, app.state.limits, app.state.run_dir = predictor, limits, run
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_upload_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return JSONResponse({"error": e.message, "status": e.status}, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        msg = str(e.detail)
+        if msg == "There was an error parsing the body":
+            cause = e.__cause__
+            msg = (f"could not parse the multipart body ({cause})" if cause else msg) + \
+                  f"; send multipart/form-data with up to {limits.max_files} parts named 'file'"
+        return JSONResponse({"error": msg, "status": e.status_code}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return JSONResponse({"error": "invalid request: " + "; ".join(parts), "status": 422}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # a bug, not a bad input: say so, keep serving
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"error": f"internal error ({type(e).__name__}); the server keeps running",
+                             "status": 500}, status_code=500)
+
+    @app.get("/health", summary="Liveness and what is loaded")
+    def health():
+        out = {"status": "ok", "task": task, "backend": predictor.backend, "labels": len(predictor.labels)}
+        if predictor.batcher is not None:
+            out["batching"] = dict(predictor.batcher.stats)
+        return out
+
+    @app.get("/labels", summary="The labels, in the order of the model's outputs")
+    def labels():
+        return {"labels": predictor.labels}
+
+    @app.get("/metadata", summary="Task, backbone, input spec, metrics from summary.json, limits")
+    def metadata():
+        meta = getattr(predictor, "meta", {}) or {}
+        return {
+            "name": name, "task": task, "backbone": meta.get("backbone", summary.get("backbone")),
+            "strategy": summary.get("strategy"), "labels": predictor.labels, "backend": predictor.backend,
+            "input": predictor.spec.to_dict(),
+            "metrics": {k: summary.get(k) for k in ("test", "val") if summary.get(k)},
+            "params": summary.get("params"),
+            "export": {"parity": export.get("parity"), "int8": export.get("int8")} if export else None,
+            "limits": asdict(limits),
+        }
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS,
+              summary="Classify one or more uploaded files")
+    async def predict(
+        request: Request,
+        file: list[UploadFile] | None = File(None, description="The image or audio file(s); repeat "  # noqa: B008
+                                                               "the field for several files"),
+        top_k_form: int | None = Form(None, alias="top_k", ge=1, description="How many labels per file"),
+        top_k: int | None = Query(None, ge=1, description="How many labels per file (default 3)"),
+    ):
+        """multipart/form-data with one or more parts named `file`. Returns, per file in the order sent, the
+        top label and the `top_k` labels with their probabilities."""
+        files = file or []
+        if not files:
+            raise ApiError(400, _no_file_message(await _field_names(request), limits))
+        if len(files) > limits.max_files:  # the form limit normally stops this earlier
+            raise ApiError(413, f"too many files ({len(files)} > {limits.max_files}, --max-files)")
+        k = min(top_k or top_k_form or 3, limits.max_top_k, len(predictor.labels))
+        items = []
+        for f in files:
+            data = await f.read()
+            if not data:
+                raise ApiError(400, f"{_name(f)}: empty file (0 bytes)")
+            items.append((f.filename, data))
+        return await run_in_threadpool(_infer, predictor, items, k, name)
+
+    if ui:
+        import gradio as gr
+
+        from classforge.serve.ui import create_ui
+
+        demo, allowed = create_ui(predictor, run, limits)
+        app = gr.mount_gradio_app(app, demo, path="/", allowed_paths=allowed, max_file_size=limits.max_upload_bytes,
+                                  footer_links=["api"])
+    return app
+
+
+def _infer(predictor: Predictor, items: list[tuple[str | None, bytes]], k: int, name: str) -> dict:
+    xs = []
+    for i, (filename, data) in enumerate(items):
+        try:
+            xs.append(predictor.preprocess(data))
+        except BadFile as e:
+            label = filename or f"file #{i + 1}"
+            raise ApiError(bad_file_status(str(e)), f"{label}: {e}") from None
+    logits = predictor.forward_batched(torch.stack(xs))
+    res = predictor.postprocess(softmax(np.asarray(logits, dtype=np.float32)), k)
+    return {"results": [{"filename": fn, **r} for (fn, _), r in zip(items, res)], "backend": predictor.backend,
+            "model": name}
+
+
+async def _field_names(request: Request) -> list[str]:
+    try:
+        form = await request.form()
+        return sorted(set(form.keys()))
+    except Exception:  # noqa: BLE001 - only used to explain the error
+        return []
+
+
+def _no_file_message(fields: list[str], limits: Limits) -> str:
+    got = f"the form has the fields {fields}" if fields else "the request has no form fields"
+    return (f"no file uploaded: {got}; send multipart/form-data with the file in a part named 'file' (repeat it "
+            f"for up to {limits.max_files} files), e.g. curl -F file=@photo.jpg URL/predict")
+
+
+def _name(f: UploadFile) -> str:
+    return f.filename or "upload"
+
+
+def _read_json(p: Path):
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, ValueError):
+        return None

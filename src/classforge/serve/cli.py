@@ -1,0 +1,67 @@
+"""`classforge serve RUN_DIR`: the REST API and the web UI under uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def add_commands(app) -> None:
+    import typer
+
+    @app.command("serve")
+    def serve(
+        run_dir: str = typer.Argument(..., help="A run directory (from `classforge train`; `classforge export` "
+                                      "first makes it faster)"),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The default is reachable from this "
+                                 "machine only; 0.0.0.0 exposes the server to the network"),
+        port: int = typer.Option(8000, "--port", help="TCP port"),
+        backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when RUN/model.onnx exists, "
+                                    "else PyTorch) | onnx | int8 (RUN/model.int8.onnx) | torch"),
+        ui: bool = typer.Option(True, "--ui/--no-ui", help="Mount the Gradio web UI at /"),
+        max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body (all files)"),
+        max_files: int = typer.Option(16, "--max-files", help="Most files in one request"),
+        max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image, in pixels (width x height)"),
+        max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", help="Longest recording"),
+        batch_size: int = typer.Option(16, "--batch-size", help="Micro-batching: most files per forward pass "
+                                       "(1 turns batching off)"),
+        batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="Micro-batching: how long the first "
+                                            "request waits for others to join its batch"),
+        threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads [all cores]"),
+        log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
+    ):
+        """Serve a run: REST API (POST /predict, GET /health, /labels, /metadata, docs at /docs) and a web UI at /.
+
+        Example: classforge serve runs/pets  then  curl -F file=@cat.jpg 'http://127.0.0.1:8000/predict?top_k=3'"""
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        import uvicorn
+
+        from classforge.cli import _run, console
+        from classforge.serve.api import Limits, create_app
+
+        limits = Limits(max_upload_mb=max_upload_mb, max_files=max_files, max_pixels=max_pixels,
+                        max_audio_seconds=max_audio_seconds)
+        application = _run(create_app, run_dir, limits=limits, backend=backend, ui=ui, batch_size=batch_size,
+                           batch_wait_ms=batch_wait_ms, threads=threads)
+        p = application.state.predictor
+        if p.backend == "torch" and backend == "auto":
+            console.print(f"[yellow]note:[/] serving with PyTorch; `classforge export {run_dir}` writes model.onnx, "
+                          "which ONNX Runtime answers faster on CPU")
+        if not _is_loopback(host):
+            console.print(f"[bold yellow]warning:[/] binding {host}: the server is reachable from other machines; it "
+                          "has no authentication")
+        shown = f"[{host}]" if ":" in host else host
+        console.print(f"serving {run_dir} ({p.spec.task}, {len(p.labels)} labels, backend {p.backend}) on "
+                      f"http://{shown}:{port}/  ·  API docs http://{shown}:{port}/docs")
+        uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        p.close()

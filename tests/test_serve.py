@@ -1,0 +1,347 @@
+"""The REST API over real HTTP on loopback (uvicorn in a thread, and the CLI in a subprocess): predictions,
+metadata, OpenAPI, bad inputs answered with 4xx JSON while the server keeps serving, micro-batching."""
+
+# ruff: noqa: F811  (the session fixture imported from test_export is a parameter name here)
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+requests = pytest.importorskip("requests")
+
+from test_export import exported_run  # noqa: F401 - session fixture shared with the export tests
+
+from classforge.export import run_files
+from classforge.serve.api import Limits, create_app
+from classforge.serve.batching import MicroBatcher
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread."""
+
+    def __init__(self, app):
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        t = time.time()
+        while not self.server.started:
+            if time.time() - t > 60 or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.app.state.predictor.close()
+
+
+def jpeg_bytes(path: Path, size: int = 224) -> bytes:
+    img = Image.open(path).convert("RGB").resize((size, size))
+    b = io.BytesIO()
+    img.save(b, "JPEG", quality=90)
+    return b.getvalue()
+
+
+def big_png(side: int = 7072) -> bytes:
+    """A 50-megapixel PNG of one colour: ~160 kB on disk, 150 MB once decoded."""
+    b = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 40, 40)).save(b, "PNG")
+    return b.getvalue()
+
+
+def wav_bytes(seconds: float, sr: int = 8000, freq: float = 440.0, sampwidth: int = 1) -> bytes:
+    """8-bit mono WAV: 10 minutes at 8 kHz is 4.8 MB, under the upload limit, so the duration limit must act."""
+    t = np.arange(int(sr * seconds)) / sr
+    x = 0.5 * np.sin(2 * np.pi * freq * t)
+    data = (x * 127 + 128).astype(np.uint8).tobytes() if sampwidth == 1 else (x * 32767).astype("<i2").tobytes()
+    b = io.BytesIO()
+    with wave.open(b, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(sampwidth)
+        w.setframerate(sr)
+        w.writeframes(data)
+    return b.getvalue()
+
+
+def error_of(r) -> str:
+    assert r.headers["content-type"].startswith("application/json"), r.text[:200]
+    body = r.json()
+    assert body["status"] == r.status_code and len(body["error"]) > 10, body
+    return body["error"]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def server(exported_run):
+    app = create_app(exported_run, Limits(max_upload_mb=2, max_files=4), ui=True)
+    with ServerThread(app) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def test_images(exported_run) -> list[tuple[Path, str]]:
+    files = [(p, label) for p, label, _ in run_files(exported_run, ("test", "val"))]
+    assert len(files) >= 6
+    return files
+
+
+@pytest.fixture(scope="module")
+def audio_run(tmp_path_factory) -> Path:
+    """A small audio run (from-scratch log-mel CNN on generated tones), exported to ONNX."""
+    import soundfile as sf
+
+    import classforge
+
+    root = tmp_path_factory.mktemp("tones")
+    rng = np.random.default_rng(0)
+    for cls, f0 in (("low", 300.0), ("mid", 1000.0), ("high", 3000.0)):
+        (root / cls).mkdir()
+        for i in range(16):
+            t = np.arange(int(16000 * rng.uniform(0.6, 1.2))) / 16000
+            w = 0.4 * np.sin(2 * np.pi * f0 * rng.uniform(0.9, 1.1) * t) + 0.02 * rng.standard_normal(len(t))
+            sf.write(root / cls / f"{cls}_{i:02d}.wav", w.astype(np.float32), 16000)
+    run = classforge.train(root, tmp_path_factory.mktemp("runs") / "tones", backbone="audio_cnn",
+                           strategy="scratch", epochs=15, lr=3e-3)
+    classforge.export(run)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ the API
+def test_health_labels_metadata(server, exported_run):
+    h = requests.get(server.url + "/health", timeout=10).json()
+    assert {k: h[k] for k in ("status", "task", "backend", "labels")} == \
+        {"status": "ok", "task": "image", "backend": "onnxruntime", "labels": 3}
+    assert set(h["batching"]) == {"calls", "rows", "max_rows"}
+    assert requests.get(server.url + "/labels").json()["labels"] == json.loads((exported_run / "labels.json").read_text())
+    m = requests.get(server.url + "/metadata").json()
+    s = json.loads((exported_run / "summary.json").read_text())
+    assert m["task"] == "image" and m["backbone"] == "efficientnet_lite0" and m["strategy"] == "linear"
+    assert m["metrics"]["test"]["accuracy"] == s["test"]["accuracy"] and m["input"]["size"] == 224
+    assert m["export"]["parity"]["passed"] and m["limits"]["max_upload_mb"] == 2
+
+
+def test_openapi_docs_and_ui_share_the_port(server):
+    spec = requests.get(server.url + "/openapi.json").json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body
+    assert {"/health", "/labels", "/metadata", "/predict"} <= set(spec["paths"])
+    assert requests.get(server.url + "/docs").status_code == 200
+    ui = requests.get(server.url + "/")
+    assert ui.status_code == 200 and "gradio" in ui.text.lower()
+
+
+def test_predict_files_top_k(server, test_images, exported_run):
+    probe = __import__("classforge").load(exported_run)
+    (p1, _), (p2, _) = test_images[0], test_images[3]
+    r = requests.post(server.url + "/predict?top_k=2", files=[("file", (p1.name, p1.read_bytes())),
+                                                             ("file", (p2.name, p2.read_bytes()))], timeout=30)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["filename"] for x in res] == [p1.name, p2.name]
+    expected = probe.predict([p1, p2], top_k=2)  # the same Predictor code path, without HTTP
+    for got, exp in zip(res, expected):
+        assert got["label"] == exp["label"] and abs(got["probability"] - exp["probability"]) < 1e-4
+        assert len(got["top_k"]) == 2 and got["top_k"][0]["label"] == got["label"]
+        assert got["top_k"][0]["probability"] >= got["top_k"][1]["probability"]
+    # top_k as a form field; clamped to the number of labels
+    r = requests.post(server.url + "/predict", files={"file": (p1.name, p1.read_bytes())}, data={"top_k": "9"})
+    assert r.status_code == 200 and len(r.json()["results"][0]["top_k"]) == 3
+    assert abs(sum(t["probability"] for t in r.json()["results"][0]["top_k"]) - 1) < 1e-4
+
+
+def _bad_cases(test_images) -> dict:
+    good = test_images[0][0]
+    jpg = jpeg_bytes(good)
+    return {
+        "text as image": dict(files={"file": ("notes.jpg", b"hello, I am not an image\n" * 20, "image/jpeg")},
+                              status=415, says="not an image"),
+        "truncated JPEG": dict(files={"file": ("cut.jpg", jpg[: len(jpg) // 2], "image/jpeg")}, status=422,
+                               says="truncated"),
+        "50-megapixel PNG": dict(files={"file": ("huge.png", big_png(), "image/png")}, status=413,
+                                 says="too many pixels"),
+        "empty body": dict(data=b"", status=400, says="no file uploaded"),
+        "empty file": dict(files={"file": ("zero.jpg", b"", "image/jpeg")}, status=400, says="empty"),
+        "wrong field name": dict(files={"image": ("a.jpg", jpg, "image/jpeg")}, status=400, says="'file'"),
+        "a path instead of a file": dict(data={"file": "/etc/passwd"}, status=422, says="file"),
+        "oversized body": dict(files={"file": ("big.jpg", os.urandom(3 * 2**20), "image/jpeg")}, status=413,
+                               says="too large"),
+        "too many files": dict(files=[("file", (f"{i}.jpg", jpg)) for i in range(5)], status=400, says="files"),
+        "bad top_k": dict(files={"file": ("a.jpg", jpg)}, params={"top_k": "many"}, status=422, says="top_k"),
+    }
+
+
+CASES = ["text as image", "truncated JPEG", "50-megapixel PNG", "empty body", "empty file", "wrong field name",
+         "a path instead of a file", "oversized body", "too many files", "bad top_k"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_4xx_and_server_keeps_serving(server, test_images, case):
+    c = _bad_cases(test_images)[case]
+    status, says = c.pop("status"), c.pop("says")
+    r = requests.post(server.url + "/predict", timeout=60, **c)
+    assert r.status_code == status, (case, r.status_code, r.text[:300])
+    assert says.lower() in error_of(r).lower()
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    p, _ = test_images[1]
+    ok = requests.post(server.url + "/predict", files={"file": (p.name, p.read_bytes())}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_never_opens_request_paths(server, test_images):
+    """A filename in the multipart header is only echoed back: the bytes are what gets classified."""
+    p, _ = test_images[0]
+    r = requests.post(server.url + "/predict", files={"file": ("/etc/passwd", p.read_bytes())})
+    assert r.status_code == 200 and r.json()["results"][0]["filename"] == "/etc/passwd"
+    r = requests.post(server.url + "/predict", files={"file": ("../../x.jpg", b"/etc/passwd")})
+    assert r.status_code == 415
+
+
+def test_concurrent_requests_are_batched(server, test_images):
+    files = [p.read_bytes() for p, _ in test_images[:8]]
+    pred = server.app.state.predictor
+    before = dict(pred.batcher.stats)
+
+    def post(i):
+        return requests.post(server.url + "/predict", files={"file": (f"{i}.png", files[i % len(files)])},
+                             timeout=60)
+
+    with ThreadPoolExecutor(8) as ex:
+        rs = list(ex.map(post, range(32)))
+    assert all(r.status_code == 200 for r in rs)
+    rows = pred.batcher.stats["rows"] - before["rows"]
+    calls = pred.batcher.stats["calls"] - before["calls"]
+    assert rows == 32 and calls <= rows
+    labels = {r.json()["results"][0]["label"] for r in rs[:len(files)]}
+    assert labels <= set(pred.labels)
+
+
+def test_micro_batcher_groups_and_routes_rows():
+    import torch
+
+    seen = []
+
+    def forward(x):
+        seen.append(len(x))
+        time.sleep(0.05)
+        return x.sum(dim=1, keepdim=True).numpy() * np.ones((1, 2), np.float32)
+
+    b = MicroBatcher(forward, max_batch=16, max_wait_ms=20)
+    try:
+        xs = [torch.full((1 + i % 2, 3), float(i)) for i in range(10)]
+        with ThreadPoolExecutor(10) as ex:
+            outs = list(ex.map(b.submit, xs))
+        for x, o in zip(xs, outs):
+            assert o.shape == (len(x), 2) and np.allclose(o, 3.0 * x[0, 0].item())
+        assert sum(seen) == sum(len(x) for x in xs) and len(seen) < len(xs)  # requests shared forward passes
+        # an error reaches the callers and the worker lives on
+        with pytest.raises(ValueError):
+            b.submit(torch.zeros(1, 5, 7))  # (1, 1, 7) * (1, 2) does not broadcast
+        assert b.submit(torch.ones(1, 3)).tolist() == [[3.0, 3.0]]
+    finally:
+        b.close()
+
+
+# ------------------------------------------------------------------------------------------------ audio
+def test_audio_server_limits_duration(audio_run):
+    app = create_app(audio_run, Limits(max_audio_seconds=30), ui=False)
+    assert app.state.predictor.backend == "onnxruntime"
+    with ServerThread(app) as s:
+        clips = [p.read_bytes() for p, _, _ in run_files(audio_run, ("test", "val"))][:4]
+        good = requests.post(s.url + "/predict", files=[("file", (f"{i}.wav", c)) for i, c in enumerate(clips)])
+        assert good.status_code == 200, good.text
+        expected = app.state.predictor.predict(clips)
+        assert [r["label"] for r in good.json()["results"]] == [e["label"] for e in expected]
+        long = wav_bytes(600.0)  # 10 minutes
+        assert len(long) < Limits().max_upload_bytes
+        r = requests.post(s.url + "/predict", files={"file": ("long.wav", long)}, timeout=60)
+        assert r.status_code == 413 and "too long" in error_of(r)
+        r = requests.post(s.url + "/predict", files={"file": ("cut.wav", wav_bytes(2.0)[:3000])})
+        assert r.status_code == 422 and "truncated" in error_of(r)
+        r = requests.post(s.url + "/predict", files={"file": ("notes.wav", b"not a sound " * 50)})
+        assert r.status_code == 415, r.text
+        assert requests.post(s.url + "/predict", files={"file": ("b.wav", wav_bytes(1.0, 16000, 300, 2))}
+                             ).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def test_cli_serve_subprocess_binds_loopback(exported_run, test_images):
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    proc = subprocess.Popen([sys.executable, "-m", "classforge.cli", "serve", str(exported_run), "--port", str(port),
+                             "--no-ui", "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t = time.time()
+        while True:
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() - t < 120, "server did not come up"
+            time.sleep(0.3)
+        p, _ = test_images[0]
+        r = requests.post(url + "/predict", files={"file": (p.name, p.read_bytes())})
+        assert r.status_code == 200 and r.json()["backend"] == "onnxruntime"
+        # bound to loopback only: the machine's other addresses refuse
+        other = _non_loopback_address()
+        if other:
+            with pytest.raises(OSError):
+                socket.create_connection((other, port), timeout=2).close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _non_loopback_address() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing interface
+            ip = s.getsockname()[0]
+            return None if ip.startswith("127.") else ip
+    except OSError:
+        return None
+
+
+def test_serve_help_mentions_limits():
+    from typer.testing import CliRunner
+
+    from classforge.cli import app
+
+    out = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--host", "--port", "--max-upload-mb", "--max-pixels", "--max-audio-seconds", "--backend"):
+        assert flag in out
+    assert "127.0.0.1" in out
