@@ -30,6 +30,7 @@ class TrainConfig:
     group_by: str | None = None  # regex on the path; group = first capture group (or whole match)
     test_groups: str | None = None  # "artwork,icons": these groups form the test split
     split_file: str | None = None
+    resplit: bool = False  # ignore train/val/test folders and split anew (e.g. to hold out groups)
     seed: int = 0
     near_dup_distance: int = 18  # bits of the 255-bit perceptual hash within which images are near duplicates
     # model

@@ -94,6 +94,8 @@ class EmbeddingCache:
 def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key: str, views: int = 1,
             batch_size: int = 32, device: str = "cpu", desc: str = "Embedding") -> tuple[np.ndarray, dict]:
     """(N, views, D) embeddings; cached ones are read, the rest computed in batches. Returns stats too."""
+    if not samples:
+        return np.zeros((0, views, backbone.feature_dim), np.float32), {"cached": 0, "computed": 0}
     cache = EmbeddingCache(key)
     out: list[np.ndarray | None] = [cache.get(h, views) for h in sha1s]
     todo = [i for i, a in enumerate(out) if a is None]

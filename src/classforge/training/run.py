@@ -51,6 +51,11 @@ class Prepared:
 
 def prepare_data(cfg: TrainConfig) -> Prepared:
     ds = discover(cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes, cfg.group_by)
+    if cfg.resplit:
+        for s in ds.samples:
+            s.split = ""
+        ds.notes = [n for n in ds.notes if "val/" not in n and "test/" not in n]
+        ds.notes.append("--resplit: the folders' own train/val/test split was ignored")
     checked = validate(ds, cfg.min_size, cfg.max_pixels)
     if not checked.good:
         raise ClassforgeError(f"No usable files in {ds.root}: all {len(ds.samples)} failed validation")

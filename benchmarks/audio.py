@@ -1,0 +1,105 @@
+"""Audio benchmarks on ../shared/datasets: FSDD strategies, FSDD speakers held out, Pokémon cries.
+
+  python benchmarks/audio.py fsdd       [--strategies linear,finetune,two-stage,scratch]
+  python benchmarks/audio.py speakers   [--strategy linear] [--speakers all]
+  python benchmarks/audio.py cries      [--augment-to 0,25] [--strategy linear]
+
+Every run is an ordinary classforge run directory under --out; a JSON line per run is printed and appended to
+--results (default benchmarks/audio_results.jsonl). Needs the mn04 AudioSet weights (CLASSFORGE_MN04_WEIGHTS or
+../shared/weights/mn04_as_mAP_432.pt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+os.environ.setdefault("CLASSFORGE_QUIET", "1")
+if "CLASSFORGE_MN04_WEIGHTS" not in os.environ and (SHARED / "weights" / "mn04_as_mAP_432.pt").exists():
+    os.environ["CLASSFORGE_MN04_WEIGHTS"] = str(SHARED / "weights" / "mn04_as_mAP_432.pt")
+
+import classforge  # noqa: E402
+
+
+def record(results: Path, name: str, run: Path, **info) -> dict:
+    s = json.loads((run / "summary.json").read_text())
+    n_emb = s.get("embeddings", {}).get("computed", 0)
+    row = {"bench": name, **info, "test_acc": round(s["test"]["accuracy"], 4), "test_n": s["test"]["n"],
+           "ci95": [round(x, 3) for x in s["test"]["accuracy_ci95"]], "macro_f1": round(s["test"]["macro_f1"], 4),
+           "total_s": round(s["timing"]["total_s"], 1), "embedding_s": round(s["timing"].get("embedding_s", 0), 1),
+           "clips_per_s_embedding": round(n_emb / s["timing"]["embedding_s"], 1) if n_emb and s["timing"].get("embedding_s") else None,
+           "fit_s": round(s["timing"].get("fit_s", 0), 1), "run": str(run), "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(json.dumps(row), flush=True)
+    with open(results, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def fsdd(a):
+    data = SHARED / "datasets" / "fsdd"
+    for st in a.strategies.split(","):
+        bb = "audio_cnn" if st == "scratch" else "efficientat_mn04"
+        run = classforge.train(data, Path(a.out) / f"fsdd-{st}", strategy=st, backbone=bb, seed=a.seed)
+        record(Path(a.results), "fsdd-official", run, strategy=st, backbone=bb)
+
+
+def speakers(a):
+    data = SHARED / "datasets" / "fsdd"
+    names = sorted({re.match(r"\d+_([a-z]+)_", p.name).group(1) for p in (data / "train").rglob("*.wav")})
+    chosen = names if a.speakers == "all" else a.speakers.split(",")
+    rows = []
+    for spk in chosen:
+        run = classforge.train(data, Path(a.out) / f"fsdd-speaker-{spk}-{a.strategy}", strategy=a.strategy,
+                               resplit=True, group_by=r"^[^/]+/\d+/\d+_([a-z]+)_", test_groups=spk, seed=a.seed,
+                               augment=a.augment)
+        rows.append(record(Path(a.results), "fsdd-speaker-held-out", run, speaker=spk, strategy=a.strategy,
+                           augment=a.augment))
+    mean = sum(r["test_acc"] for r in rows) / len(rows)
+    print(json.dumps({"bench": "fsdd-speaker-held-out-mean", "strategy": a.strategy, "mean_acc": round(mean, 4),
+                      "speakers": chosen}))
+
+
+def cries(a):
+    root = SHARED / "datasets" / "pokemon_gen1_cries"
+    labels = Path(a.out) / "cries_labels.csv"
+    labels.parent.mkdir(parents=True, exist_ok=True)
+    with open(labels, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group", "split"])
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            w.writerow([f"{d.name}/latest.ogg", d.name, d.name, "train"])
+            w.writerow([f"{d.name}/legacy.ogg", d.name, d.name, "test"])
+    for n in [int(x) for x in a.augment_to.split(",")]:
+        run = classforge.train(root, Path(a.out) / f"cries-aug{n}-{a.strategy}", labels_csv=str(labels),
+                               strategy=a.strategy, augment_to=n, augment="strong", seed=a.seed,
+                               extra={"clip_seconds": a.clip_seconds} if a.clip_seconds else {})
+        record(Path(a.results), "cries-latest-to-legacy", run, augment_to=n, strategy=a.strategy,
+               chance=round(1 / 151, 4))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bench", choices=["fsdd", "speakers", "cries"])
+    ap.add_argument("--out", default="/tmp/classforge-audio-bench")
+    ap.add_argument("--results", default=str(Path(__file__).parent / "audio_results.jsonl"))
+    ap.add_argument("--strategies", default="linear,finetune,two-stage,scratch")
+    ap.add_argument("--strategy", default="linear")
+    ap.add_argument("--speakers", default="all")
+    ap.add_argument("--augment", default="light")
+    ap.add_argument("--augment-to", default="0,25")
+    ap.add_argument("--clip-seconds", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    if not (SHARED / "datasets").exists():
+        raise SystemExit(f"{SHARED / 'datasets'} not found")
+    {"fsdd": fsdd, "speakers": speakers, "cries": cries}[a.bench](a)
+
+
+if __name__ == "__main__":
+    main()
