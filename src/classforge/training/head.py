@@ -1,16 +1,21 @@
-"""Train the linear head on cached embeddings (no backbone in the loop: milliseconds per epoch)."""
+"""Train the linear head on cached embeddings: no backbone in the loop, so an epoch takes milliseconds.
+
+A plain PyTorch loop on purpose: on tensors this small, a Lightning Trainer's per-step overhead (hooks,
+logging, progress) dominates (measured ~0.2 s/step on a loaded 2-core CPU). Same recipe as the Lightning
+path: AdamW, cosine schedule, early stopping on validation loss, best weights restored, one history row
+per epoch."""
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+import torch.nn.functional as F
 
 from classforge.config import TrainConfig
-from classforge.training.module import ClassifierModule
-from classforge.training.trainer import make_trainer
 
 
 def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray,
@@ -21,25 +26,59 @@ def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.nd
     # fold the scaling into the Linear layer so the saved model still maps raw backbone features to logits.
     mu = xtr.mean(axis=0)
     sigma = xtr.std(axis=0) + 1e-6
-    xtr, xva = (xtr - mu) / sigma, (xva - mu) / sigma if len(xva) else xva
+    xt = torch.from_numpy((xtr - mu) / sigma).float()
+    yt = torch.from_numpy(np.asarray(ytr)).long()
+    has_val = len(xva) > 0
+    xv = torch.from_numpy((xva - mu) / sigma).float() if has_val else None
+    yv = torch.from_numpy(np.asarray(yva)).long() if has_val else None
     epochs = cfg.epochs if cfg.epochs and cfg.strategy == "linear" else DEFAULT_EPOCHS["linear"]
     lr = DEFAULT_LR["linear"] if cfg.strategy != "linear" or cfg.lr in ("default", "auto") else float(cfg.lr)
+    bs = max(16, min(256, len(xt) // 8 or 16))
+    steps_per_epoch = math.ceil(len(xt) / bs)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(1.0, step / (epochs * steps_per_epoch)))))
     g = torch.Generator().manual_seed(cfg.seed)
-    bs = max(16, min(256, len(xtr) // 8 or 16))
-    train_dl = DataLoader(TensorDataset(torch.from_numpy(xtr).float(), torch.from_numpy(ytr).long()),
-                          batch_size=bs, shuffle=True, generator=g)
-    has_val = len(xva) > 0
-    val_dl = DataLoader(TensorDataset(torch.from_numpy(xva).float(), torch.from_numpy(yva).long()),
-                        batch_size=1024) if has_val else None
-    steps = epochs * len(train_dl)
-    module = ClassifierModule(head, [(list(head.parameters()), lr)], weight_decay=1e-3, total_steps=steps,
-                              warmup_steps=0, class_weights=class_weights, label_smoothing=cfg.label_smoothing)
-    trainer, hist = make_trainer(cfg.replace(patience=max(cfg.patience, 10)), run, "head", epochs,
-                                 "val_loss" if has_val else "train_loss", distributed=False, checkpoints=False,
-                                 precision="32-true", max_time_s=None)
-    trainer.fit(module, train_dl, val_dl)
+    torch.manual_seed(cfg.seed)
+    head.reset_parameters()
+    patience = max(cfg.patience, 10)
+    best, best_state, bad, rows = float("inf"), None, 0, []
+    for epoch in range(1, epochs + 1):
+        t = time.time()
+        head.train()
+        perm = torch.randperm(len(xt), generator=g)
+        tot_loss = tot_correct = 0.0
+        for i in range(0, len(xt), bs):
+            idx = perm[i:i + bs]
+            logits = head(xt[idx])
+            loss = F.cross_entropy(logits, yt[idx], weight=class_weights, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot_loss += float(loss) * len(idx)
+            tot_correct += float((logits.argmax(1) == yt[idx]).sum())
+        row = {"stage": "head", "epoch": epoch, "train_loss": tot_loss / len(xt), "train_acc": tot_correct / len(xt),
+               "lr": sched.get_last_lr()[0]}
+        head.eval()
+        if has_val:
+            with torch.no_grad():
+                lv = head(xv)
+                row.update(val_loss=float(F.cross_entropy(lv, yv)), val_acc=float((lv.argmax(1) == yv).float().mean()))
+        row["epoch_time_s"] = round(time.time() - t, 4)
+        rows.append(row)
+        monitored = row["val_loss"] if has_val else row["train_loss"]
+        if monitored < best - 1e-5:
+            best, bad = monitored, 0
+            best_state = {k: v.clone() for k, v in head.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
     with torch.no_grad():
         w = head.weight / torch.from_numpy(sigma).float()
         head.bias -= w @ torch.from_numpy(mu).float()
         head.weight.copy_(w)
-    return hist.rows
+    return rows
