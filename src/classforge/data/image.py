@@ -139,7 +139,12 @@ class ImagePreprocessor:
 
     def load(self, src) -> Image.Image:
         target = int(round(self.spec.size / self.spec.crop_pct))
-        return resize_for_cache(open_image(src, self.max_pixels, draft=target), self.spec)
+        img = resize_for_cache(open_image(src, self.max_pixels, draft=target), self.spec)
+        if self.spec.preprocess:  # --preprocess ops: here, so training, evaluation and predict all apply them
+            from classforge.preprocess_ops import apply_ops
+
+            img = apply_ops(img, self.spec.preprocess)
+        return img
 
     def eval(self, raw: Image.Image) -> torch.Tensor:
         return self._eval(raw)

@@ -32,14 +32,18 @@ class InputSpec:
     channels: int = 3
     sample_rate: int = 0  # audio only
     clip_seconds: float = 0.0  # audio only
+    preprocess: tuple[str, ...] = ()  # images: classical ops run at load time (classforge.preprocess_ops)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["preprocess"]:
+            del d["preprocess"]  # runs without ops keep their model.json and embedding-cache keys
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
         d = dict(d)
-        for k in ("mean", "std"):
+        for k in ("mean", "std", "preprocess"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

@@ -24,6 +24,11 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
+# Callbacks added to every Trainer of the runs started while they are listed here: classforge.search puts its
+# optuna pruning callback here around one train() call (train() builds its Trainers deep inside a strategy).
+RUN_CALLBACKS: list[Callback] = []
+
+
 class History(Callback):
     """One row per epoch: losses, accuracies, learning rate, wall time."""
 
@@ -75,7 +80,7 @@ def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monit
     if checkpoints:
         callbacks.append(ModelCheckpoint(dirpath=run / "checkpoints", filename=f"{stage}-best", monitor=monitor,
                                          save_last=True, save_top_k=1, mode="min"))
-    callbacks += extra_callbacks or []
+    callbacks += (extra_callbacks or []) + RUN_CALLBACKS
     budget = max_time_s if max_time_s is not None else parse_duration(cfg.time_budget)
     devices = _devices(cfg.devices) if distributed else 1
     accelerator = cfg.accelerator if distributed else ("cpu" if not torch.cuda.is_available() else cfg.accelerator)

@@ -1,0 +1,169 @@
+"""Classical preprocessing ops: each checked against a numeric reference, and replayed at predict time."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classforge.models.registry import ClassforgeError, InputSpec
+from classforge.preprocess_ops import apply_ops, ops_label, parse_ops
+
+
+def _noisy_step(seed: int = 0, size: int = 64, sigma: float = 20.0) -> tuple[Image.Image, np.ndarray]:
+    """A vertical step edge (dark left, light right) plus Gaussian noise; returns (noisy, clean)."""
+    clean = np.zeros((size, size, 3), np.float32)
+    clean[:, : size // 2] = 60
+    clean[:, size // 2:] = 190
+    noise = np.random.default_rng(seed).normal(0, sigma, clean.shape)
+    noisy = np.clip(clean + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(noisy), clean
+
+
+def _psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+def test_parse_canonical_forms_and_errors():
+    assert parse_ops("autocontrast, Gamma=0.80,blur") == ("autocontrast", "gamma=0.8", "blur")
+    assert parse_ops("equalize+nlmeans=5") == ("equalize", "nlmeans=5")
+    assert parse_ops(["bilateral=20"]) == ("bilateral=20",)
+    assert parse_ops("none") == () and parse_ops(None) == () and parse_ops("") == ()
+    assert ops_label(parse_ops("autocontrast,gamma=0.8")) == "autocontrast+gamma=0.8"
+    assert ops_label(()) == "none"
+    with pytest.raises(ClassforgeError, match="Did you mean 'equalize'"):
+        parse_ops("equalise")
+    with pytest.raises(ClassforgeError, match="needs a value"):
+        parse_ops("gamma")
+    with pytest.raises(ClassforgeError, match="g > 0"):
+        parse_ops("gamma=-1")
+    with pytest.raises(ClassforgeError, match="not a number"):
+        parse_ops("blur=big")
+    with pytest.raises(ClassforgeError, match="takes no value"):
+        parse_ops("equalize=3")
+
+
+def test_gamma_matches_formula():
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (4, 1))
+    img = Image.fromarray(np.stack([ramp] * 3, -1))
+    out = np.asarray(apply_ops(img, parse_ops("gamma=0.5")))[0, :, 0]
+    ref = np.round(255 * (np.arange(256) / 255) ** 0.5)
+    assert np.array_equal(out, ref.astype(np.uint8))
+
+
+def test_autocontrast_stretches_to_full_range_without_colour_shift():
+    rng = np.random.default_rng(0)
+    a = rng.integers(80, 161, (32, 32, 1)).astype(np.uint8)
+    img = Image.fromarray(np.concatenate([a, a, a], -1))  # grey: must stay grey
+    out = np.asarray(apply_ops(img, ["autocontrast"]))
+    assert out.min() == 0 and out.max() == 255
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+
+
+def test_equalize_flattens_luminance_histogram():
+    rng = np.random.default_rng(1)
+    g = np.clip(rng.normal(100, 10, (64, 64)), 0, 255).astype(np.uint8)  # narrow histogram
+    img = Image.fromarray(np.stack([g, g, g], -1))
+    y = np.asarray(apply_ops(img, ["equalize"]).convert("L"), np.float64)
+    assert y.std() > 4 * g.std()  # spread over the range
+    # equalised luminance is ~uniform: its quartiles near 64 / 128 / 191
+    q = np.percentile(y, [25, 50, 75])
+    assert np.allclose(q, [64, 128, 191], atol=20)
+
+
+def test_blur_is_gaussian_with_given_sigma():
+    a = np.zeros((41, 41, 3), np.uint8)
+    a[20, 20] = 255
+    out = np.asarray(apply_ops(Image.fromarray(a), ["blur=2"]))[..., 0].astype(np.float64)
+    _, xs = np.mgrid[:41, :41]
+    w = out / out.sum()
+    var = (w * (xs - 20) ** 2).sum()
+    assert abs(np.sqrt(var) - 2.0) < 0.35  # the spread of the impulse response is sigma
+
+
+def test_bilateral_denoises_but_keeps_the_edge_sharper_than_blur():
+    pytest.importorskip("cv2")
+    noisy, clean = _noisy_step()
+    bil = np.asarray(apply_ops(noisy, ["bilateral=60"]), np.float64)
+    blur = np.asarray(apply_ops(noisy, ["blur=2"]), np.float64)
+    assert _psnr(bil, clean) > _psnr(noisy, clean) + 3
+    # contrast across the edge (columns 31 -> 32): bilateral keeps most of the 130-level step, blur loses more
+    step = lambda x: x[:, 32:34].mean() - x[:, 30:32].mean()
+    assert step(bil) > 100 and step(bil) > step(blur) + 20
+
+
+def test_nlmeans_denoises():
+    pytest.importorskip("cv2")
+    noisy, clean = _noisy_step(seed=2)
+    out = apply_ops(noisy, ["nlmeans=15"])
+    assert out.size == noisy.size and out.mode == "RGB"
+    assert _psnr(out, clean) > _psnr(noisy, clean) + 5
+
+
+def test_ops_compose_left_to_right():
+    img, _ = _noisy_step()
+    a = apply_ops(apply_ops(img, ["gamma=0.7"]), ["autocontrast"])
+    b = apply_ops(img, parse_ops("gamma=0.7,autocontrast"))
+    c = apply_ops(img, parse_ops("autocontrast,gamma=0.7"))
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(b), np.asarray(c))
+
+
+def test_spec_carries_ops_and_plain_specs_are_unchanged():
+    plain = InputSpec("image", 32)
+    assert "preprocess" not in plain.to_dict()  # old runs and embedding-cache keys stay as they were
+    spec = InputSpec("image", 32, preprocess=("autocontrast", "gamma=0.8"))
+    d = json.loads(json.dumps(spec.to_dict()))
+    assert InputSpec.from_dict(d) == spec
+
+
+def test_saved_run_replays_ops_at_predict_time(shapes_dir, tmp_path):
+    """Train with ops, then the Predictor built from the run directory alone gives, for a test file, the
+    probability the evaluation wrote; without the ops the same model gives something else."""
+    import classforge
+    from classforge.config import TrainConfig
+    from classforge.serve.predictor import Predictor
+
+    ops = "autocontrast,gamma=0.8,blur=1.0" + (",nlmeans" if _has_cv2() else "")
+    run = classforge.train(shapes_dir, tmp_path / "run", backbone="cnn_small", strategy="scratch", epochs=2,
+                           preprocess=ops)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["spec"]["preprocess"] == list(parse_ops(ops))
+    assert TrainConfig.load(run / "config.yaml").preprocess == ops
+    with open(run / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    p = Predictor.from_run(run, backend="torch")
+    assert p.spec.preprocess == parse_ops(ops)
+    files = [str(shapes_dir / r["path"]) for r in rows[:6]]
+    probs = p.predict_proba(files)
+    labels = p.labels
+    for r, pr in zip(rows, probs):
+        assert labels[int(pr.argmax())] == r["predicted"]
+        assert abs(float(pr.max()) - float(r["probability"])) < 1e-5
+
+    import dataclasses
+
+    bare = Predictor(p.model, dataclasses.replace(p.spec, preprocess=()), labels)
+    assert not np.allclose(bare.predict_proba(files), probs, atol=1e-4)
+
+
+def test_audio_backbone_rejects_ops():
+    from classforge.preprocess_ops import attach_ops
+
+    class Fake:
+        spec = InputSpec("audio", 0, sample_rate=16000, clip_seconds=1.0)
+
+    with pytest.raises(ClassforgeError, match="image operations"):
+        attach_ops(Fake(), "blur")
+
+
+def _has_cv2() -> bool:
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
