@@ -122,7 +122,9 @@ def post_latency(url: str, jpeg: bytes, n: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a run directory (image task)")
-    ap.add_argument("--threads", type=int, default=2, help="intra-op threads for PyTorch and ONNX Runtime")
+    ap.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[2],
+                    help="intra-op threads for PyTorch and ONNX Runtime; a list such as 1,2 measures each "
+                         "(the server uses the first)")
     ap.add_argument("--iters", type=int, default=200, help="timed forward passes per engine")
     ap.add_argument("--requests", type=int, default=200, help="timed sequential POST /predict per backend")
     ap.add_argument("--append", type=Path, help="append a Markdown section with the figures to this file")
@@ -133,7 +135,7 @@ def main() -> None:
     from classforge.models.registry import InputSpec
     from classforge.serve.predictor import Predictor, load_run_model
 
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads[0])
     run = a.run
     if not (run / "model.onnx").is_file():
         from classforge.export import export_run
@@ -147,29 +149,33 @@ def main() -> None:
     x = pre.preprocess(jpeg)[None]  # (1, 3, 224, 224)
 
     res: dict = {"run": str(run), "backbone": meta["backbone"], "threads": a.threads, "image": path.name}
-    with torch.inference_mode():
-        res["eager_fp32"] = timed(lambda: model(x), a.iters)
-    fast = Predictor(load_run_model(run)[0], pre.spec, labels, fast=True)  # channels_last (+ bf16 where fast)
-    res["torch_fast_path"] = timed(lambda: fast.forward(x), a.iters)
     from classforge.export import ort_session
 
-    sess = ort_session(run / "model.onnx", threads=a.threads)
-    name = sess.get_inputs()[0].name
+    fast = Predictor(load_run_model(run)[0], spec, labels, fast=True)  # channels_last (+ bf16 where fast)
     xn = x.numpy()
-    res["onnxruntime_fp32"] = timed(lambda: sess.run(None, {name: xn}), a.iters)
-    if (run / "model.int8.onnx").is_file():
-        s8 = ort_session(run / "model.int8.onnx", threads=a.threads)
-        res["onnxruntime_int8"] = timed(lambda: s8.run(None, {name: xn}), a.iters)
+    timings: dict[str, list[float]] = {}
+    for th in a.threads:
+        torch.set_num_threads(th)
+        with torch.inference_mode():
+            timings[f"eager_fp32 ({th} thr)"] = timed(lambda: model(x), a.iters)
+        timings[f"torch_fast_path ({th} thr)"] = timed(lambda: fast.forward(x), a.iters)
+        sess = ort_session(run / "model.onnx", threads=th)
+        name = sess.get_inputs()[0].name
+        timings[f"onnxruntime_fp32 ({th} thr)"] = timed(lambda: sess.run(None, {name: xn}), a.iters)
+        if (run / "model.int8.onnx").is_file():
+            s8 = ort_session(run / "model.int8.onnx", threads=th)
+            timings[f"onnxruntime_int8 ({th} thr)"] = timed(lambda: s8.run(None, {name: xn}), a.iters)
+        del sess
     engines = {k: {"p50_ms": pct(v, 50), "p90_ms": pct(v, 90), "mean_ms": statistics.fmean(v)}
-               for k, v in res.items() if isinstance(v, list)}
-    for k in engines:
-        res.pop(k)
+               for k, v in timings.items()}
     res["engines"] = engines
-    res["speedup_onnx_vs_eager_p50"] = engines["eager_fp32"]["p50_ms"] / engines["onnxruntime_fp32"]["p50_ms"]
+    res["speedup_onnx_vs_eager_p50"] = {
+        th: engines[f"eager_fp32 ({th} thr)"]["p50_ms"] / engines[f"onnxruntime_fp32 ({th} thr)"]["p50_ms"]
+        for th in a.threads}
 
     res["post_predict"] = {}
     for backend in ("onnx", "torch"):
-        proc, url = start_server(run, backend, a.threads)
+        proc, url = start_server(run, backend, a.threads[0])
         try:
             res["post_predict"][backend] = post_latency(url, jpeg, a.requests)
         finally:
@@ -189,12 +195,13 @@ def main() -> None:
 def markdown(r: dict, cmd: str) -> str:
     rows = "\n".join(f"| {k} | {v['p50_ms']:.2f} | {v['p90_ms']:.2f} | {v['mean_ms']:.2f} |"
                      for k, v in r["engines"].items())
+    speedups = ", ".join(f"**{v:.2f}x** faster with {th} thread(s)" for th, v in r["speedup_onnx_vs_eager_p50"].items())
     posts = "\n".join(f"| {k} | {v['n']} | {v['p50_ms']:.1f} | {v['p90_ms']:.1f} | {v['p99_ms']:.1f} | {v['status']} |"
                       for k, v in r["post_predict"].items())
     return f"""
 ## Inference latency, batch 1 ({r['date'][:10]}, benchmarks/inference.py)
 
-Machine: {r['machine']}. Run: `{r['run']}` ({r['backbone']}), {r['threads']} threads, input one 224-px JPEG of
+Machine: {r['machine']}. Run: `{r['run']}` ({r['backbone']}), threads {r['threads']}, input one 224-px JPEG of
 the run's test split (`{r['image']}`).
 Command: `{cmd}`
 
@@ -202,7 +209,7 @@ Command: `{cmd}`
 |---|---|---|---|
 {rows}
 
-ONNX Runtime vs eager fp32 PyTorch, p50: **{r['speedup_onnx_vs_eager_p50']:.2f}x** faster.
+ONNX Runtime vs eager fp32 PyTorch, p50: {speedups}.
 
 | `POST /predict`, one 224-px JPEG, sequential, server backend | requests | p50 ms | p90 ms | p99 ms | status |
 |---|---|---|---|---|---|

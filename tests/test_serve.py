@@ -269,6 +269,35 @@ def test_micro_batcher_groups_and_routes_rows():
         b.close()
 
 
+def test_micro_batcher_waits_only_for_announced_requests():
+    import torch
+
+    seen = []
+    b = MicroBatcher(lambda x: (seen.append(len(x)), x.numpy())[1], max_batch=8, max_wait_ms=400)
+    try:
+        t = time.perf_counter()
+        with b.expect():
+            b.submit(torch.ones(1, 2))
+        assert time.perf_counter() - t < 0.2  # alone: no 400 ms window
+
+        def late(delay):
+            with b.expect():
+                time.sleep(delay)  # still "decoding"
+                return b.submit(torch.full((1, 2), delay))
+
+        with ThreadPoolExecutor(2) as ex:
+            outs = list(ex.map(late, [0.0, 0.1]))
+        assert [o[0, 0] for o in outs] == [0.0, np.float32(0.1)]
+        assert seen[-1] == 2  # the early one waited for the announced late one
+        with pytest.raises(ValueError), b.expect():  # a request that fails before submitting ...
+            raise ValueError
+        t = time.perf_counter()
+        b.submit(torch.ones(1, 2))
+        assert time.perf_counter() - t < 0.2  # ... is no longer waited for
+    finally:
+        b.close()
+
+
 # ------------------------------------------------------------------------------------------------ audio
 def test_audio_server_limits_duration(audio_run):
     app = create_app(audio_run, Limits(max_audio_seconds=30), ui=False)

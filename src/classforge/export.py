@@ -138,6 +138,7 @@ def ort_session(path: Path, threads: int | None = None):
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the Predictor's session
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -272,15 +273,29 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
     return app
 
 
+_thread_state = threading.local()
+
+
+def one_torch_thread() -> None:
+    """Decoding and resizing run one request per thread, many threads at once; intra-op threads on top of that
+    only fight for the cores (measured on 2 busy cores: preprocessing 33-68 ms with 2 torch threads, 1.2-2.3 ms
+    with 1). OpenMP's thread count is per thread, so the model's forward pass (batcher thread) keeps its own."""
+    if not getattr(_thread_state, "single", False):
+        torch.set_num_threads(1)
+        _thread_state.single = True
+
+
 def _infer(predictor: Predictor, items: list[tuple[str | None, bytes]], k: int, name: str) -> dict:
-    xs = []
-    for i, (filename, data) in enumerate(items):
-        try:
-            xs.append(predictor.preprocess(data))
-        except BadFile as e:
-            label = filename or f"file #{i + 1}"
-            raise ApiError(bad_file_status(str(e)), f"{label}: {e}") from None
-    logits = predictor.forward_batched(torch.stack(xs))
+    one_torch_thread()
+    with predictor.batch_slot():
+        xs = []
+        for i, (filename, data) in enumerate(items):
+            try:
+                xs.append(predictor.preprocess(data))
+            except BadFile as e:
+                label = filename or f"file #{i + 1}"
+                raise ApiError(bad_file_status(str(e)), f"{label}: {e}") from None
+        logits = predictor.forward_batched(torch.stack(xs))
     res = predictor.postprocess(softmax(np.asarray(logits, dtype=np.float32)), k)
     return {"results": [{"filename": fn, **r} for (fn, _), r in zip(items, res)], "backend": predictor.backend,
             "model": name}

@@ -3,14 +3,18 @@
 Request threads decode and preprocess in parallel (that part is per file); the tensors then go to one worker
 thread that waits at most `max_wait_ms` for company, runs the model on up to `max_batch` rows and hands every
 caller its own rows. Running all forward passes on one thread also keeps 8 concurrent requests from starting
-8 x intra-op thread pools on a 2-core machine."""
+8 x intra-op thread pools on a 2-core machine.
+
+A lone request should not pay the waiting window: callers announce themselves with `expect()` while they are
+still decoding, and the worker only waits for company that has been announced."""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import numpy as np
@@ -28,16 +32,39 @@ class MicroBatcher:
     def __init__(self, forward: Callable[[torch.Tensor], np.ndarray], max_batch: int = 16, max_wait_ms: float = 5.0):
         self.forward, self.max_batch, self.max_wait = forward, max(1, int(max_batch)), max(0.0, max_wait_ms) / 1000
         self._q: queue.Queue = queue.Queue()
+        self._local = threading.local()
         self._closed = False
+        self._coming = 0  # announced by expect(), not yet submitted
+        self._count_lock = threading.Lock()
         self.stats = {"calls": 0, "rows": 0, "max_rows": 0}
         self._thread = threading.Thread(target=self._loop, name="classforge-batcher", daemon=True)
         self._thread.start()
+
+    @contextlib.contextmanager
+    def expect(self) -> Iterator[None]:
+        """Around decode + submit: tells the worker that a submission is on its way."""
+        with self._count_lock:
+            self._coming += 1
+        done = [False]
+        self._local.announced = done
+        try:
+            yield
+        finally:
+            if not done[0]:  # left without submitting (a bad file): no longer coming
+                with self._count_lock:
+                    self._coming -= 1
+            self._local.announced = None
 
     def submit(self, x: torch.Tensor, timeout: float | None = 120.0) -> np.ndarray:
         if self._closed:
             raise BatcherClosed("the model worker has stopped")
         fut: Future = Future()
-        self._q.put((x, fut))
+        announced = getattr(self._local, "announced", None)
+        with self._count_lock:
+            if announced is not None and not announced[0]:
+                announced[0] = True
+                self._coming -= 1
+            self._q.put((x, fut))
         return fut.result(timeout=timeout)
 
     def close(self) -> None:
@@ -52,6 +79,9 @@ class MicroBatcher:
         items, rows = [first], len(first[0])
         deadline = time.monotonic() + self.max_wait
         while rows < self.max_batch:
+            with self._count_lock:
+                if self._coming <= 0 and self._q.empty():
+                    break  # nobody else is on the way: do not wait
             left = deadline - time.monotonic()
             try:
                 nxt = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()

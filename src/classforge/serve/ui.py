@@ -41,6 +41,7 @@ def create_ui(predictor, run_dir: str | Path, limits):
     import gradio as gr
 
     from classforge.export import run_files
+    from classforge.serve.api import one_torch_thread
 
     run = Path(run_dir)
     task = predictor.spec.task
@@ -50,13 +51,16 @@ def create_ui(predictor, run_dir: str | Path, limits):
     max_k = min(10, len(labels))
 
     def classify_bytes(data: bytes, k: int) -> dict[str, float]:
+        one_torch_thread()
         if len(data) > limits.max_upload_bytes:
             raise gr.Error(f"file too large ({len(data) / 2**20:.1f} MB > {limits.max_upload_mb:g} MB limit)")
-        try:
-            x = predictor.preprocess(data)
-        except BadFile as e:
-            raise gr.Error(f"cannot use this file: {e}") from None
-        probs = predictor.postprocess(_softmax(predictor.forward_batched(x[None])), int(k))[0]
+        with predictor.batch_slot():
+            try:
+                x = predictor.preprocess(data)
+            except BadFile as e:
+                raise gr.Error(f"cannot use this file: {e}") from None
+            logits = predictor.forward_batched(x[None])
+        probs = predictor.postprocess(_softmax(logits), int(k))[0]
         return {t["label"]: t["probability"] for t in probs["top_k"]}
 
     def classify(path: str | None, k: float):
