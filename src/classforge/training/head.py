@@ -25,7 +25,11 @@ def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.nd
     # Standardise the features (embeddings come at very different scales per backbone), train on that, then
     # fold the scaling into the Linear layer so the saved model still maps raw backbone features to logits.
     mu = xtr.mean(axis=0)
-    sigma = xtr.std(axis=0) + 1e-6
+    std = xtr.std(axis=0)
+    # Floor the scale: a feature (nearly) constant on the training set must not be blown up by 1/std, or its
+    # folded weight explodes the logits on test files where that feature does vary.
+    floor = 0.1 * float(np.median(std)) if float(np.median(std)) > 0 else 1.0
+    sigma = np.maximum(std, floor).astype(np.float32)
     xt = torch.from_numpy((xtr - mu) / sigma).float()
     yt = torch.from_numpy(np.asarray(ytr)).long()
     has_val = len(xva) > 0
