@@ -155,3 +155,16 @@ def test_clear_errors_without_traceback(tmp_path):
     assert out.returncode == 2 and "Data not found" in out.stdout and "Traceback" not in out.stderr
     with pytest.raises(ClassforgeError, match="Did you mean 'epochs'"):
         classforge.train(tmp_path, epoch=3)
+
+
+def test_lr_finder_and_class_rebalancing(tmp_path):
+    root = make_image_folder(tmp_path / "d", 20, kinds=("circle", "stripes"))
+    for p in sorted((root / "stripes").glob("*.png"))[6:]:
+        p.unlink()  # imbalance: 20 circles, 6 stripes
+    run = classforge.train(root, tmp_path / "lr", backbone="cnn_small", strategy="scratch", epochs=2, lr="auto",
+                           batch_size=8, balance="oversample")
+    assert (run / "lr_finder.png").is_file()
+    s = json.loads((run / "summary.json").read_text())
+    assert s["trainer"]["lr"] != 2e-3  # the finder's suggestion replaced the default
+    run2 = classforge.train(root, tmp_path / "w", epochs=5, balance="weights")
+    assert json.loads((run2 / "summary.json").read_text())["test"]["n"] > 0
