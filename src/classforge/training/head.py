@@ -46,6 +46,21 @@ def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.nd
     torch.manual_seed(cfg.seed)
     head.reset_parameters()
     patience = max(cfg.patience, 10)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread avoids OpenMP hand-offs that stall on a busy CPU
+    try:
+        rows = _loop(head, xt, yt, xv, yv, epochs, bs, opt, sched, g, class_weights, cfg, patience)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        w = head.weight / torch.from_numpy(sigma).float()
+        head.bias -= w @ torch.from_numpy(mu).float()
+        head.weight.copy_(w)
+    return rows
+
+
+def _loop(head, xt, yt, xv, yv, epochs, bs, opt, sched, g, class_weights, cfg, patience) -> list[dict]:
+    has_val = xv is not None
     best, best_state, bad, rows = float("inf"), None, 0, []
     for epoch in range(1, epochs + 1):
         t = time.time()
@@ -81,8 +96,4 @@ def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.nd
                 break
     if best_state is not None:
         head.load_state_dict(best_state)
-    with torch.no_grad():
-        w = head.weight / torch.from_numpy(sigma).float()
-        head.bias -= w @ torch.from_numpy(mu).float()
-        head.weight.copy_(w)
     return rows
