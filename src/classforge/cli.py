@@ -82,6 +82,7 @@ def _train_options(
     test_groups: Optional[str] = typer.Option(None, "--test-groups", help="Hold out these groups (comma-separated) as the test set"),
     split: Optional[str] = typer.Option(None, "--split", help="train,val,test fractions when DATA has no split [0.7,0.2,0.1]"),
     split_file: Optional[str] = typer.Option(None, "--split-file", help="Re-use a split.csv (e.g. from an earlier run)"),
+    resplit: bool = typer.Option(False, "--resplit", help="Ignore DATA's train/val/test folders and split anew (e.g. with --group-by/--test-groups)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the split and training [0]"),
     min_size: Optional[int] = MinSize,
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping may end sooner); default per strategy"),
@@ -95,6 +96,7 @@ def _train_options(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="LR schedule over the run (or the --time-budget): cosine (warm-up + cosine, default) | step (base LR, /10, /100 over 50%/25%/25%; the course's 0.01/0.001/0.0001 with SGD) | onecycle | constant"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="auto (SGD+momentum for --schedule step, else AdamW) | adamw | sgd"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network for training (pays off only on long runs; measure)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads while training (default: one per core); 1 is far faster when other jobs keep the cores busy (OpenMP threads stall waiting for each other)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto | 32-true | bf16-mixed | 16-mixed [auto: bf16 where the CPU has it]"),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Trade compute for activation memory"),
     augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong | cifar (pad + random crop + flip; what light means for small from-scratch inputs) [light]"),
@@ -188,7 +190,7 @@ def predict(run_dir: str = typer.Argument(..., help="A run directory"),
             files: list[str] = typer.Argument(..., help="Image or audio files"),
             top_k: int = typer.Option(3, "--top-k", help="How many classes to show per file"),
             as_json: bool = typer.Option(False, "--json", help="Print JSON"),
-            backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime if model.onnx exists) | torch | onnx")):
+            backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime if model.onnx exists) | torch | onnx | int8 (model.int8.onnx from export --quantize int8)")):
     """Predict the class of files with a trained run."""
     from classforge.api import predict_files
 

@@ -52,6 +52,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     schedule: str = "cosine"  # cosine (warm-up + cosine) | step (1, 1/10, 1/100 over 50/25/25%) | onecycle | constant
     compile: bool = False  # torch.compile the network for training
+    threads: int = 0  # torch intra-op threads while training (0 = torch's default, one per core)
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     patience: int = 5

@@ -95,12 +95,32 @@ def eval_transform(spec: InputSpec):
     ])
 
 
+def small_image(spec: InputSpec) -> bool:
+    """Inputs of from-scratch CNNs (32x32 CIFAR-like, no centre-crop margin)."""
+    return spec.task == "image" and spec.crop_pct == 1.0 and spec.size <= 64
+
+
+def resolve_augment(spec: InputSpec, level: str) -> str:
+    """'light' on small images means the CIFAR recipe (pad + random crop + flip): random-resized crops of
+    32x32 images throw away too much of an already tiny image."""
+    return "cifar" if level == "light" and small_image(spec) else level
+
+
 def train_transform(spec: InputSpec, level: str = "light"):
-    """Random resized crop + flip (light); plus colour jitter and RandomAffine (strong); none = eval."""
+    """Random resized crop + flip (light); plus colour jitter and RandomAffine (strong); none = eval;
+    cifar = eval geometry, zero-pad size/8, random crop back to size, flip (default for small images)."""
     from torchvision.transforms import v2 as T
 
+    level = resolve_augment(spec, level)
     if level == "none":
         return eval_transform(spec)
+    if level == "cifar":
+        interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
+            spec.interpolation, T.InterpolationMode.BICUBIC)
+        return T.Compose([T.ToImage(), T.Resize(int(round(spec.size / spec.crop_pct)), interpolation=interp,
+                                                 antialias=True), T.CenterCrop(spec.size),
+                          T.RandomCrop(spec.size, padding=max(1, spec.size // 8)), T.RandomHorizontalFlip(),
+                          T.ToDtype(torch.float32, scale=True), T.Normalize(spec.mean, spec.std)])
     interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
         spec.interpolation, T.InterpolationMode.BICUBIC)
     ops = [T.ToImage(), T.RandomResizedCrop(spec.size, scale=(0.5 if level == "light" else 0.25, 1.0),
@@ -132,7 +152,7 @@ class ImagePreprocessor:
 
     def __init__(self, spec: InputSpec, augment: str = "none", max_pixels: int = 89_478_485, **_):
         self.spec = spec
-        self.augment = augment
+        self.augment = resolve_augment(spec, augment)
         self.max_pixels = max_pixels
         self._eval = eval_transform(spec)
         self._train = train_transform(spec, augment)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from classforge.training.schedules import Progress, make_lambda
+
 
 class FileDataset(Dataset):
     """Decoded files held in memory (decoded once), transformed per access: train or eval."""
@@ -26,6 +28,52 @@ class FileDataset(Dataset):
         return x, self.labels[i]
 
 
+class TensorBatchDataset(Dataset):
+    """Small images as one uint8 tensor (N, C, S, S) in memory, served a whole batch at a time.
+
+    Indexed with a list of indices (use it with `sampler=BatchSampler(...)`, `batch_size=None`); augmentation
+    runs on the whole batch with tensor ops: zero-pad by `pad`, random S x S crop, horizontal flip
+    (the CIFAR recipe), then float + normalise, channels_last. Per-sample PIL/torchvision transforms cost
+    more than the network itself on 32x32 images; this costs about a millisecond per batch of 256."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int], mean, std, train: bool, pad: int = 4,
+                 flip: bool = True, seed: int = 0):
+        self.images = images  # (N, C, S, S) uint8
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        c = images.shape[1]
+        self.mean = torch.tensor(mean[:c], dtype=torch.float32).view(1, c, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std[:c], dtype=torch.float32).view(1, c, 1, 1) * 255)
+        self.train, self.pad, self.flip = train, int(pad), flip
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        x = self.images[idx]  # (B, C, S, S) uint8
+        if self.train:
+            x = batch_crop_flip(x, self.pad, self.flip, self.gen)
+        x = (x.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last), self.labels[idx]
+
+
+def batch_crop_flip(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample random crop of a zero-padded batch + random horizontal flip. x: (B, C, H, W), any dtype."""
+    b, c, h, w = x.shape
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+        rows = (oy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (B, 1, H, 1)
+        cols = (ox[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # (B, 1, 1, W)
+        x = xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if flip:
+        m = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    return x
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -40,12 +88,17 @@ class ClassifierModule(L.LightningModule):
     """Cross-entropy training of a Classifier (or a bare head on cached embeddings).
 
     `lr_groups` is a list of (params, lr) from input to output: discriminative learning rates when the
-    backbone is unfrozen. The LR schedule is warm-up + cosine over `total_steps`."""
+    backbone is unfrozen. The LR schedule (per optimizer step) is warm-up + cosine over `total_steps`, or,
+    when `budget_s` is given or `schedule` is step/onecycle, a function of training progress
+    (schedules.Progress: the larger of steps / total_steps and elapsed / budget_s), so that it stretches to a
+    time budget. Validation also counts correct answers per class (`val_per_class_`)."""
 
     def __init__(self, model: nn.Module, lr_groups: list[tuple[list, float]], weight_decay: float = 0.05,
                  total_steps: int = 1000, warmup_steps: int = 0, class_weights: torch.Tensor | None = None,
                  label_smoothing: float = 0.0, channels_last: bool = False, optimizer: str = "adamw",
-                 schedule: str = "cosine"):
+                 schedule: str = "cosine", budget_s: float | None = None, momentum: float = 0.9,
+                 num_classes: int | None = None, class_names: list[str] | None = None,
+                 ops_per_sample: int | None = None, compile: bool = False):
         super().__init__()
         self.model = model
         self.lr_groups = lr_groups
@@ -56,14 +109,26 @@ class ClassifierModule(L.LightningModule):
         self.channels_last = channels_last
         self.optimizer_name = optimizer
         self.schedule = schedule
+        self.momentum = momentum
+        self.progress = Progress(total_steps, budget_s)
+        self.class_names = list(class_names) if class_names else None
+        self.num_classes = num_classes or (len(class_names) if class_names else None)
+        self.ops_per_sample = ops_per_sample
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
         self.lr = lr_groups[-1][1]  # the LR finder tunes this one (the head's); others keep their ratios
         self._base_lrs = [lr for _, lr in lr_groups]
+        self.train_seen = 0  # training samples since the epoch started (for images/s)
+        self.val_per_class_: tuple[torch.Tensor, torch.Tensor] | None = None  # (correct, total) per class
+        self._val_correct = self._val_total = None
+        if channels_last:  # both the weights and the inputs, or oneDNN converts at every layer
+            self.model.to(memory_format=torch.channels_last)
+        # Compiled forward kept outside the module tree, so state_dict keys and checkpoints stay unchanged.
+        object.__setattr__(self, "_fwd", torch.compile(self.model) if compile else self.model)
 
     def forward(self, x):
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x)
+        return self._fwd(x) if self.training else self.model(x)
 
     def _step(self, batch, stage: str):
         x, y = batch
@@ -71,16 +136,42 @@ class ClassifierModule(L.LightningModule):
         w = self.class_weights if self.class_weights.numel() else None
         loss = F.cross_entropy(logits.float(), y, weight=w,
                                label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        acc = (logits.argmax(-1) == y).float().mean()
+        pred = logits.argmax(-1)
+        acc = (pred == y).float().mean()
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
         self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
+        if stage == "val" and self.num_classes:
+            self._val_correct += torch.bincount(y[pred == y], minlength=self.num_classes)[: self.num_classes]
+            self._val_total += torch.bincount(y, minlength=self.num_classes)[: self.num_classes]
         return loss
 
+    def on_train_start(self):
+        from lightning.pytorch.callbacks import Timer
+
+        self.progress.start(next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None))
+
+    def on_train_epoch_start(self):
+        self.train_seen = 0
+
     def training_step(self, batch, batch_idx):
+        self.train_seen += len(batch[1])
         return self._step(batch, "train")
+
+    def on_validation_epoch_start(self):
+        if self.num_classes:
+            self._val_correct = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
+            self._val_total = torch.zeros(self.num_classes, dtype=torch.long, device=self.device)
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
+
+    def on_validation_epoch_end(self):
+        if not self.num_classes:
+            return
+        c, t = self._val_correct, self._val_total
+        if self.trainer.world_size > 1:
+            c, t = self.trainer.strategy.reduce(c, reduce_op="sum"), self.trainer.strategy.reduce(t, reduce_op="sum")
+        self.val_per_class_ = (c.cpu(), t.cpu())
 
     def configure_optimizers(self):
         scale = self.lr / self._base_lrs[-1]
@@ -88,10 +179,20 @@ class ClassifierModule(L.LightningModule):
                   for (ps, _), lr in zip(self.lr_groups, self._base_lrs)]
         groups = [g for g in groups if g["params"]]
         if self.optimizer_name == "sgd":
-            opt = torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=self.weight_decay)
+            opt = torch.optim.SGD(groups, momentum=self.momentum, nesterov=self.momentum > 0,
+                                  weight_decay=self.weight_decay)
         else:
             opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
         if self.schedule == "constant":
             return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, self.warmup_steps))
+        if self.schedule == "cosine" and not self.progress.budget_s:
+            fn = warmup_cosine(self.total_steps, self.warmup_steps)  # unchanged epoch-count behaviour
+        else:
+            # one-cycle has its own warm-up; the course's step schedule has none
+            warm = self.warmup_steps if self.schedule == "cosine" else 0
+            prog = make_lambda(self.schedule, self.progress)
+
+            def fn(step: int, _prog=prog, _warm=warm) -> float:
+                return _prog(step) * (min(1.0, (step + 1) / _warm) if _warm else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

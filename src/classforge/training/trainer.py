@@ -30,21 +30,74 @@ RUN_CALLBACKS: list[Callback] = []
 
 
 class History(Callback):
-    """One row per epoch: losses, accuracies, learning rate, wall time."""
+    """One row per epoch: losses, accuracies (global and per class), learning rate, and how fast it went.
+
+    Timing columns: `epoch_time_s` (training + validation of the epoch, wall clock), `train_time_s`,
+    `val_time_s`, `images_per_s` (training samples / train_time_s, forward + backward + optimizer step),
+    and, when the module knows its forward cost, `ops_per_s` = operations of one forward pass per sample
+    (anatomy.operations_per_sample: adds + mults + max + other) x images_per_s. That is the issue's
+    convention; the backward pass (about twice the forward) is not counted, so the machine really does
+    roughly 3x `ops_per_s`."""
 
     def __init__(self, stage: str):
         self.stage, self.rows, self._t = stage, [], time.time()
+        self._tv: float | None = None
+        self._val_s = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._t = time.time()
+        self._t, self._tv, self._val_s = time.time(), None, 0.0
+
+    def on_validation_start(self, trainer, pl_module):
+        self._tv = time.time()
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._tv is not None:
+            self._val_s += time.time() - self._tv
+            self._tv = None
 
     def on_train_epoch_end(self, trainer, pl_module):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         lr = trainer.optimizers[0].param_groups[-1]["lr"] if trainer.optimizers else None
-        self.rows.append({"stage": self.stage, "epoch": trainer.current_epoch + 1,
-                          "train_loss": m.get("train_loss"), "train_acc": m.get("train_acc"),
-                          "val_loss": m.get("val_loss"), "val_acc": m.get("val_acc"), "lr": lr,
-                          "epoch_time_s": round(time.time() - self._t, 3)})
+        total = time.time() - self._t
+        train_s = max(1e-9, total - self._val_s)
+        row = {"stage": self.stage, "epoch": trainer.current_epoch + 1,
+               "train_loss": m.get("train_loss"), "train_acc": m.get("train_acc"),
+               "val_loss": m.get("val_loss"), "val_acc": m.get("val_acc"), "lr": lr,
+               "epoch_time_s": round(total, 3)}
+        seen = getattr(pl_module, "train_seen", 0) * max(1, trainer.world_size)
+        if seen:
+            row.update(speed_columns(seen, train_s, getattr(pl_module, "ops_per_sample", None)))
+            row["val_time_s"] = round(self._val_s, 3)
+            prog = getattr(pl_module, "progress", None)
+            if prog is not None and prog.t0 is not None:
+                row["elapsed_s"] = round(prog.elapsed(), 3)
+        row.update(per_class_columns(pl_module))
+        self.rows.append(row)
+
+
+def speed_columns(images: int, seconds: float, ops_per_sample: int | None) -> dict:
+    ips = images / max(1e-9, seconds)
+    out = {"train_time_s": round(seconds, 3), "images_per_s": round(ips, 1)}
+    if ops_per_sample:
+        out["ops_per_s"] = float(f"{ops_per_sample * ips:.4g}")
+    return out
+
+
+MAX_CLASS_COLUMNS = 50  # more classes than this: per-class accuracy only in per_class_epochs.csv
+
+
+def per_class_columns(pl_module) -> dict:
+    """val_acc_<class> for the last validation, from the module's per-class counts."""
+    pc = getattr(pl_module, "val_per_class_", None)
+    names = getattr(pl_module, "class_names", None)
+    if pc is None or not names:
+        return {}
+    correct, total = pc
+    out = {"val_per_class": {n: (int(c), int(t)) for n, c, t in zip(names, correct.tolist(), total.tolist())}}
+    if len(names) <= MAX_CLASS_COLUMNS:
+        for n, c, t in zip(names, correct.tolist(), total.tolist()):
+            out[f"val_acc_{n}"] = round(c / t, 5) if t else None
+    return out
 
 
 class BestWeights(Callback):
@@ -78,8 +131,13 @@ def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monit
     hist, best = History(stage), BestWeights(monitor)
     callbacks = [hist, best, EarlyStopping(monitor=monitor, patience=cfg.patience, mode="min")]
     if checkpoints:
+        # Best by the monitor, plus the latest epoch as last.ckpt for --resume. Lightning 2.6 refreshes
+        # `save_last` only when a top-k checkpoint is written (i.e. when the monitor improves), so a separate
+        # unmonitored checkpoint keeps last.ckpt at the latest epoch.
         callbacks.append(ModelCheckpoint(dirpath=run / "checkpoints", filename=f"{stage}-best", monitor=monitor,
-                                         save_last=True, save_top_k=1, mode="min"))
+                                         save_top_k=1, mode="min"))
+        callbacks.append(ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                                         enable_version_counter=False))
     callbacks += (extra_callbacks or []) + RUN_CALLBACKS
     budget = max_time_s if max_time_s is not None else parse_duration(cfg.time_budget)
     devices = _devices(cfg.devices) if distributed else 1

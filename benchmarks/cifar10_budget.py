@@ -1,0 +1,301 @@
+"""CIFAR-10 under 256K parameters and a training-time budget, on this CPU.
+
+    python benchmarks/cifar10_budget.py speed                   # img/s of the real training path per setting
+    python benchmarks/cifar10_budget.py run --budget 60m        # the benchmark; appends to benchmarks/RESULTS.md
+    python benchmarks/cifar10_budget.py report RUN_DIR          # (re)write the RESULTS.md section of a run
+
+Data: ../shared/datasets/cifar10 (train/ 50k, test/ 10k JPEG folders). classforge keeps the official test as
+the test set and carves a stratified validation slice from train/ (--split 0.95,0.05,0: 5% of train, 2,500 images), which
+drives the per-epoch curves and per-class accuracy; the test set is scored once, after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+# The recipe: a ResNet-20 with a 60-wide last stage (246,162 parameters with the 10-class head), SGD with
+# Nesterov momentum, one-cycle LR stretched over the time budget, label smoothing, pad-4 crop + flip.
+RECIPE = dict(backbone="cnn_resnet_256k", strategy="scratch", max_params=256_000, split="0.95,0.05,0.0",
+              batch_size=256, optimizer="sgd", lr="0.2", momentum=0.9, weight_decay=5e-4, schedule="onecycle",
+              label_smoothing=0.1, augment="cifar", patience=10**6, seed=0)
+
+
+def machine() -> str:
+    model = ""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
+            if line.startswith("Model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {model or platform.processor()}"
+
+
+def load_avg() -> str:
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------------ speed
+def speed(args) -> None:
+    """Training images/s through the real path (ClassifierModule + Lightning Trainer + batched loader),
+    per setting, interleaved `--repeats` times (best kept: other processes share the cores)."""
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    from classforge.config import TrainConfig
+    from classforge.models.registry import Classifier, create_backbone
+    from classforge.training.fit import forward_ops, lr_groups
+    from classforge.training.module import ClassifierModule, FileDataset, TensorBatchDataset
+    from classforge.training.trainer import make_trainer
+
+    os.environ["CLASSFORGE_QUIET"] = "1"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.batch_size * args.steps
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g).tolist()
+
+    class Contig(TensorBatchDataset):
+        def __getitem__(self, idx):
+            x, y = super().__getitem__(idx)
+            return x.contiguous(), y
+
+    settings = [("fp32", "32-true", False, False), ("fp32 channels_last", "32-true", True, False),
+                ("bf16 autocast", "bf16-mixed", False, False),
+                ("bf16 autocast + channels_last", "bf16-mixed", True, False)]
+    if args.compile:
+        settings.append(("bf16 autocast + channels_last + torch.compile", "bf16-mixed", True, True))
+    if args.only:
+        settings = [st for st in settings if st[0] in args.only.split(",")]
+    best: dict[str, float] = {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for rep in range(args.repeats):
+        for name, prec, cl, comp in settings:
+            torch.manual_seed(0)
+            bb = create_backbone(args.backbone, pretrained=False, num_classes=10)
+            model = Classifier(bb, 10)
+            ds = (TensorBatchDataset if cl else Contig)(images, labels, bb.spec.mean, bb.spec.std, train=True)
+            dl = DataLoader(ds, sampler=BatchSampler(RandomSampler(ds, generator=g), args.batch_size, True),
+                            batch_size=None)
+            module = ClassifierModule(model, lr_groups(model, "scratch", 0.1, 1.0), 5e-4, total_steps=args.steps,
+                                      optimizer="sgd", schedule="onecycle", channels_last=cl, compile=comp,
+                                      ops_per_sample=forward_ops(model).get("ops"))
+            cfg = TrainConfig(precision=prec, patience=10**6)
+            # 2 epochs: the first warms up oneDNN (and compiles); the second is measured
+            trainer, hist = make_trainer(cfg, out, f"speed-{rep}", 2, "train_loss", checkpoints=False,
+                                         distributed=False)
+            trainer.fit(module, dl)
+            ips = hist.rows[-1]["images_per_s"]
+            best[name] = max(best.get(name, 0.0), ips)
+            print(f"[{rep}] {name:40s} {ips:7.1f} img/s   (load {load_avg()})", flush=True)
+    # data path: per-sample PIL + torchvision v2 transforms vs the batched tensor path, same augmentation
+    from PIL import Image
+
+    from classforge.data.preprocess import make_preprocessor
+
+    spec = create_backbone(args.backbone, pretrained=False, num_classes=10).spec
+    pre = make_preprocessor(spec, augment="cifar")
+    pil = [Image.fromarray(images[i].permute(1, 2, 0).numpy()) for i in range(min(n, 4096))]
+    fds = FileDataset(pil, labels[: len(pil)], pre, train=True)
+    t = time.perf_counter()
+    for x, y in DataLoader(fds, batch_size=args.batch_size):
+        pass
+    per_sample = len(pil) / (time.perf_counter() - t)
+    tds = TensorBatchDataset(images[: len(pil)], labels[: len(pil)], spec.mean, spec.std, train=True)
+    t = time.perf_counter()
+    for x, y in DataLoader(tds, sampler=BatchSampler(RandomSampler(tds), args.batch_size, False), batch_size=None):
+        pass
+    batched = len(pil) / (time.perf_counter() - t)
+    print(f"data only: per-sample PIL+v2 {per_sample:,.0f} img/s, batched tensors {batched:,.0f} img/s")
+    res = {"best_images_per_s": best, "data_images_per_s": {"per_sample": per_sample, "batched": batched},
+           "backbone": args.backbone, "batch_size": args.batch_size, "steps": args.steps, "machine": machine(),
+           "threads": torch.get_num_threads(),
+           "load_after": load_avg(), "date": dt.datetime.now().isoformat(timespec="minutes")}
+    (out / "speed.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+# -------------------------------------------------------------------------------------------------- run
+def run(args) -> None:
+    import torch
+
+    import classforge
+
+    if args.threads:
+        # On a machine shared with other jobs, OpenMP threads wait for each other at every barrier while one
+        # of them is descheduled: measured here under load 10, 1 thread trained 8x faster than 2.
+        torch.set_num_threads(args.threads)
+
+    out = Path(args.out)
+    recipe = dict(RECIPE, time_budget=args.budget)
+    for kv in args.set or []:
+        k, v = kv.split("=", 1)
+        recipe[k] = type(RECIPE[k])(v) if k in RECIPE and not isinstance(RECIPE[k], str) else v
+    cmd = " ".join([sys.executable.split("/")[-1], *sys.argv])
+    meta = {"command": cmd, "start": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+            "load_at_start": load_avg(), "recipe": recipe, "torch_threads": torch.get_num_threads()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(meta, indent=2))
+    t0 = time.time()
+    classforge.train(str(args.data), str(out), **recipe)
+    meta.update(end=dt.datetime.now().isoformat(timespec="seconds"), wall_s=round(time.time() - t0, 1),
+                load_at_end=load_avg())
+    (out / "benchmark.json").write_text(json.dumps(meta, indent=2))
+    if not args.no_results:
+        report(argparse.Namespace(run_dir=str(out), results=args.results))
+
+
+# ----------------------------------------------------------------------------------------------- report
+def report(args) -> None:
+    """Append this run's section to RESULTS.md (never rewriting other sections; replaces only its own)."""
+    run = Path(args.run_dir)
+    s = json.loads((run / "summary.json").read_text())
+    meta = json.loads((run / "benchmark.json").read_text()) if (run / "benchmark.json").exists() else {}
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    tr = s.get("trainer", {})
+    epochs = [r for r in rows if r["epoch"] != "0"]
+    full = epochs[:-1] if len(epochs) > 1 else epochs
+    med = sorted(float(r["epoch_time_s"]) for r in full)[len(full) // 2] if full else float("nan")
+    ips = sorted(float(r["images_per_s"]) for r in full if r.get("images_per_s"))
+    ops = sorted(float(r["ops_per_s"]) for r in full if r.get("ops_per_s"))
+    t = s["test"]
+    lo, hi = t["accuracy_ci95"]
+    plot_curve(run, rows)
+    tag = f"<!-- cifar10_budget:{run.resolve()} -->"
+    lines = [tag, f"## CIFAR-10 under 256K parameters, {meta.get('recipe', {}).get('time_budget', '?')} of training "
+             f"on CPU ({meta.get('start', '')[:16].replace('T', ' ')})", "",
+             f"- Machine: {meta.get('machine', machine())}; torch bf16 autocast + channels_last "
+             f"(precision {tr.get('precision')}). Shared machine: load average "
+             f"{meta.get('load_at_start', '?')} at start, {meta.get('load_at_end', '?')} at the end "
+             "(1/5/15 min) — other sessions' jobs were running on the same 2 cores, so epochs are slower than "
+             "on an idle machine.",
+             f"- Command: `{meta.get('command', '')}`",
+             f"- Network: `{s['backbone']}` — {s['params']['total']:,} parameters; forward pass "
+             f"{tr.get('forward_ops_per_sample', 0) / 1e6:.1f} M operations per 32x32 image "
+             f"({tr.get('forward_macs_per_sample', 0) / 1e6:.1f} M multiply-adds; `classforge describe "
+             f"{s['backbone']}`).",
+             f"- Recipe: {meta.get('recipe', {})}",
+             f"- **Test accuracy {t['accuracy']:.4f}** (95% CI {lo:.3f}-{hi:.3f}, n={t['n']}), macro F1 "
+             f"{t['macro_f1']:.4f}; best validation accuracy "
+             f"{max(float(r['val_acc']) for r in rows if r['val_acc']):.4f}.",
+             f"- Training: {len(epochs)} epochs in {s['timing'].get('fit_s', 0) / 60:.1f} min (stopped by "
+             f"{tr.get('stopped_by')}); median epoch {med:.1f} s (train + validation), training "
+             f"{ips[len(ips) // 2] if ips else float('nan'):.0f} images/s, "
+             f"{(ops[len(ops) // 2] if ops else float('nan')) / 1e9:.1f} G forward ops/s "
+             "(forward operations per image × training images/s; the backward pass, about 2× more, is not "
+             "counted). Whole command: "
+             f"{meta.get('wall_s', s['timing'].get('total_s', 0)) / 60:.1f} min.",
+             f"- Data path: {tr.get('data_path')}; curve: `{run / 'curve.png'}`; per class: "
+             f"`{run / 'per_class_epochs.csv'}`.", "",
+             "| epoch | lr | train loss | train acc | val loss | val acc | epoch s | images/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [_cell(r, k, fmt) for k, fmt in (("lr", "{:.3g}"), ("train_loss", "{:.3f}"), ("train_acc", "{:.3f}"),
+                                                 ("val_loss", "{:.3f}"), ("val_acc", "{:.4f}"),
+                                                 ("epoch_time_s", "{:.0f}"), ("images_per_s", "{:.0f}"))]
+        lines.append(f"| {r['epoch']} | " + " | ".join(cells) + " |")
+    per = {k[len("val_acc_"):]: rows[-1][k] for k in rows[-1] if k.startswith("val_acc_")}
+    if per:
+        lines += ["", "Per-class validation accuracy at the end: " +
+                  ", ".join(f"{k} {float(v):.3f}" for k, v in per.items() if v)]
+    section = "\n".join(lines) + "\n"
+    results = Path(args.results)
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    if tag in text:  # replace our own earlier section of the same run only
+        start = text.index(tag)
+        nxt = text.find("\n<!-- ", start + len(tag))
+        nxt2 = text.find("\n## ", start + len(tag) + 3)
+        ends = [e for e in (nxt, nxt2) if e != -1]
+        end = min(ends) + 1 if ends else len(text)
+        text = text[:start] + section + text[end:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+    print(section)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return fmt.format(float(row[key])) if row.get(key) not in (None, "") else ""
+
+
+def plot_curve(run: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [int(r["epoch"]) for r in rows if r["val_acc"]]
+    va = [float(r["val_acc"]) for r in rows if r["val_acc"]]
+    tr = [(int(r["epoch"]), float(r["train_acc"])) for r in rows if r.get("train_acc")]
+    lr = [(int(r["epoch"]), float(r["lr"])) for r in rows if r.get("lr")]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(ep, va, "o-", label="validation accuracy")
+    if tr:
+        ax.plot(*zip(*tr), "s--", label="train accuracy (augmented, running)")
+    ax.set_xlabel("epoch (0 = before training)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if lr:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lr), "g:", label="learning rate (end of epoch)")
+        ax2.set_ylabel("learning rate")
+        ax2.legend(loc="center right")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(run / "curve.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("speed", help="training images/s per precision / memory-format setting")
+    p.add_argument("--backbone", default="cnn_resnet_256k")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=12, help="batches per measured epoch")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--only", default="", help="comma-separated setting names to measure")
+    p.add_argument("--out", default="runs/cifar10-speed")
+    p.set_defaults(fn=speed)
+    p = sub.add_parser("run", help="the benchmark")
+    p.add_argument("--budget", default="60m")
+    p.add_argument("--out", default="runs/cifar10-budget")
+    p.add_argument("--set", action="append", help="override a recipe key, e.g. --set batch_size=512")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default, one per "
+                   "core); 1 is much faster when other jobs keep the cores busy")
+    p.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--data", default=str(DATA), help="CIFAR-10 folder with train/ and test/")
+    p.add_argument("--results", default=str(RESULTS), help="Markdown file the section is appended to")
+    p.set_defaults(fn=run)
+    p = sub.add_parser("report", help="append/refresh the RESULTS.md section of a finished run")
+    p.add_argument("run_dir")
+    p.add_argument("--results", default=str(RESULTS), help="Markdown file the section is appended to")
+    p.set_defaults(fn=report)
+    args = ap.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

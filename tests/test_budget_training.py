@@ -1,0 +1,175 @@
+"""Training that shows its work under a time budget: schedules, per-class evaluation rows, speed columns,
+the batched small-image data path and `classforge sweep-batch`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+import classforge
+from classforge.models.registry import ClassforgeError
+from classforge.training.module import TensorBatchDataset, batch_crop_flip
+from classforge.training.schedules import Progress, lr_factor, make_lambda
+
+
+def read_csv(p):
+    with open(p) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("tiny") / "d", 12, kinds=("circle", "stripes", "checker"))
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+def test_step_schedule_plateaus_over_a_time_budget():
+    """0.01 / 0.001 / 0.0001 over 50% / 25% / 25% of the budget, whatever the step count."""
+    now = [0.0]
+    prog = Progress(total_steps=10**9, budget_s=3600, clock=lambda: now[0])
+    prog.start()
+    f = make_lambda("step", prog)
+    seen = {}
+    for t in range(0, 3600, 60):
+        now[0] = t
+        seen[t] = 0.01 * f(step=t // 60)
+    assert seen[0] == seen[1740] == pytest.approx(0.01)
+    assert seen[1800] == seen[2640] == pytest.approx(0.001)
+    assert seen[2700] == seen[3540] == pytest.approx(0.0001)
+    now[0] = 7200  # overtime: stays on the last plateau
+    assert 0.01 * f(10) == pytest.approx(0.0001)
+
+
+def test_cosine_and_onecycle_reach_their_ends():
+    assert lr_factor("cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert lr_factor("cosine", 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("onecycle", 0.0) == pytest.approx(1 / 25)
+    assert lr_factor("onecycle", 0.3) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 1.0) < 1e-5
+    xs = [lr_factor("onecycle", i / 100) for i in range(101)]
+    assert max(xs) == pytest.approx(1.0) and xs.index(max(xs)) == 30
+    with pytest.raises(ClassforgeError, match="--schedule"):
+        lr_factor("linear-ish", 0.1)
+
+
+def test_progress_is_the_larger_of_steps_and_time():
+    now = [0.0]
+    prog = Progress(total_steps=100, budget_s=10, clock=lambda: now[0])
+    prog.start()
+    assert prog(50) == pytest.approx(0.5)
+    now[0] = 8
+    assert prog(50) == pytest.approx(0.8)
+    now[0] = 20
+    assert prog(0) == 1.0
+
+
+# ---------------------------------------------------------------------------------------- batched data path
+def test_batch_crop_flip_is_a_shifted_or_flipped_copy():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) + 1
+    g = torch.Generator().manual_seed(0)
+    y = batch_crop_flip(x, pad=2, flip=True, gen=g)
+    assert y.shape == x.shape
+    for i in range(2):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        found = any(torch.equal(y[i], c) or torch.equal(y[i], c.flip(2))
+                    for oy in range(5) for ox in range(5) for c in [padded[:, oy:oy + 8, ox:ox + 8]])
+        assert found
+    ds = TensorBatchDataset(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8), list(range(10)),
+                            (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), train=False)
+    xb, yb = ds[[3, 1]]
+    assert xb.is_contiguous(memory_format=torch.channels_last) and yb.tolist() == [3, 1]
+    ref = (ds.images[[3, 1]].float() / 255 - 0.5) / 0.25
+    assert torch.allclose(xb, ref, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def budget_run(tiny, tmp_path_factory):
+    """cnn_small from scratch with the step schedule under an 8-second budget (no --epochs)."""
+    out = tmp_path_factory.mktemp("runs") / "budget"
+    t0 = time.time()
+    run = classforge.train(tiny, out, backbone="cnn_small", strategy="scratch", time_budget="8s", batch_size=8,
+                           patience=1000, schedule="step")
+    return run, time.time() - t0
+
+
+def test_pre_training_row_per_class_and_speed_columns(budget_run):
+    run, _ = budget_run
+    rows = read_csv(run / "metrics.csv")
+    assert rows[0]["epoch"] == "0" and rows[0]["val_acc"] != ""  # evaluated before the first epoch
+    for name in ("circle", "stripes", "checker"):
+        assert f"val_acc_{name}" in rows[0] and rows[0][f"val_acc_{name}"] != ""
+        assert all(r[f"val_acc_{name}"] != "" for r in rows)
+    for r in rows[1:]:
+        assert float(r["epoch_time_s"]) > 0 and float(r["images_per_s"]) > 0 and float(r["ops_per_s"]) > 0
+        assert float(r["train_time_s"]) <= float(r["epoch_time_s"]) + 1e-6
+    # ops/s follows the documented convention: forward ops per sample x training images/s
+    s = json.loads((run / "summary.json").read_text())
+    ops = s["trainer"]["forward_ops_per_sample"]
+    r = rows[1]
+    assert float(r["ops_per_s"]) == pytest.approx(ops * float(r["images_per_s"]), rel=0.02)  # images_per_s is rounded
+    per = read_csv(run / "per_class_epochs.csv")
+    assert {p["class"] for p in per} == {"circle", "stripes", "checker"}
+    assert {p["epoch"] for p in per} == {r["epoch"] for r in rows}
+    p0 = [p for p in per if p["epoch"] == "0"]
+    assert sum(int(p["correct"]) for p in p0) / sum(int(p["n"]) for p in p0) == pytest.approx(float(rows[0]["val_acc"]), abs=1e-4)
+
+
+def test_time_budget_stops_training_and_schedule_reaches_its_end(budget_run):
+    run, took = budget_run
+    s = json.loads((run / "summary.json").read_text())
+    assert s["trainer"]["stopped_by"] == "time budget"
+    assert s["trainer"]["optimizer"] == "sgd" and s["trainer"]["lr"] == pytest.approx(0.01)
+    assert s["trainer"]["data_path"].startswith("batched tensors")
+    rows = read_csv(run / "metrics.csv")[1:]
+    assert len(rows) >= 3
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[-1] == pytest.approx(0.0001)  # the last plateau: the schedule ran to the end of the budget
+    assert {round(x, 6) for x in lrs} <= {0.0001, 0.001, 0.01}
+    # the last epoch ends at the budget (the Timer checks after every batch), not an epoch count later
+    longest = max(float(r["epoch_time_s"]) for r in rows)
+    assert 6.0 <= float(rows[-1]["elapsed_s"]) <= 8 + longest + 2
+    assert took < 120
+
+
+def test_unknown_schedule_is_a_clear_error(tiny, tmp_path):
+    with pytest.raises(ClassforgeError, match="--schedule"):
+        classforge.train(tiny, tmp_path / "x", backbone="cnn_small", strategy="scratch", epochs=1,
+                         schedule="exp")
+
+
+def test_per_sample_path_for_strong_augmentation(tiny, tmp_path):
+    """Augmentations the batched path does not implement go through the per-sample transforms."""
+    run = classforge.train(tiny, tmp_path / "strong", backbone="cnn_small", strategy="scratch", epochs=1,
+                           batch_size=8, augment="strong", schedule="onecycle")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["trainer"]["data_path"] == "per-sample" and s["trainer"]["optimizer"] == "adamw"
+    rows = read_csv(run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+
+
+def test_sweep_batch_cli_writes_its_table(tiny, tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "CLASSFORGE_QUIET": "1"}
+    cmd = [sys.executable, "-m", "classforge.cli", "sweep-batch", str(tiny), "--batch-sizes", "4,16",
+           "--time", "3s", "--out", str(out), "--backbone", "cnn_lenet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
+    assert "Batch-size sweep" in res.stdout
+    rows = read_csv(out / "sweep_batch.csv")
+    assert [r["batch_size"] for r in rows] == ["4", "16"]
+    for r in rows:
+        assert float(r["epoch_time_s"]) > 0 and float(r["images_per_s"]) > 0 and r["val_acc"] and r["test_acc"]
+        assert r["stopped_by"] == "time budget"
+        assert float(r["epochs"]) > 0 and r["epoch_time"] in ("measured", "estimated")
+        assert (out / f"bs{r['batch_size']}" / "metrics.csv").is_file()
