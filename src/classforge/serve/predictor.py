@@ -123,7 +123,9 @@ class Predictor:
             if self.fast:
                 from classforge.training.embeddings import forward_batches
 
-                return forward_batches(self.model, list(x), self.spec.task, self.device).numpy()
+                # fp32: evaluation, `predict` and the server must give a file the same probabilities whatever
+                # it is batched with; bf16 stays for embedding extraction, where speed matters most.
+                return forward_batches(self.model, list(x), self.spec.task, self.device, bf16=False).numpy()
             with torch.inference_mode():
                 return self.model(x.to(self.device)).float().cpu().numpy()
 

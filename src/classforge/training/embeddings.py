@@ -45,11 +45,13 @@ def fast_context(model: torch.nn.Module, device: str = "cpu"):
 
 
 @torch.inference_mode()
-def forward_batches(model, xs: list[torch.Tensor], task: str, device: str = "cpu") -> torch.Tensor:
+def forward_batches(model, xs: list[torch.Tensor], task: str, device: str = "cpu", bf16: bool = True) -> torch.Tensor:
+    """bf16=False keeps fp32 (channels_last only): results then do not depend on how files are batched,
+    which the Predictor needs (a file's probabilities must not change with its batch neighbours)."""
     x = torch.stack(xs).to(device)
     if task == "image":
         x = x.contiguous(memory_format=torch.channels_last)
-    with fast_context(model, device):
+    with fast_context(model, device) if bf16 else contextlib.nullcontext():
         return model(x).float().cpu()
 
 
