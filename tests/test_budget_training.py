@@ -91,6 +91,22 @@ def test_batch_crop_flip_is_a_shifted_or_flipped_copy():
     assert torch.allclose(xb, ref, atol=1e-5)
 
 
+def test_channels_last_reaches_weights_and_inputs():
+    """oneDNN is fast only when both the conv weights and the activations are channels_last."""
+    from classforge.models.registry import Classifier, create_backbone
+    from classforge.training.module import ClassifierModule
+
+    model = Classifier(create_backbone("cnn_small", pretrained=False, num_classes=3), 3)
+    module = ClassifierModule(model, [(list(model.parameters()), 0.1)], channels_last=True)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    seen = []
+    h = convs[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    module(torch.randn(2, 3, 32, 32))
+    h.remove()
+    assert seen == [True]
+
+
 # ------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def budget_run(tiny, tmp_path_factory):
