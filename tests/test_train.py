@@ -168,3 +168,11 @@ def test_lr_finder_and_class_rebalancing(tmp_path):
     assert s["trainer"]["lr"] != 2e-3  # the finder's suggestion replaced the default
     run2 = classforge.train(root, tmp_path / "w", epochs=5, balance="weights")
     assert json.loads((run2 / "summary.json").read_text())["test"]["n"] > 0
+
+
+def test_auto_strategy_trains_weightless_backbones_from_scratch(tmp_path):
+    root = make_image_folder(tmp_path / "d", 10, kinds=("circle", "stripes"))
+    run = classforge.train(root, tmp_path / "auto", backbone="cnn_small", epochs=1, batch_size=8)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["strategy"] == "scratch" and s["params"]["trainable"] == s["params"]["total"]
+    assert read_csv(run / "metrics.csv")[0]["epoch"] == "0"  # the pre-training evaluation of a real fit

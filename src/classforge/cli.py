@@ -76,7 +76,7 @@ def _train_options(
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Registered name (see `classforge backbones`) or any timm model name [auto: efficientnet_lite0 for images, efficientat_mn04 for audio]"),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local checkpoint (.safetensors or state-dict .pth) for the backbone; needed offline for hub models"),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Start the backbone from random weights"),
-    strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help="linear (cached embeddings + head, default) | finetune | two-stage | scratch"),
+    strategy: Optional[str] = typer.Option(None, "--strategy", "-s", help="auto (default: linear, or scratch for backbones without pretrained weights such as cnn*) | linear (cached embeddings + head) | finetune | two-stage | scratch"),
     labels_csv: Optional[str] = LabelsCsv, label_from_name: Optional[str] = LabelFromName, bins: Optional[str] = Bins,
     classes: Optional[str] = Classes, max_classes: Optional[int] = MaxClasses, group_by: Optional[str] = GroupBy,
     test_groups: Optional[str] = typer.Option(None, "--test-groups", help="Hold out these groups (comma-separated) as the test set"),

@@ -37,7 +37,7 @@ class TrainConfig:
     backbone: str = "auto"  # auto: efficientnet_lite0 for images, efficientat_mn04 for audio
     weights: str | None = None
     pretrained: bool = True
-    strategy: str = "linear"  # linear | finetune | two-stage | scratch
+    strategy: str = "auto"  # auto (linear; scratch for backbones without weights) | linear | finetune | two-stage | scratch
     dropout: float = 0.0
     backbone_args: dict[str, Any] = field(default_factory=dict)  # e.g. {"widths": [16, 32, 64], "block": "residual"}
     max_params: int | None = None  # refuse a model (backbone + head) with more parameters

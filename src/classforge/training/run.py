@@ -78,7 +78,7 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
 
 def train(cfg: TrainConfig) -> Path:
     """Train, save and evaluate one run; returns the run directory."""
-    if cfg.strategy not in STRATEGIES:
+    if cfg.strategy not in STRATEGIES + ("auto",):
         raise ClassforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
     if cfg.track:
         from classforge.tracking import check_tracker
@@ -136,6 +136,12 @@ def resolve_for_data(cfg: TrainConfig, data: Prepared) -> TrainConfig:
     if cfg.backbone in ("auto", ""):
         changes["backbone"] = DEFAULT_BACKBONE[data.ds.task]
     name = changes.get("backbone", cfg.backbone)
+    if cfg.strategy == "auto":
+        from classforge.models.registry import registered
+
+        entry = registered().get(name)
+        no_weights = entry is not None and entry.weights_desc.startswith("none") and not cfg.weights
+        changes["strategy"] = "scratch" if no_weights else "linear"
     if backbone_task(name) != data.ds.task:
         raise ClassforgeError(f"{name} is a {backbone_task(name)} backbone but {data.ds.root} holds {data.ds.task} "
                               f"files; try --backbone {DEFAULT_BACKBONE[data.ds.task]}")
@@ -146,7 +152,7 @@ def resolve_for_data(cfg: TrainConfig, data: Prepared) -> TrainConfig:
             extra["clip_seconds"] = round(longest, 3)
             data.notes.append(f"--clip-seconds longest: {longest:.2f} s (the longest training recording)")
         args = dict(cfg.backbone_args)
-        if cfg.strategy != "linear" and "spec_augment" not in args and cfg.augment != "none":
+        if changes.get("strategy", cfg.strategy) != "linear" and "spec_augment" not in args and cfg.augment != "none":
             args["spec_augment"] = True  # masking on log-mels while fine-tuning; a no-op at eval time
             changes["backbone_args"] = args
     changes["extra"] = extra
