@@ -280,8 +280,13 @@ def test_micro_batcher_waits_only_for_announced_requests():
             b.submit(torch.ones(1, 2))
         assert time.perf_counter() - t < 0.2  # alone: no 400 ms window
 
+        both_announced = threading.Barrier(2)
+
         def late(delay):
             with b.expect():
+                # Both requests announce themselves before either submits; without the barrier, a loaded
+                # machine could schedule the second thread after the first had already been served alone.
+                both_announced.wait(timeout=30)
                 time.sleep(delay)  # still "decoding"
                 return b.submit(torch.full((1, 2), delay))
 
