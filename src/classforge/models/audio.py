@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import threading
 import time
 import urllib.request
 import warnings
@@ -153,22 +151,9 @@ def _mel_augment(enabled: bool | dict) -> nn.Module:
 
 
 def _reachable(host: str, timeout: float = 1.5) -> bool:
-    """DNS + TCP connect to host:443, bounded in time (a silent network otherwise hangs for minutes)."""
-    if os.environ.get("CLASSFORGE_OFFLINE") == "1":
-        return False
-    ok: list[bool] = []
+    from classforge.net import reachable
 
-    def probe():
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(ok)
+    return reachable(host, 443, timeout)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -42,7 +40,7 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report any unpickling refusal clearly
+    except Exception as e:
         raise ClassforgeError(f"Could not load {path} as a plain state dict (weights_only=True): {e}") from e
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -81,21 +79,9 @@ def lite_weights_file(name: str) -> Path:
 
 def hub_reachable(timeout: float = 1.5) -> bool:
     """Quick check whether the Hugging Face Hub can be reached (DNS + TCP), bounded in time."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CLASSFORGE_OFFLINE") == "1":
-        return False
-    ok: list[bool] = []
+    from classforge.net import reachable
 
-    def probe():
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(ok)
+    return os.environ.get("HF_HUB_OFFLINE") != "1" and reachable("huggingface.co", 443, timeout)
 
 
 def _split_groups(params: list, n: int = 3) -> list[list]:
