@@ -69,12 +69,10 @@ def run_files(run: str | Path, splits=("test",)) -> list[tuple[Path, str, str]]:
     return out
 
 
-def parity_inputs(run: Path, predictor, n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """n preprocessed real inputs: the test split first, then val and train if the test split is smaller.
-    Random tensors only when the run's files are not on this machine (and the source says so)."""
+def preprocess_files(predictor, files, n: int) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """Up to n preprocessed inputs from (path, label, split) rows, skipping unreadable files; counts per split."""
     from classforge.data.image import BadFile
 
-    files = run_files(run, ("test", "val", "train"))
     xs, used = [], {}
     for path, _, split in files:
         if len(xs) >= n:
@@ -84,6 +82,13 @@ def parity_inputs(run: Path, predictor, n: int, seed: int = 0) -> tuple[torch.Te
         except BadFile:
             continue
         used[split] = used.get(split, 0) + 1
+    return xs, used
+
+
+def parity_inputs(run: Path, predictor, n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """n preprocessed real inputs: the test split first, then val and train if the test split is smaller.
+    Random tensors only when the run's files are not on this machine (and the source says so)."""
+    xs, used = preprocess_files(predictor, run_files(run, ("test", "val", "train")), n)
     if xs:
         return torch.stack(xs), "real files: " + ", ".join(f"{k} split {v}" for k, v in used.items())
     g = torch.Generator().manual_seed(seed)
@@ -184,16 +189,7 @@ class _Calibration:
 
 def calibration_inputs(run: Path, predictor, n: int = 64) -> tuple[torch.Tensor | None, int]:
     """Training files (never the test files the agreement is measured on)."""
-    from classforge.data.image import BadFile
-
-    xs = []
-    for path, _, _ in run_files(run, ("train",)):
-        if len(xs) >= n:
-            break
-        try:
-            xs.append(predictor.preprocess(path))
-        except BadFile:
-            continue
+    xs, _ = preprocess_files(predictor, run_files(run, ("train",)), n)
     return (torch.stack(xs), len(xs)) if xs else (None, 0)
 
 
