@@ -180,3 +180,25 @@ def test_test_groups_hold_out_whole_groups(tmp_path):
     data = prepare_data(TrainConfig(data=str(tmp_path), group_by=r"_0(\d)", test_groups="1"))
     assert data.of("test") and all(s.group == "1" for s in data.of("test"))
     assert all(s.group != "1" for s in data.of("train") + data.of("val"))
+
+
+@pytest.mark.parametrize("size", [(500, 375), (300, 900), (256, 256), (120, 90), (640, 480)])
+def test_fast_eval_view_is_bitwise_the_torchvision_pipeline(tmp_path, size):
+    """ImagePreprocessor.eval crops and normalises the uint8 array itself when `load` already shrank the image;
+    it must give exactly what the torchvision eval transform gives (cached embeddings and predict rely on it)."""
+    import torch
+
+    from classforge.data.image import ImagePreprocessor
+    from classforge.models.registry import InputSpec
+
+    rng = np.random.default_rng(sum(size))
+    arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    path = tmp_path / "x.jpg"
+    Image.fromarray(arr).save(path, quality=90)
+    spec = InputSpec(task="image", size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                     interpolation="bicubic", crop_pct=0.875)
+    pre = ImagePreprocessor(spec)
+    raw = pre.load(path)
+    fast, ref = pre.eval(raw), pre._eval(raw)
+    assert fast.shape == ref.shape == (3, 224, 224) and fast.dtype == torch.float32
+    assert torch.equal(fast, ref)
