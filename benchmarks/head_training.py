@@ -2,8 +2,8 @@
 
 (a) A Lightning loop with the frozen backbone in the model: every batch of every epoch decodes the images and
     runs the backbone forward (eager fp32, as a notebook does), then trains the Linear head.
-(b1) classforge: embeddings extracted once (channels_last + bf16 autocast where the CPU has it, decode
-    included, cached on disk), then the *same* head recipe (Adam 1e-3, batch 32, 10 epochs) on the tensors.
+(b1) classforge: embeddings extracted once (the `auto` engine: channels_last + bf16 autocast where the CPU
+    has native bf16, else ONNX Runtime fp32; decode included, cached on disk), then the *same* head recipe (Adam 1e-3, batch 32, 10 epochs) on the tensors.
 (b2) classforge's own head recipe on the same cached tensors (standardised features, AdamW, early stopping).
 Same split, same backbone. Also: extraction throughput vs the raw backbone forward.
 
@@ -112,21 +112,25 @@ def run_a(data, backbone, epochs: int, bs: int = 32) -> dict:
     return {"wall_s": round(time.time() - t, 1), "fit_s": round(fit_s, 1), "test_acc": round(acc, 4)}
 
 
-def run_b(data, cfg, backbone, epochs: int, bs: int = 32) -> dict:
-    """classforge: extract once (fast path, cached), then train heads on tensors."""
+def run_b(data, cfg, backbone, epochs: int, bs: int = 32, engine_name: str = "auto") -> dict:
+    """classforge: extract once (the engine's fast path, cached; export/quantization time included), then train
+    heads on tensors."""
     import torch.nn.functional as F
 
     from classforge.data.preprocess import make_preprocessor
     from classforge.training import embeddings as emb
+    from classforge.training.engines import engine_for
     from classforge.training.head import fit_head
 
     pre = make_preprocessor(backbone.spec)
-    key = emb.backbone_key(cfg.backbone, backbone.weights_source, backbone.spec.to_dict(), "bench")
+    engine = engine_for(engine_name)
+    key = emb.backbone_key(cfg.backbone, backbone.weights_source, backbone.spec.to_dict(), "bench", engine.key)
     t0 = time.time()
     feats = {}
     for sp in ("train", "val", "test"):
         ss = data.of(sp)
-        feats[sp] = emb.extract(backbone, ss, [data.checked.info[s.path].sha1 for s in ss], pre, key, 1)[0][:, 0]
+        feats[sp] = emb.extract(backbone, ss, [data.checked.info[s.path].sha1 for s in ss], pre, key, 1,
+                                engine=engine)[0][:, 0]
     extract_s = time.time() - t0
     n_files = sum(len(data.of(sp)) for sp in ("train", "val", "test"))
     ytr, yte = torch.tensor(data.y("train")), torch.tensor(data.y("test"))
@@ -155,7 +159,7 @@ def run_b(data, cfg, backbone, epochs: int, bs: int = 32) -> dict:
     b2_fit = time.time() - t
     with torch.no_grad():
         b2_acc = float((head2(xte).argmax(1) == yte).float().mean())
-    return {"extract_s": round(extract_s, 1), "extract_files": n_files,
+    return {"engine": engine.key, "extract_s": round(extract_s, 1), "extract_files": n_files,
             "extract_files_per_s": round(n_files / extract_s, 1),
             "b1_wall_s": round(extract_s + b1_fit, 1), "b1_test_acc": round(b1_acc, 4),
             "b2_wall_s": round(extract_s + b2_fit, 1), "b2_test_acc": round(b2_acc, 4)}
@@ -176,6 +180,16 @@ def forward_throughput(backbone, bs: int = 32, reps: int = 3) -> dict:
                 mm(xx)
         out[name] = round(bs * reps / (time.time() - t), 1)
     m.to(memory_format=torch.contiguous_format)
+    from classforge.training.engines import Engine, onnxruntime_available
+
+    if onnxruntime_available():
+        with tempfile.TemporaryDirectory() as d:
+            run = Engine("onnx").build(m, Path(d))
+            run(x)
+            t = time.time()
+            for _ in range(reps):
+                run(x)
+            out["onnxruntime_fp32"] = round(bs * reps / (time.time() - t), 1)
     return out
 
 
@@ -184,6 +198,9 @@ def main():
     ap.add_argument("--datasets", default="hymenoptera,pokemon")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--engines", default="auto",
+                    help="extraction engines for (b), comma-separated: auto,torch,onnx (each with a fresh cache)")
+    ap.add_argument("--skip-a", action="store_true", help="only (b): engines' speed and accuracy")
     args = ap.parse_args()
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this benchmark needs ../shared/datasets")
@@ -200,12 +217,19 @@ def main():
         cfg = dataset_cfg(name).replace(backbone="efficientnet_lite0")
         data = prepare_data(cfg)
         counts = {sp: len(data.of(sp)) for sp in ("train", "val", "test")}
-        b = run_b(data, cfg, create_backbone("efficientnet_lite0"), args.epochs)
-        a = run_a(data, create_backbone("efficientnet_lite0"), args.epochs)
-        results["runs"][name] = {"split": counts, "classes": len(data.labels), "a": a, "b": b,
-                                 "speedup_b1": round(a["wall_s"] / b["b1_wall_s"], 1),
-                                 "speedup_b2": round(a["wall_s"] / b["b2_wall_s"], 1)}
-        print(name, json.dumps(results["runs"][name]))
+        bs = {}
+        for eng in args.engines.split(","):
+            os.environ["CLASSFORGE_CACHE"] = tempfile.mkdtemp(prefix=f"cf-bench-{eng}-")
+            bs[eng] = run_b(data, cfg, create_backbone("efficientnet_lite0"), args.epochs, engine_name=eng)
+            print(name, eng, json.dumps(bs[eng]), flush=True)
+        b = bs[args.engines.split(",")[0]]
+        res = {"split": counts, "classes": len(data.labels), "b": b, "b_by_engine": bs}
+        if not args.skip_a:
+            a = run_a(data, create_backbone("efficientnet_lite0"), args.epochs)
+            res.update(a=a, speedup_b1=round(a["wall_s"] / b["b1_wall_s"], 1),
+                       speedup_b2=round(a["wall_s"] / b["b2_wall_s"], 1))
+        results["runs"][name] = res
+        print(name, json.dumps(res), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -189,3 +189,23 @@ def test_sweep_batch_cli_writes_its_table(tiny, tmp_path):
         assert r["stopped_by"] == "time budget"
         assert float(r["epochs"]) > 0 and r["epoch_time"] in ("measured", "estimated")
         assert (out / f"bs{r['batch_size']}" / "metrics.csv").is_file()
+
+
+def test_whitened_stem_is_fitted_on_training_data_and_saved(tiny, tmp_path):
+    """cnn_fast_256k: the patch-whitening stem is fitted from the training images before the first epoch, stays
+    frozen while the rest trains, and the saved run predicts with exactly those filters."""
+    from safetensors.torch import load_file
+
+    from classforge.models.small_cnn import PatchWhiten
+
+    run = classforge.train(tiny, tmp_path / "fast", backbone="cnn_fast_256k", epochs=3, batch_size=8)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["strategy"] == "scratch" and "whitening" in s["data_init"]
+    w = load_file(str(run / "model.safetensors"))["backbone.stages.0.0.weight"]  # (24, 3, 2, 2)
+    fresh = PatchWhiten(3, 2).weight
+    assert w.shape == fresh.shape and not torch.allclose(w, fresh)
+    torch.testing.assert_close(w[12:], -w[:12])  # still the fitted +/- pairs after training: frozen
+    rows = read_csv(run / "predictions.csv")
+    root = tiny
+    res = classforge.load(run).predict([str(root / r["path"]) for r in rows[:4]])
+    assert [p["label"] for p in res] == [r["predicted"] for r in rows[:4]]

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from classforge.models.registry import ClassforgeError, Classifier, count_params, create_backbone, registered
-from classforge.models.small_cnn import CIFAR10_MEAN, CIFAR10_STD, PRESETS, total_params
+from classforge.models.small_cnn import CIFAR10_MEAN, CIFAR10_STD, PRESETS, PatchWhiten, total_params
 
 PRESET_NAMES = ["cnn", *PRESETS, "capsnet"]
 
@@ -61,7 +61,9 @@ def test_every_preset_forward_backward(name):
     loss = nn.functional.cross_entropy(model(x), torch.tensor([1, 7]))
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is not None for p in model.parameters())
+    # every weight learns, except the patch-whitening filters (fitted from data, frozen by design)
+    frozen = {id(m.weight) for m in model.modules() if isinstance(m, PatchWhiten)}
+    assert all((p.grad is None) == (id(p) in frozen) for p in model.parameters())
     # param_groups: every parameter exactly once, from input to output
     groups = model.backbone.param_groups()
     flat = [id(p) for g in groups for p in g]
@@ -169,3 +171,39 @@ def test_capsnet_budget_check():
         create_backbone("capsnet", pretrained=False, max_params=500_000, num_classes=10)
     with pytest.raises(ClassforgeError, match="fit_budget"):
         create_backbone("capsnet", pretrained=False, fit_budget=500_000)
+
+
+def test_patch_whitening_decorrelates_patches():
+    """After fit, the stem's outputs over 2x2 patches of correlated images have identity covariance (up to eps),
+    and the second half of the filters is the negated first half."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 1, 16, 16, generator=g)
+    x = torch.cat([base, 0.8 * base + 0.2 * torch.randn(64, 1, 16, 16, generator=g),
+                   torch.nn.functional.avg_pool2d(base, 3, 1, 1)], 1) * 2 + 1  # strongly correlated channels
+    w = PatchWhiten(3, 2, eps=1e-6)
+    w.fit(x)
+    with torch.no_grad():
+        y = w(x)[:, :12].permute(0, 2, 3, 1).reshape(-1, 12).double()
+    cov = torch.cov(y.T)
+    torch.testing.assert_close(cov, torch.eye(12, dtype=torch.float64), atol=2e-2, rtol=0)
+    torch.testing.assert_close(w.weight[12:], -w.weight[:12])
+    loss = w(x).square().mean()
+    loss.backward()
+    assert w.weight.grad is None and w.bias.grad is not None  # filters frozen, bias learns
+
+
+def test_pooled_block_shapes_and_options():
+    b = create_backbone("cnn", pretrained=False, widths=[8, 16], depth=[1, 3], block="pooled", global_pool="max")
+    convs = [m for m in b.modules() if isinstance(m, nn.Conv2d)]
+    pools = [m for m in b.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(convs) == 4 and len(pools) == 2 and isinstance(b.pool, nn.AdaptiveMaxPool2d)
+    assert b(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+    s = create_backbone("cnn_fast_256k", pretrained=False, num_classes=10)
+    assert isinstance(s.whiten, PatchWhiten) and total_params(s, 10) <= 256_000
+    x = torch.randn(3, 3, 32, 32)
+    ref = s.eval()(x)
+    assert s.init_from_data(torch.randn(50, 3, 32, 32)) and not torch.allclose(s(x), ref)
+    with pytest.raises(ClassforgeError, match="stem"):
+        create_backbone("cnn", pretrained=False, block="residual", stem="whiten")
+    with pytest.raises(ClassforgeError, match="block must be one of"):
+        create_backbone("cnn", pretrained=False, block="dense")

@@ -16,16 +16,7 @@ import torch
 from classforge.data.discover import Sample, cache_dir
 from classforge.data.image import BadFile
 from classforge.progress import progress
-
-
-def fast_cpu_bf16() -> bool:
-    """bf16 autocast pays off on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is slower."""
-    if os.environ.get("CLASSFORGE_NO_BF16") == "1":
-        return False
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # pragma: no cover - older torch
-        return False
+from classforge.training.engines import Engine, fast_cpu_bf16
 
 
 def prepare_fast(model: torch.nn.Module, task: str, device: str = "cpu") -> torch.nn.Module:
@@ -58,10 +49,11 @@ def forward_batches(model, xs: list[torch.Tensor], task: str, device: str = "cpu
 PREPROCESS_VERSION = 2  # bump when decoding/transforms change what a backbone sees
 
 
-def backbone_key(name: str, weights_source: str, spec: dict, extra: str = "") -> str:
-    """Cache key: backbone, its weights, its input spec, the numeric path (bf16/fp32), preprocessing version."""
-    fast = "bf16" if fast_cpu_bf16() else "fp32"
-    blob = json.dumps([name, weights_source, spec, fast, extra, PREPROCESS_VERSION], sort_keys=True)
+def backbone_key(name: str, weights_source: str, spec: dict, extra: str = "", engine: str | None = None) -> str:
+    """Cache key: backbone, its weights, its input spec, the engine that computes the features (torch bf16/fp32,
+    ONNX Runtime fp32, int8 with its calibration files), preprocessing version."""
+    engine = engine or ("torch-bf16" if fast_cpu_bf16() else "torch-fp32-cpu")
+    blob = json.dumps([name, weights_source, spec, engine, extra, PREPROCESS_VERSION], sort_keys=True)
     return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
 
@@ -94,8 +86,10 @@ class EmbeddingCache:
 
 
 def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key: str, views: int = 1,
-            batch_size: int = 32, device: str = "cpu", desc: str = "Embedding") -> tuple[np.ndarray, dict]:
-    """(N, views, D) embeddings; cached ones are read, the rest computed in batches. Returns stats too."""
+            batch_size: int = 32, device: str = "cpu", desc: str = "Embedding",
+            engine: Engine | None = None) -> tuple[np.ndarray, dict]:
+    """(N, views, D) embeddings; cached ones are read, the rest computed in batches by `engine` (default: torch).
+    Returns stats too."""
     if not samples:
         return np.zeros((0, views, backbone.feature_dim), np.float32), {"cached": 0, "computed": 0}
     cache = EmbeddingCache(key)
@@ -104,7 +98,8 @@ def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key
     stats = {"cached": len(samples) - len(todo), "computed": len(todo)}
     if not todo:
         return np.stack(out), stats
-    model = prepare_fast(backbone, backbone.spec.task, device)
+    engine = engine or Engine("torch", device=device)
+    forward = engine.build(backbone, cache.dir / "engine")
 
     seed_lock = threading.Lock()
 
@@ -126,7 +121,7 @@ def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key
         for loaded in pending:
             idx = [i for i, _ in loaded]
             xs = [x for _, vs in loaded for x in vs]
-            feats = forward_batches(model, xs, backbone.spec.task, device).numpy()
+            feats = forward(torch.stack(xs)).numpy()
             feats = feats.reshape(len(idx), views, -1)
             for i, f in zip(idx, feats):
                 out[i] = f
@@ -136,4 +131,5 @@ def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key
     return np.stack(out), stats
 
 
-__all__ = ["extract", "EmbeddingCache", "backbone_key", "fast_context", "prepare_fast", "forward_batches", "BadFile"]
+__all__ = ["extract", "EmbeddingCache", "backbone_key", "fast_context", "fast_cpu_bf16", "prepare_fast",
+           "forward_batches", "BadFile"]

@@ -81,6 +81,10 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_dl, val_dl, fast = make_loaders(model, data, cfg)
+    resuming = cfg.resume and (run / "checkpoints" / "last.ckpt").exists()
+    if stage == "scratch" and not resuming and not cfg.weights and hasattr(model.backbone, "init_from_data"):
+        if model.backbone.init_from_data(init_batch(train_dl.dataset, seed=cfg.seed)):
+            extra["data_init"] = "patch-whitening stem fitted on training images"
     epochs = cfg.epochs or (BUDGET_MAX_EPOCHS if budget else DEFAULT_EPOCHS[stage])
     optimizer = resolve_optimizer(cfg)
     lr = resolve_lr(cfg, stage, optimizer)
@@ -160,12 +164,18 @@ def forward_ops(model: Classifier) -> dict:
     spec = model.backbone.spec
     if spec.task != "image":
         return {}
+    tta = getattr(model.backbone, "tta", "none")
+    if tta != "none":
+        model.backbone.tta = "none"  # training runs one view per image; the test-time mirror view is extra
     try:
         from classforge.models.anatomy import operations_per_sample
 
         return operations_per_sample(model, (spec.channels, spec.size, spec.size))
     except Exception:  # noqa: BLE001 - a model the anatomy cannot trace still trains; it just has no ops/s
         return {}
+    finally:
+        if tta != "none":
+            model.backbone.tta = tta
 
 
 def make_loaders(model: Classifier, data, cfg: TrainConfig):
@@ -206,6 +216,14 @@ def make_loaders(model: Classifier, data, cfg: TrainConfig):
     val_dl = DataLoader(val_ds, batch_size=vbs, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0) if val_ds else None
     return train_dl, val_dl, False
+
+
+def init_batch(ds, n: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Up to n normalised, un-augmented training inputs (for data-dependent initialisation)."""
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    if isinstance(ds, TensorBatchDataset):
+        return (ds.images[idx].float() - ds.mean) * ds.inv_std
+    return torch.stack([ds.pre.eval(ds.raws[i]) for i in idx.tolist()])
 
 
 def to_uint8(raws: list, spec) -> torch.Tensor:

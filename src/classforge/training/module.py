@@ -175,8 +175,13 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         scale = self.lr / self._base_lrs[-1]
-        groups = [{"params": [p for p in ps if p.requires_grad], "lr": lr * scale}
-                  for (ps, _), lr in zip(self.lr_groups, self._base_lrs)]
+        groups = []
+        for (ps, _), lr in zip(self.lr_groups, self._base_lrs):
+            ps = [p for p in ps if p.requires_grad]
+            # No weight decay on biases and normalisation weights (1-D tensors): decaying them only shrinks the
+            # scale BatchNorm re-learns at every step (the usual practice: timm, fast CIFAR recipes).
+            groups.append({"params": [p for p in ps if p.ndim > 1], "lr": lr * scale})
+            groups.append({"params": [p for p in ps if p.ndim <= 1], "lr": lr * scale, "weight_decay": 0.0})
         groups = [g for g in groups if g["params"]]
         if self.optimizer_name == "sgd":
             opt = torch.optim.SGD(groups, momentum=self.momentum, nesterov=self.momentum > 0,

@@ -245,23 +245,30 @@ def views_per_class(data: Prepared, cfg: TrainConfig) -> int:
 def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, timing: dict,
                            extra: dict) -> list[dict]:
     """Frozen backbone run once per file (cached on disk); the head trains on the cached tensors."""
+    from classforge.training.engines import engine_for
+
     bb = model.backbone
-    key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), json.dumps(backbone_kwargs(cfg, 0)))
+    engine = engine_for(cfg.extract_engine)
+    key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), json.dumps(backbone_kwargs(cfg, 0)),
+                           engine.key)
     pre = make_preprocessor(bb.spec, augment=cfg.augment if cfg.augment != "none" else "light",
                             max_pixels=cfg.max_pixels, seed=cfg.seed, **audio_kwargs(cfg))
     views = views_per_class(data, cfg)
     t = time.time()
     feats = {}
-    extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "key": key}
+    extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "key": key, "engine": engine.key}
     for split in ("train", "val"):
         ss = data.of(split)
         v = views if split == "train" else 1
         sha = [data.checked.info[s.path].sha1 for s in ss]
-        feats[split], stats = emb.extract(bb, ss, sha, pre, key, v, cfg.batch_size, desc=f"Embedding {split}")
+        feats[split], stats = emb.extract(bb, ss, sha, pre, key, v, cfg.batch_size, desc=f"Embedding {split}",
+                                          engine=engine)
         print(f"  {split}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed")
         for k in ("cached", "computed"):
             extra["embeddings"][k] += stats[k]
     timing["embedding_s"] += time.time() - t
+    if engine.note:
+        data.notes.append(engine.note)
     ytr = np.repeat(np.array(data.y("train")), feats["train"].shape[1])
     xtr = feats["train"].reshape(-1, feats["train"].shape[-1])
     xva, yva = feats["val"][:, 0], np.array(data.y("val"))

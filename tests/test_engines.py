@@ -1,0 +1,84 @@
+"""Extraction engines: ONNX Runtime gives the torch features, features of different engines are cached apart,
+and a linear run trains through each engine and reuses its own cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import classforge
+from classforge.data.discover import Sample
+from classforge.data.preprocess import make_preprocessor
+from classforge.models.registry import ClassforgeError, create_backbone
+from classforge.training import embeddings as emb
+from classforge.training.engines import Engine, engine_for, fast_cpu_bf16, resolve_engine
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "cnn_small"])
+def test_onnx_engine_reproduces_torch_fp32_features(shapes_dir, tmp_path, name):
+    bb = create_backbone(name, pretrained=name.startswith("efficientnet")).eval()
+    pre = make_preprocessor(bb.spec)
+    x = torch.stack([pre.eval(pre.load(p)) for p in sorted(shapes_dir.rglob("*.png"))[:12]])
+    with torch.no_grad():
+        ref = bb(x).numpy()  # plain eager fp32
+    out = Engine("onnx").build(bb, tmp_path / "e")(x).numpy()
+    assert (tmp_path / "e" / "backbone.onnx").is_file()
+    assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    again = Engine("onnx").build(bb, tmp_path / "e")(x[:3]).numpy()  # the exported file is reused
+    np.testing.assert_allclose(again, out[:3], atol=1e-5)
+
+
+def test_engine_resolution_and_keys(monkeypatch):
+    assert resolve_engine("auto") == ("torch" if fast_cpu_bf16() else "onnx")
+    monkeypatch.setenv("CLASSFORGE_NO_BF16", "1")
+    assert resolve_engine("auto") == "onnx" and resolve_engine("torch") == "torch"
+    assert resolve_engine("auto", device="cuda") == "torch"
+    with pytest.raises(ClassforgeError, match="--extract-engine"):
+        resolve_engine("tensorrt")
+    keys = {Engine("torch").key, Engine("onnx").key, Engine("torch", device="cuda").key}
+    assert len(keys) == 3
+    assert len({emb.backbone_key("m", "w", {}, "", k) for k in keys}) == 3
+
+
+def test_unexportable_backbone_falls_back_to_torch(tmp_path):
+    class NoExport(torch.nn.Module):
+        spec = create_backbone("cnn_small").spec
+        feature_dim = 4
+
+        def forward(self, x):
+            return torch.from_numpy(x.mean((2, 3)).numpy()).repeat(1, 2)[:, :4]  # numpy breaks the tracer
+
+    e = Engine("onnx")
+    with pytest.warns(UserWarning, match="onnx engine unavailable"):
+        run = e.build(NoExport(), tmp_path)
+    assert "torch" in e.note and run(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_linear_run_through_each_engine(shapes_dir, tmp_path):
+    for kind in ("torch", "onnx"):
+        run = classforge.train(shapes_dir, tmp_path / kind, epochs=20, extract_engine=kind)
+        s = json.loads((run / "summary.json").read_text())
+        assert s["embeddings"]["engine"] == engine_for(kind).key
+        assert s["test"]["accuracy"] >= 0.9
+        # a second run on the same data reads every embedding from the cache of its own engine
+        again = classforge.train(shapes_dir, tmp_path / f"{kind}-again", epochs=2, extract_engine=kind)
+        s2 = json.loads((again / "summary.json").read_text())
+        assert s2["embeddings"]["computed"] == 0 and s2["embeddings"]["key"] == s["embeddings"]["key"]
+
+
+def test_extract_with_an_engine_on_samples(shapes_dir, tmp_path):
+    bb = create_backbone("efficientnet_lite0", pretrained=True)
+    pre = make_preprocessor(bb.spec)
+    paths = sorted(shapes_dir.rglob("*.png"))[:5]
+    samples = [Sample(str(p), p.name, p.parent.name) for p in paths]
+    sha = [f"{i:040d}" for i in range(5)]
+    key = "engine-test-" + tmp_path.name
+    feats, stats = emb.extract(bb, samples, sha, pre, key, 1, engine=Engine("onnx"))
+    assert feats.shape == (5, 1, bb.feature_dim) and stats["computed"] == 5
+    ref, stats = emb.extract(bb, samples, sha, pre, key + "-torch", 1, engine=Engine("torch"))
+    assert stats["computed"] == 5
+    if not fast_cpu_bf16():  # both exact fp32: the same features
+        np.testing.assert_allclose(feats, ref, atol=1e-3)
