@@ -150,13 +150,13 @@ def test_saved_run_replays_ops_at_predict_time(shapes_dir, tmp_path):
     assert not np.allclose(bare.predict_proba(files), probs, atol=1e-4)
 
 
-def test_audio_backbone_rejects_ops():
+def test_audio_backbone_rejects_image_ops():
     from classforge.preprocess_ops import attach_ops
 
     class Fake:
         spec = InputSpec("audio", 0, sample_rate=16000, clip_seconds=1.0)
 
-    with pytest.raises(ClassforgeError, match="image operations"):
+    with pytest.raises(ClassforgeError, match="blur: not an audio operation"):
         attach_ops(Fake(), "blur")
 
 
@@ -167,3 +167,42 @@ def _has_cv2() -> bool:
         return False
     return True
 
+
+
+def test_audio_ops_band_limit_and_quantise():
+    from classforge.preprocess_ops import apply_audio_ops
+
+    sr = 32000
+    t = np.arange(sr) / sr
+    low, high = np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 9000 * t)
+    out = apply_audio_ops((0.4 * low + 0.4 * high).astype(np.float32), sr, parse_ops("lowpass=5000"))
+    assert out.shape == (sr,) and out.dtype == np.float32
+    spec = np.abs(np.fft.rfft(out[2000:-2000]))
+    f = np.fft.rfftfreq(len(out) - 4000, 1 / sr)
+    assert spec[np.argmin(np.abs(f - 9000))] < 1e-3 * spec[np.argmin(np.abs(f - 440))]  # 9 kHz gone
+    assert np.corrcoef(out[2000:-2000], 0.4 * low[2000:-2000])[0, 1] > 0.999  # 440 Hz kept
+    q = apply_audio_ops(np.linspace(-1, 1, 1000).astype(np.float32), sr, parse_ops("bits=3"))
+    assert len(np.unique(q)) <= 9 and np.abs(q - np.linspace(-1, 1, 1000)).max() <= 0.125 + 1e-6
+    assert np.array_equal(apply_audio_ops(low.astype(np.float32), sr, parse_ops("lowpass=20000")),
+                          low.astype(np.float32))  # at or above Nyquist: unchanged
+
+
+def test_audio_ops_travel_with_an_audio_backbone_only():
+    import dataclasses
+
+    from classforge.data.preprocess import make_preprocessor
+    from classforge.models.registry import create_backbone
+    from classforge.preprocess_ops import attach_ops
+
+    bb = create_backbone("audio_cnn")
+    assert attach_ops(bb, "lowpass=4000,bits=8") == ("lowpass=4000", "bits=8")
+    assert bb.spec.to_dict()["preprocess"] == ("lowpass=4000", "bits=8")
+    with pytest.raises(ClassforgeError, match="not an audio operation"):
+        attach_ops(create_backbone("audio_cnn"), "blur=1")
+    with pytest.raises(ClassforgeError, match="not an image operation"):
+        attach_ops(create_backbone("cnn_small"), "lowpass=4000")
+    with pytest.raises(ClassforgeError, match="bits"):
+        parse_ops("bits=2.5")
+    pre = make_preprocessor(bb.spec)
+    plain = make_preprocessor(dataclasses.replace(bb.spec, preprocess=()))
+    assert pre.spec.preprocess and not plain.spec.preprocess

@@ -115,7 +115,7 @@ def _train_options(
     backbone_arg: Optional[list[str]] = typer.Option(None, "--arg", "-a", help="Backbone argument key=value (repeatable), e.g. -a widths=[16,32,64] -a block=residual"),
     max_params: Optional[int] = typer.Option(None, "--max-params", help="Refuse a model with more parameters (head included)"),
     fit_budget: bool = typer.Option(False, "--fit-budget", help="With --max-params: scale a cnn* backbone's widths to fit instead of refusing"),
-    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Images: classical ops applied at train and predict time, in order: autocontrast, equalize, gamma=0.8, blur=1.0, bilateral, nlmeans"),
+    preprocess: Optional[str] = typer.Option(None, "--preprocess", help="Classical ops applied at train and predict time, in order. Images: autocontrast, equalize, gamma=0.8, blur=1.0, bilateral, nlmeans. Audio: lowpass=HZ (band-limit, as a recording at 2*HZ samples/s), bits=N (N-bit quantisation)"),
     track: Optional[str] = typer.Option(None, "--track", help="Also log the run to an experiment tracker: mlflow"),
     track_uri: Optional[str] = typer.Option(None, "--track-uri", help="MLflow tracking URI [sqlite:///mlflow.db, artifacts in ./mlruns]"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Any config key: --set key=value (repeatable)"),

@@ -1,4 +1,4 @@
-"""Classical image preprocessing applied identically at train and predict time (`--preprocess`).
+"""Classical image and audio preprocessing applied identically at train and predict time (`--preprocess`).
 
 The ops are part of the model's input: they are stored in its `InputSpec.preprocess` (so in model.json),
 run inside `ImagePreprocessor.load` on every path that reads an image (embedding cache, Lightning fit,
@@ -18,7 +18,18 @@ Grammar: ops separated by ``,`` or ``+``, each ``name`` or ``name=value``, appli
                           (default 6), OpenCV's recommended 7 px patches and 21 px search window
 ========================  ==============================================================================
 
-The ops run on the image after it is shrunk to the model's working size (short side = size / crop_pct,
+Audio ops (on the decoded mono waveform at the backbone's sample rate, in `AudioPreprocessor.load`):
+
+========================  ==============================================================================
+``lowpass=hz``            band-limit to ``hz``: resample to 2·hz and back with soxr (HQ), which keeps what
+                          a recording made at that sample rate holds and nothing above it
+``bits=n``                quantise to 2^n levels over [-1, 1] (n-bit PCM, e.g. 8 for old game audio)
+========================  ==============================================================================
+
+Band-limiting both the training and the test recordings to what the worst of them contains is how a model
+trained on full-band audio copes with low-rate recordings (e.g. 10.5 kHz Pokémon cries vs 32 kHz remasters).
+
+The image ops run on the image after it is shrunk to the model's working size (short side = size / crop_pct,
 e.g. 256 px for a 224 px model, 32 px for the from-scratch CNNs), so ``blur=1.0`` means one pixel at the
 scale the network sees whatever the photo's resolution, and the costly denoisers stay affordable.
 
@@ -49,6 +60,8 @@ OPS: dict[str, tuple[float | None, bool]] = {
     "bilateral": (30.0, False),
     "nlmeans": (6.0, False),
 }
+AUDIO_OPS: dict[str, tuple[float | None, bool]] = {"lowpass": (None, True), "bits": (None, True)}
+ALL_OPS = {**OPS, **AUDIO_OPS}
 NEEDS_OPENCV = ("bilateral", "nlmeans")
 
 
@@ -65,11 +78,12 @@ def parse_ops(spec: str | Sequence[str] | None) -> tuple[str, ...]:
             continue
         name, _, value = item.partition("=")
         name = name.strip().lower()
-        if name not in OPS:
-            close = difflib.get_close_matches(name, list(OPS), n=1)
+        if name not in ALL_OPS:
+            close = difflib.get_close_matches(name, list(ALL_OPS), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ClassforgeError(f"Unknown preprocessing op {name!r}.{hint} Known: {', '.join(OPS)}")
-        default, required = OPS[name]
+            raise ClassforgeError(f"Unknown preprocessing op {name!r}.{hint} Known: images {', '.join(OPS)}; "
+                                  f"audio {', '.join(AUDIO_OPS)}")
+        default, required = ALL_OPS[name]
         if default is None and not required:
             if value.strip():
                 raise ClassforgeError(f"--preprocess {name} takes no value (got {item!r})")
@@ -90,10 +104,12 @@ def parse_ops(spec: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _check_value(name: str, v: float) -> None:
-    ok = {"autocontrast": 0 <= v < 50, "gamma": v > 0, "blur": v >= 0, "bilateral": v > 0, "nlmeans": v > 0}
+    ok = {"autocontrast": 0 <= v < 50, "gamma": v > 0, "blur": v >= 0, "bilateral": v > 0, "nlmeans": v > 0,
+          "lowpass": v >= 50, "bits": 1 <= v <= 24 and v == int(v)}
     if not ok.get(name, True):
         rule = {"autocontrast": "0 <= cut < 50 (percent)", "gamma": "g > 0", "blur": "sigma >= 0",
-                "bilateral": "sigma > 0", "nlmeans": "h > 0"}[name]
+                "bilateral": "sigma > 0", "nlmeans": "h > 0", "lowpass": "hz >= 50",
+                "bits": "a whole number of bits, 1-24"}[name]
         raise ClassforgeError(f"--preprocess {name}={v:g}: needs {rule}")
 
 
@@ -104,7 +120,29 @@ def ops_label(ops: Sequence[str]) -> str:
 
 def _value(op: str) -> float | None:
     name, _, v = op.partition("=")
-    return float(v) if v else OPS[name][0]
+    return float(v) if v else ALL_OPS[name][0]
+
+
+def apply_audio_ops(wave: np.ndarray, sample_rate: int, ops: Iterable[str]) -> np.ndarray:
+    """Apply canonical audio ops to a mono float32 waveform at `sample_rate`, left to right."""
+    for op in ops:
+        name = op.partition("=")[0]
+        v = _value(op)
+        if name == "lowpass":
+            low = int(round(2 * v))
+            if low < sample_rate:  # a band limit at or above Nyquist changes nothing
+                import soxr
+
+                n = len(wave)
+                wave = soxr.resample(soxr.resample(wave, sample_rate, low, quality="HQ"), low, sample_rate,
+                                     quality="HQ")
+                wave = np.pad(wave, (0, max(0, n - len(wave))))[:n]  # same length as before
+        elif name == "bits":
+            levels = 2 ** (int(v) - 1)
+            wave = np.round(np.clip(wave, -1.0, 1.0) * levels) / levels
+        else:
+            raise ClassforgeError(f"--preprocess {name} is an image operation; this is an audio backbone")
+    return np.ascontiguousarray(wave, dtype=np.float32)
 
 
 def apply_ops(img: Image.Image, ops: Iterable[str]) -> Image.Image:
@@ -158,8 +196,12 @@ def attach_ops(backbone, spec: str | Sequence[str] | None) -> tuple[str, ...]:
     ops = parse_ops(spec)
     if not ops:
         return ops
-    if backbone.spec.task != "image":
-        raise ClassforgeError("--preprocess ops are image operations; this is an audio backbone")
+    task = backbone.spec.task
+    own = AUDIO_OPS if task == "audio" else OPS
+    wrong = [op for op in ops if op.partition("=")[0] not in own]
+    if wrong:
+        raise ClassforgeError(f"--preprocess {', '.join(wrong)}: not an {task} operation; {task} ops are "
+                              f"{', '.join(own)}")
     check_available(ops)
     backbone.spec = dataclasses.replace(backbone.spec, preprocess=ops)
     return ops

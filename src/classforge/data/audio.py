@@ -240,7 +240,12 @@ class AudioPreprocessor:
         return round(self.spec.sample_rate * self.spec.clip_seconds)
 
     def load(self, src) -> np.ndarray:
-        return load_audio(src, self.spec.sample_rate)
+        wave = load_audio(src, self.spec.sample_rate)
+        if self.spec.preprocess:  # --preprocess ops (lowpass=, bits=): here, so training, evaluation and predict
+            from classforge.preprocess_ops import apply_audio_ops  # all apply them
+
+            wave = apply_audio_ops(wave, self.spec.sample_rate, self.spec.preprocess)
+        return wave
 
     def eval(self, raw: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(fit_clip(raw, self.n_samples, "center"), dtype=np.float32))

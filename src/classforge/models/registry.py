@@ -32,7 +32,7 @@ class InputSpec:
     channels: int = 3
     sample_rate: int = 0  # audio only
     clip_seconds: float = 0.0  # audio only
-    preprocess: tuple[str, ...] = ()  # images: classical ops run at load time (classforge.preprocess_ops)
+    preprocess: tuple[str, ...] = ()  # classical image/audio ops run at load time (classforge.preprocess_ops)
 
     def to_dict(self) -> dict:
         d = asdict(self)
