@@ -1,8 +1,8 @@
 """Audio benchmarks on ../shared/datasets: FSDD strategies, FSDD speakers held out, Pokémon cries.
 
-  python benchmarks/audio.py fsdd       [--strategies linear,finetune,two-stage,scratch]
-  python benchmarks/audio.py speakers   [--strategy linear] [--speakers all]
-  python benchmarks/audio.py cries      [--augment-to 0,25] [--strategy linear]
+  python benchmarks/audio.py fsdd       [--strategies linear,finetune,two-stage,scratch] [--augment light]
+  python benchmarks/audio.py speakers   [--strategy scratch] [--augment strong] [--speakers all]
+  python benchmarks/audio.py cries      [--augment-to 0,25] [--strategy linear] [--preprocess lowpass=5000]
 
 Every run is an ordinary classforge run directory under --out; a JSON line per run is printed and appended to
 --results (default benchmarks/audio_results.jsonl). Needs the mn04 AudioSet weights (CLASSFORGE_MN04_WEIGHTS or
@@ -41,12 +41,24 @@ def record(results: Path, name: str, run: Path, **info) -> dict:
     return row
 
 
+def common(a) -> dict:
+    kw = {"seed": a.seed}
+    if a.threads:
+        kw["threads"] = a.threads
+    if a.preprocess:
+        kw["preprocess"] = a.preprocess
+    if a.epochs:
+        kw["epochs"] = a.epochs
+    return kw
+
+
 def fsdd(a):
     data = SHARED / "datasets" / "fsdd"
     for st in a.strategies.split(","):
-        bb = "audio_cnn" if st == "scratch" else "efficientat_mn04"
-        run = classforge.train(data, Path(a.out) / f"fsdd-{st}", strategy=st, backbone=bb, seed=a.seed)
-        record(Path(a.results), "fsdd-official", run, strategy=st, backbone=bb)
+        bb = "audio_cnn" if st == "scratch" else (a.backbone or "efficientat_mn04")
+        run = classforge.train(data, Path(a.out) / f"fsdd-{st}-{bb}", strategy=st, backbone=bb, augment=a.augment,
+                               **common(a))
+        record(Path(a.results), "fsdd-official", run, strategy=st, backbone=bb, augment=a.augment)
 
 
 def speakers(a):
@@ -54,15 +66,22 @@ def speakers(a):
     names = sorted({re.match(r"\d+_([a-z]+)_", p.name).group(1) for p in (data / "train").rglob("*.wav")})
     chosen = names if a.speakers == "all" else a.speakers.split(",")
     rows = []
+    bb = a.backbone or ("audio_cnn" if a.strategy == "scratch" else "efficientat_mn04")
     for spk in chosen:
-        run = classforge.train(data, Path(a.out) / f"fsdd-speaker-{spk}-{a.strategy}", strategy=a.strategy,
-                               resplit=True, group_by=r"^[^/]+/\d+/\d+_([a-z]+)_", test_groups=spk, seed=a.seed,
-                               augment=a.augment)
+        run = classforge.train(data, Path(a.out) / f"fsdd-speaker-{spk}-{a.strategy}-{bb}-{a.augment}",
+                               strategy=a.strategy, backbone=bb, resplit=True,
+                               group_by=r"^[^/]+/\d+/\d+_([a-z]+)_", test_groups=spk, augment=a.augment,
+                               augment_to=a.speaker_augment_to, **common(a))
         rows.append(record(Path(a.results), "fsdd-speaker-held-out", run, speaker=spk, strategy=a.strategy,
-                           augment=a.augment))
+                           backbone=bb, augment=a.augment, augment_to=a.speaker_augment_to))
     mean = sum(r["test_acc"] for r in rows) / len(rows)
-    print(json.dumps({"bench": "fsdd-speaker-held-out-mean", "strategy": a.strategy, "mean_acc": round(mean, 4),
-                      "speakers": chosen}))
+    row = {"bench": "fsdd-speaker-held-out-mean", "strategy": a.strategy, "backbone": bb, "augment": a.augment,
+           "augment_to": a.speaker_augment_to, "mean_acc": round(mean, 4),
+           "per_speaker": {r["speaker"]: r["test_acc"] for r in rows}, "date": time.strftime("%Y-%m-%d %H:%M")}
+    print(json.dumps(row))
+    if len(chosen) > 1:
+        with open(a.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def cries(a):
@@ -76,11 +95,13 @@ def cries(a):
             w.writerow([f"{d.name}/latest.ogg", d.name, d.name, "train"])
             w.writerow([f"{d.name}/legacy.ogg", d.name, d.name, "test"])
     for n in [int(x) for x in a.augment_to.split(",")]:
-        run = classforge.train(root, Path(a.out) / f"cries-aug{n}-{a.strategy}", labels_csv=str(labels),
-                               strategy=a.strategy, augment_to=n, augment="strong", seed=a.seed,
-                               extra={"clip_seconds": a.clip_seconds} if a.clip_seconds else {})
-        record(Path(a.results), "cries-latest-to-legacy", run, augment_to=n, strategy=a.strategy,
-               chance=round(1 / 151, 4))
+        bb = a.backbone or "efficientat_mn04"
+        tag = f"cries-aug{n}-{a.strategy}-{bb}" + (f"-{a.preprocess}" if a.preprocess else "")
+        run = classforge.train(root, Path(a.out) / tag, labels_csv=str(labels), backbone=bb,
+                               strategy=a.strategy, augment_to=n, augment="strong",
+                               extra={"clip_seconds": a.clip_seconds} if a.clip_seconds else {}, **common(a))
+        record(Path(a.results), "cries-latest-to-legacy", run, augment_to=n, strategy=a.strategy, backbone=bb,
+               preprocess=a.preprocess, chance=round(1 / 151, 4))
 
 
 def main():
@@ -95,6 +116,11 @@ def main():
     ap.add_argument("--augment-to", default="0,25")
     ap.add_argument("--clip-seconds", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backbone", default=None, help="default: efficientat_mn04 (audio_cnn for scratch)")
+    ap.add_argument("--preprocess", default=None, help="audio ops for every file, e.g. lowpass=5000")
+    ap.add_argument("--speaker-augment-to", type=int, default=0, help="speakers: offline variants per recording")
+    ap.add_argument("--epochs", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
     if not (SHARED / "datasets").exists():
         raise SystemExit(f"{SHARED / 'datasets'} not found")

@@ -180,8 +180,8 @@ class ImagePreprocessor:
         if w < size or h < size:
             return self._eval(raw)
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-        a = np.asarray(raw)[top:top + size, left:left + size]
-        x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).to(torch.float32).mul_(1.0 / 255)
+        a = np.array(np.asarray(raw)[top:top + size, left:left + size])  # a writable copy of the crop
+        x = torch.from_numpy(a).permute(2, 0, 1).to(torch.float32).mul_(1.0 / 255)
         return x.sub_(self._mean).div_(self._std)
 
     def train(self, raw: Image.Image) -> torch.Tensor:
