@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import make_image_folder, tree_checksums
 from test_data import _bad_folder

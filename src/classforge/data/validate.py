@@ -7,7 +7,6 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from classforge.data.discover import Dataset, Sample, cache_dir
 from classforge.data.image import BadFile, open_image, phash

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classforge.config import TrainConfig, parse_duration, parse_fractions
+from classforge.config import TrainConfig, parse_fractions
 from classforge.data.discover import Dataset, Sample, discover
 from classforge.data.preprocess import make_preprocessor
 from classforge.data.split import SplitReport, make_split, read_split, write_split
