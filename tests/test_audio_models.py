@@ -188,3 +188,19 @@ def test_ast_pretrained_offline_fails_fast(monkeypatch):
     with pytest.raises(ClassforgeError, match="--weights"):
         create_backbone("ast", pretrained=True)
     assert time.time() - t0 < 3
+
+
+def test_clip_mean_norm_removes_recording_level():
+    """audio_cnn with clip_norm: the same recording 6 dB quieter gives (nearly) the same features; without it
+    the features move. Padding frames do not leak the level either."""
+    torch.manual_seed(0)
+    wave = torch.zeros(2, 16000)
+    wave[:, 4000:12000] = torch.randn(2, 8000) * 0.3
+    for clip_norm, moves in ((True, False), (False, True)):
+        b = create_backbone("audio_cnn", clip_norm=clip_norm)
+        b.norm.running_mean.fill_(-5.0)  # as after training: a fixed per-bin offset, not the batch's statistics
+        b.eval()
+        with torch.no_grad():
+            loud, quiet = b(wave), b(0.5 * wave)
+        rel = float((loud - quiet).abs().max() / loud.abs().max())
+        assert (rel > 0.05) == moves, (clip_norm, rel)

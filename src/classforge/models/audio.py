@@ -382,17 +382,40 @@ def efficientat_mn04(pretrained: bool = True, weights: str | None = None, clip_s
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class ClipMeanNorm(nn.Module):
+    """Cepstral-mean-style normalisation per clip: subtract each mel bin's mean over the clip's sounding frames
+    (frames above the zero-padding floor), which removes the recording level (a constant on a log scale) and a
+    microphone's or a voice's fixed spectral tilt. Frames of padding or digital silence get each bin's lowest
+    normalised sounding value, so the output does not depend on the level either. x: (B, n_mels, frames) log-mels;
+    `floor` = the log of the front end's epsilon (the value of exact silence)."""
+
+    def __init__(self, floor: float):
+        super().__init__()
+        self.floor = float(floor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sounding = x.mean(dim=1, keepdim=True) > self.floor + 0.5  # (B, 1, frames)
+        w = sounding.to(x.dtype)
+        mean = (x * w).sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp(min=1.0)  # (B, n_mels, 1)
+        y = x - mean
+        low = torch.where(sounding, y, torch.full_like(y, float("inf"))).amin(-1, keepdim=True)  # (B, n_mels, 1)
+        low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))  # an all-silent clip
+        return torch.where(sounding, y, low)
+
+
 class AudioCNN(Backbone):
-    """16 kHz waveform -> 64 log-mels (25 ms Hann window, 10 ms hop, 50 Hz-8 kHz) -> per-bin BatchNorm ->
-    4 x (conv3x3-BN-ReLU, 2x2 max-pool) -> global average pool."""
+    """16 kHz waveform -> 64 log-mels (25 ms Hann window, 10 ms hop, 50 Hz-8 kHz) -> [per-clip mean
+    normalisation, `clip_norm=True`] -> per-bin BatchNorm -> 4 x (conv3x3-BN-ReLU, 2x2 max-pool) -> global
+    average pool."""
 
     sample_rate = 16000
 
     def __init__(self, clip_seconds: float = 1.0, widths: tuple[int, ...] = (16, 32, 64, 128),
-                 spec_augment: bool | dict = False):
+                 spec_augment: bool | dict = False, clip_norm: bool = False):
         super().__init__()
         self.frontend = LogMel(self.sample_rate, n_fft=512, hop=160, n_mels=64, f_min=50.0, f_max=8000.0,
                                window=hann(400, periodic=True), center=True, log_eps=1e-6, log_mode="add")
+        self.clip_norm = ClipMeanNorm(float(np.log(1e-6))) if clip_norm else nn.Identity()
         self.mel_augment = _mel_augment(spec_augment)
         # Learned per-mel-bin standardisation: no dataset statistics need to travel with the model.
         self.norm = nn.BatchNorm1d(64)
@@ -407,7 +430,7 @@ class AudioCNN(Backbone):
         self.weights_source = "random"
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        x = self.mel_augment(self.norm(self.frontend(wave))).unsqueeze(1)  # (B, 1, 64, frames)
+        x = self.mel_augment(self.norm(self.clip_norm(self.frontend(wave)))).unsqueeze(1)  # (B, 1, 64, frames)
         x = x.contiguous(memory_format=torch.channels_last)  # faster oneDNN convolutions on CPU
         return self.blocks(x).mean(dim=(2, 3))  # (B, feature_dim)
 
@@ -419,8 +442,9 @@ class AudioCNN(Backbone):
 @register_backbone("audio_cnn", "audio", description="Small log-mel CNN (4 conv blocks), from scratch",
                    input_desc="mono 16 kHz waveform (64 log-mels inside)")
 def audio_cnn(pretrained: bool = False, weights: str | None = None, clip_seconds: float = 1.0,
-              widths: tuple[int, ...] = (16, 32, 64, 128), spec_augment: bool | dict = False, **kwargs) -> Backbone:
-    model = AudioCNN(clip_seconds, tuple(widths), spec_augment)
+              widths: tuple[int, ...] = (16, 32, 64, 128), spec_augment: bool | dict = False, clip_norm: bool = False,
+              **kwargs) -> Backbone:
+    model = AudioCNN(clip_seconds, tuple(widths), spec_augment, clip_norm)
     if weights:
         from classforge.models.image import load_state_file
 

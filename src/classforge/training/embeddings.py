@@ -50,9 +50,9 @@ PREPROCESS_VERSION = 2  # bump when decoding/transforms change what a backbone s
 
 
 def backbone_key(name: str, weights_source: str, spec: dict, extra: str = "", engine: str | None = None) -> str:
-    """Cache key: backbone, its weights, its input spec, the engine that computes the features (torch bf16/fp32,
-    ONNX Runtime fp32, int8 with its calibration files), preprocessing version."""
-    engine = engine or ("torch-bf16" if fast_cpu_bf16() else "torch-fp32-cpu")
+    """Cache key: backbone, its weights, its input spec, the engine that computes the features (torch bf16 or
+    fp32, ONNX Runtime fp32; default: torch), preprocessing version."""
+    engine = engine or Engine("torch").key
     blob = json.dumps([name, weights_source, spec, engine, extra, PREPROCESS_VERSION], sort_keys=True)
     return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
 
