@@ -27,7 +27,7 @@ if "CLASSFORGE_MN04_WEIGHTS" not in os.environ and (SHARED / "weights" / "mn04_a
 import classforge  # noqa: E402
 
 
-def record(results: Path, name: str, run: Path, **info) -> dict:
+def record(results: Path, name: str, run: Path, write: bool = True, **info) -> dict:
     s = json.loads((run / "summary.json").read_text())
     n_emb = s.get("embeddings", {}).get("computed", 0)
     row = {"bench": name, **info, "test_acc": round(s["test"]["accuracy"], 4), "test_n": s["test"]["n"],
@@ -36,8 +36,9 @@ def record(results: Path, name: str, run: Path, **info) -> dict:
            "clips_per_s_embedding": round(n_emb / s["timing"]["embedding_s"], 1) if n_emb and s["timing"].get("embedding_s") else None,
            "fit_s": round(s["timing"].get("fit_s", 0), 1), "run": str(run), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(row), flush=True)
-    with open(results, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    if write:  # a reused run was recorded when it was trained
+        with open(results, "a") as f:
+            f.write(json.dumps(row) + "\n")
     return row
 
 
@@ -49,7 +50,14 @@ def common(a) -> dict:
         kw["preprocess"] = a.preprocess
     if a.epochs:
         kw["epochs"] = a.epochs
+    if a.backbone_args:
+        import yaml
+        kw["backbone_args"] = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.backbone_args.split(","))}
     return kw
+
+
+def tag(a) -> str:
+    return "".join(f"-{x}" for x in (a.backbone_args, a.preprocess) if x).replace("=", "").replace(",", "-")
 
 
 def fsdd(a):
@@ -68,15 +76,21 @@ def speakers(a):
     rows = []
     bb = a.backbone or ("audio_cnn" if a.strategy == "scratch" else "efficientat_mn04")
     for spk in chosen:
-        run = classforge.train(data, Path(a.out) / f"fsdd-speaker-{spk}-{a.strategy}-{bb}-{a.augment}",
-                               strategy=a.strategy, backbone=bb, resplit=True,
-                               group_by=r"^[^/]+/\d+/\d+_([a-z]+)_", test_groups=spk, augment=a.augment,
-                               augment_to=a.speaker_augment_to, **common(a))
-        rows.append(record(Path(a.results), "fsdd-speaker-held-out", run, speaker=spk, strategy=a.strategy,
-                           backbone=bb, augment=a.augment, augment_to=a.speaker_augment_to))
+        run = Path(a.out) / f"fsdd-speaker-{spk}-{a.strategy}-{bb}-{a.augment}{tag(a)}"
+        reused = a.reuse and (run / "summary.json").exists()
+        if reused:
+            print(f"reusing {run}", flush=True)
+        else:
+            run = classforge.train(data, run, strategy=a.strategy, backbone=bb, resplit=True,
+                                   group_by=r"^[^/]+/\d+/\d+_([a-z]+)_", test_groups=spk, augment=a.augment,
+                                   augment_to=a.speaker_augment_to, **common(a))
+        rows.append(record(Path(a.results), "fsdd-speaker-held-out", run, write=not reused, speaker=spk, strategy=a.strategy,
+                           backbone=bb, augment=a.augment, augment_to=a.speaker_augment_to,
+                           backbone_args=a.backbone_args, preprocess=a.preprocess))
     mean = sum(r["test_acc"] for r in rows) / len(rows)
     row = {"bench": "fsdd-speaker-held-out-mean", "strategy": a.strategy, "backbone": bb, "augment": a.augment,
-           "augment_to": a.speaker_augment_to, "mean_acc": round(mean, 4),
+           "augment_to": a.speaker_augment_to, "backbone_args": a.backbone_args, "preprocess": a.preprocess,
+           "mean_acc": round(mean, 4),
            "per_speaker": {r["speaker"]: r["test_acc"] for r in rows}, "date": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(row))
     if len(chosen) > 1:
@@ -121,6 +135,9 @@ def main():
     ap.add_argument("--speaker-augment-to", type=int, default=0, help="speakers: offline variants per recording")
     ap.add_argument("--epochs", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="speakers: score an existing run directory (summary.json present) instead of retraining")
+    ap.add_argument("--backbone-args", default=None, help="backbone options as k=v,k=v (like -a), e.g. clip_norm=true")
     a = ap.parse_args()
     if not (SHARED / "datasets").exists():
         raise SystemExit(f"{SHARED / 'datasets'} not found")

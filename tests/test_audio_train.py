@@ -75,6 +75,19 @@ def test_audio_run_reports_skipped_files(audio_run):
     assert s["test"]["accuracy"] >= 0.6, s["test"]
 
 
+def test_audio_cnn_run_saves_its_clip_norm(audio_run):
+    """audio_cnn trains with per-clip level normalisation by default, and says so in model.json: a run saved
+    without the key (before the default) rebuilds without it, so old runs keep their own front end."""
+    from classforge.models.audio import ClipMeanNorm
+    from classforge.serve.predictor import build_model, load_run_model
+
+    model, meta, _ = load_run_model(audio_run)
+    assert meta["backbone_kwargs"]["clip_norm"] == "level"
+    assert isinstance(model.backbone.clip_norm, ClipMeanNorm)
+    old = {**meta, "backbone_kwargs": {k: v for k, v in meta["backbone_kwargs"].items() if k != "clip_norm"}}
+    assert not isinstance(build_model(old).backbone.clip_norm, ClipMeanNorm)
+
+
 def test_audio_predict_matches_evaluation(audio_run, sounds):
     with open(audio_run / "predictions.csv") as f:
         rows = list(csv.DictReader(f))

@@ -187,6 +187,32 @@ def test_audio_ops_band_limit_and_quantise():
                           low.astype(np.float32))  # at or above Nyquist: unchanged
 
 
+def test_audio_loudness_op_levels_recordings():
+    """loudness: a quiet and a loud take of the same word come out at the same level (the sounding part's RMS
+    at the target, padding silence ignored); peaks never exceed full scale; silence stays silent."""
+    from classforge.preprocess_ops import apply_audio_ops
+
+    sr = 16000
+    rng = np.random.default_rng(0)
+    word = np.zeros(sr, np.float32)
+    word[4000:10000] = (rng.normal(0, 1, 6000) * np.hanning(6000)).astype(np.float32)
+    ops = parse_ops("loudness")
+    assert ops == ("loudness",) and parse_ops("loudness=-20") == ("loudness=-20",)
+    quiet = apply_audio_ops(0.01 * word, sr, ops)
+    loud = apply_audio_ops(0.3 * word, sr, ops)
+    np.testing.assert_allclose(quiet, loud, rtol=1e-4, atol=1e-6)
+    frames = quiet[: sr // 320 * 320].reshape(-1, 320)
+    rms = np.sqrt((frames ** 2).mean(1))
+    on = rms >= rms.max() * 0.01
+    assert abs(20 * np.log10(np.sqrt((rms[on] ** 2).mean())) + 20) < 0.1  # -20 dBFS over the sounding frames
+    spike = word.copy()
+    spike[5000] = 60.0  # a click: full-scale limit wins over the RMS target
+    assert np.abs(apply_audio_ops(0.01 * spike, sr, ops)).max() <= 1.0 + 1e-6
+    assert not apply_audio_ops(np.zeros(sr, np.float32), sr, ops).any()
+    with pytest.raises(ClassforgeError, match="loudness"):
+        parse_ops("loudness=3")
+
+
 def test_audio_ops_travel_with_an_audio_backbone_only():
     import dataclasses
 

@@ -24,6 +24,9 @@ Audio ops (on the decoded mono waveform at the backbone's sample rate, in `Audio
 ``lowpass=hz``            band-limit to ``hz``: resample to 2·hz and back with soxr (HQ), which keeps what
                           a recording made at that sample rate holds and nothing above it
 ``bits=n``                quantise to 2^n levels over [-1, 1] (n-bit PCM, e.g. 8 for old game audio)
+``loudness[=dbfs]``       scale the clip so that its sounding part (20 ms frames within 40 dB of its loudest
+                          frame) has this RMS level (default -20 dBFS), peaks limited to full scale: recordings
+                          made at different levels (a quiet microphone, a distant speaker) look alike
 ========================  ==============================================================================
 
 Band-limiting both the training and the test recordings to what the worst of them contains is how a model
@@ -60,7 +63,8 @@ OPS: dict[str, tuple[float | None, bool]] = {
     "bilateral": (30.0, False),
     "nlmeans": (6.0, False),
 }
-AUDIO_OPS: dict[str, tuple[float | None, bool]] = {"lowpass": (None, True), "bits": (None, True)}
+AUDIO_OPS: dict[str, tuple[float | None, bool]] = {"lowpass": (None, True), "bits": (None, True),
+                                                   "loudness": (-20.0, False)}
 ALL_OPS = {**OPS, **AUDIO_OPS}
 NEEDS_OPENCV = ("bilateral", "nlmeans")
 
@@ -105,11 +109,11 @@ def parse_ops(spec: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def _check_value(name: str, v: float) -> None:
     ok = {"autocontrast": 0 <= v < 50, "gamma": v > 0, "blur": v >= 0, "bilateral": v > 0, "nlmeans": v > 0,
-          "lowpass": v >= 50, "bits": 1 <= v <= 24 and v == int(v)}
+          "lowpass": v >= 50, "bits": 1 <= v <= 24 and v == int(v), "loudness": -60 <= v <= 0}
     if not ok.get(name, True):
         rule = {"autocontrast": "0 <= cut < 50 (percent)", "gamma": "g > 0", "blur": "sigma >= 0",
                 "bilateral": "sigma > 0", "nlmeans": "h > 0", "lowpass": "hz >= 50",
-                "bits": "a whole number of bits, 1-24"}[name]
+                "bits": "a whole number of bits, 1-24", "loudness": "-60 <= dBFS <= 0"}[name]
         raise ClassforgeError(f"--preprocess {name}={v:g}: needs {rule}")
 
 
@@ -121,6 +125,24 @@ def ops_label(ops: Sequence[str]) -> str:
 def _value(op: str) -> float | None:
     name, _, v = op.partition("=")
     return float(v) if v else ALL_OPS[name][0]
+
+
+def set_loudness(wave: np.ndarray, sample_rate: int, dbfs: float) -> np.ndarray:
+    """Scale to an RMS of `dbfs` over the sounding frames (20 ms, within 40 dB of the loudest); peak <= 1.
+    Digital silence stays silent."""
+    hop = max(1, int(0.02 * sample_rate))
+    n = len(wave) // hop
+    frames = wave[: n * hop].reshape(n, hop) if n else wave.reshape(1, -1)
+    rms = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+    if rms.size == 0 or rms.max() <= 1e-8:
+        return wave
+    sounding = rms[rms >= rms.max() * 0.01]  # -40 dB
+    level = float(np.sqrt(np.mean(np.square(sounding))))
+    gain = 10 ** (dbfs / 20) / level
+    peak = float(np.abs(wave).max()) * gain
+    if peak > 1.0:
+        gain /= peak
+    return wave * gain
 
 
 def apply_audio_ops(wave: np.ndarray, sample_rate: int, ops: Iterable[str]) -> np.ndarray:
@@ -140,6 +162,8 @@ def apply_audio_ops(wave: np.ndarray, sample_rate: int, ops: Iterable[str]) -> n
         elif name == "bits":
             levels = 2 ** (int(v) - 1)
             wave = np.round(np.clip(wave, -1.0, 1.0) * levels) / levels
+        elif name == "loudness":
+            wave = set_loudness(wave, sample_rate, v)
         else:
             raise ClassforgeError(f"--preprocess {name} is an image operation; this is an audio backbone")
     return np.ascontiguousarray(wave, dtype=np.float32)

@@ -383,20 +383,28 @@ def efficientat_mn04(pretrained: bool = True, weights: str | None = None, clip_s
 
 
 class ClipMeanNorm(nn.Module):
-    """Cepstral-mean-style normalisation per clip: subtract each mel bin's mean over the clip's sounding frames
-    (frames above the zero-padding floor), which removes the recording level (a constant on a log scale) and a
-    microphone's or a voice's fixed spectral tilt. Frames of padding or digital silence get each bin's lowest
-    normalised sounding value, so the output does not depend on the level either. x: (B, n_mels, frames) log-mels;
+    """Per-clip normalisation of log-mels over the clip's sounding frames (frames above the zero-padding floor).
+    mode "mel" (cepstral-mean style): subtract each mel bin's mean, which removes the recording level (a constant
+    on a log scale) and a microphone's or a voice's fixed spectral tilt, but also the spectrum of a stationary
+    sound (a steady tone becomes flat). mode "level": subtract one mean over all bins, which removes only the
+    level and keeps the spectral shape. Frames of padding or digital silence get each bin's lowest normalised
+    sounding value, so the output does not depend on the level either. x: (B, n_mels, frames) log-mels;
     `floor` = the log of the front end's epsilon (the value of exact silence)."""
 
-    def __init__(self, floor: float):
+    MODES = ("mel", "level")
+
+    def __init__(self, floor: float, mode: str = "mel"):
         super().__init__()
-        self.floor = float(floor)
+        if mode not in self.MODES:
+            raise ClassforgeError(f"clip_norm={mode!r}: use mel, level or false")
+        self.floor, self.mode = float(floor), mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sounding = x.mean(dim=1, keepdim=True) > self.floor + 0.5  # (B, 1, frames)
         w = sounding.to(x.dtype)
         mean = (x * w).sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp(min=1.0)  # (B, n_mels, 1)
+        if self.mode == "level":
+            mean = mean.mean(dim=1, keepdim=True)  # (B, 1, 1): every bin has the same sounding frames
         y = x - mean
         low = torch.where(sounding, y, torch.full_like(y, float("inf"))).amin(-1, keepdim=True)  # (B, n_mels, 1)
         low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))  # an all-silent clip
@@ -405,17 +413,19 @@ class ClipMeanNorm(nn.Module):
 
 class AudioCNN(Backbone):
     """16 kHz waveform -> 64 log-mels (25 ms Hann window, 10 ms hop, 50 Hz-8 kHz) -> [per-clip mean
-    normalisation, `clip_norm=True`] -> per-bin BatchNorm -> 4 x (conv3x3-BN-ReLU, 2x2 max-pool) -> global
+    normalisation, `clip_norm="mel"` (or True) / `"level"`] -> per-bin BatchNorm -> 4 x (conv3x3-BN-ReLU,
+    2x2 max-pool) -> global
     average pool."""
 
     sample_rate = 16000
 
     def __init__(self, clip_seconds: float = 1.0, widths: tuple[int, ...] = (16, 32, 64, 128),
-                 spec_augment: bool | dict = False, clip_norm: bool = False):
+                 spec_augment: bool | dict = False, clip_norm: bool | str = False):
         super().__init__()
         self.frontend = LogMel(self.sample_rate, n_fft=512, hop=160, n_mels=64, f_min=50.0, f_max=8000.0,
                                window=hann(400, periodic=True), center=True, log_eps=1e-6, log_mode="add")
-        self.clip_norm = ClipMeanNorm(float(np.log(1e-6))) if clip_norm else nn.Identity()
+        mode = {True: "mel", "true": "mel"}.get(clip_norm, clip_norm)  # True: the first (per-bin) mode
+        self.clip_norm = ClipMeanNorm(float(np.log(1e-6)), mode) if mode else nn.Identity()
         self.mel_augment = _mel_augment(spec_augment)
         # Learned per-mel-bin standardisation: no dataset statistics need to travel with the model.
         self.norm = nn.BatchNorm1d(64)
@@ -442,7 +452,8 @@ class AudioCNN(Backbone):
 @register_backbone("audio_cnn", "audio", description="Small log-mel CNN (4 conv blocks), from scratch",
                    input_desc="mono 16 kHz waveform (64 log-mels inside)")
 def audio_cnn(pretrained: bool = False, weights: str | None = None, clip_seconds: float = 1.0,
-              widths: tuple[int, ...] = (16, 32, 64, 128), spec_augment: bool | dict = False, clip_norm: bool = False,
+              widths: tuple[int, ...] = (16, 32, 64, 128), spec_augment: bool | dict = False,
+              clip_norm: bool | str = False,
               **kwargs) -> Backbone:
     model = AudioCNN(clip_seconds, tuple(widths), spec_augment, clip_norm)
     if weights:
