@@ -50,14 +50,18 @@ def common(a) -> dict:
         kw["preprocess"] = a.preprocess
     if a.epochs:
         kw["epochs"] = a.epochs
+    import yaml
+
+    for item in a.set:
+        k, _, v = item.partition("=")
+        kw[k.replace("-", "_")] = yaml.safe_load(v)
     if a.backbone_args:
-        import yaml
         kw["backbone_args"] = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.backbone_args.split(","))}
     return kw
 
 
 def tag(a) -> str:
-    return "".join(f"-{x}" for x in (a.backbone_args, a.preprocess) if x).replace("=", "").replace(",", "-")
+    return "".join(f"-{x}" for x in (a.backbone_args, a.preprocess, *a.set) if x).replace("=", "").replace(",", "-")
 
 
 def fsdd(a):
@@ -66,7 +70,8 @@ def fsdd(a):
         bb = "audio_cnn" if st == "scratch" else (a.backbone or "efficientat_mn04")
         run = classforge.train(data, Path(a.out) / f"fsdd-{st}-{bb}", strategy=st, backbone=bb, augment=a.augment,
                                **common(a))
-        record(Path(a.results), "fsdd-official", run, strategy=st, backbone=bb, augment=a.augment)
+        record(Path(a.results), "fsdd-official", run, strategy=st, backbone=bb, augment=a.augment,
+               preprocess=a.preprocess, options=a.set, epochs=a.epochs or None)
 
 
 def speakers(a):
@@ -86,11 +91,11 @@ def speakers(a):
                                    augment_to=a.speaker_augment_to, **common(a))
         rows.append(record(Path(a.results), "fsdd-speaker-held-out", run, write=not reused, speaker=spk, strategy=a.strategy,
                            backbone=bb, augment=a.augment, augment_to=a.speaker_augment_to,
-                           backbone_args=a.backbone_args, preprocess=a.preprocess))
+                           backbone_args=a.backbone_args, preprocess=a.preprocess, options=a.set))
     mean = sum(r["test_acc"] for r in rows) / len(rows)
     row = {"bench": "fsdd-speaker-held-out-mean", "strategy": a.strategy, "backbone": bb, "augment": a.augment,
            "augment_to": a.speaker_augment_to, "backbone_args": a.backbone_args, "preprocess": a.preprocess,
-           "mean_acc": round(mean, 4),
+           "options": a.set, "mean_acc": round(mean, 4),
            "per_speaker": {r["speaker"]: r["test_acc"] for r in rows}, "date": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(row))
     if len(chosen) > 1:
@@ -135,6 +140,8 @@ def main():
     ap.add_argument("--speaker-augment-to", type=int, default=0, help="speakers: offline variants per recording")
     ap.add_argument("--epochs", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any training option, repeatable, e.g. --set lr=3e-3 --set backbone_lr_mult=0.3")
     ap.add_argument("--reuse", action="store_true",
                     help="speakers: score an existing run directory (summary.json present) instead of retraining")
     ap.add_argument("--backbone-args", default=None, help="backbone options as k=v,k=v (like -a), e.g. clip_norm=true")

@@ -127,3 +127,21 @@ def test_mn04_linear_default_on_tones(sounds, tmp_path, monkeypatch):
     s = json.loads((run / "summary.json").read_text())
     assert s["backbone"] == "efficientat_mn04" and s["strategy"] == "linear"
     assert s["test"]["accuracy"] >= 0.8
+
+
+def test_audio_finetune_uses_the_audio_recipe_unless_told_otherwise(sounds):
+    """A pretrained audio backbone fine-tunes longer and harder than an image one (measured under-fitting with the
+    image recipe); options the user gives win; from-scratch audio_cnn and linear are unaffected."""
+    from classforge.config import TrainConfig
+    from classforge.training.run import prepare_data, resolve_for_data
+
+    cfg = TrainConfig().replace(data=str(sounds), strategy="finetune")
+    data = prepare_data(cfg)
+    r = resolve_for_data(cfg, data)
+    assert r.backbone == "efficientat_mn04"
+    assert (r.epochs, float(r.lr), r.backbone_lr_mult) == (15, 3e-3, 0.3)
+    mine = resolve_for_data(cfg.replace(epochs=4, lr="1e-4", backbone_lr_mult=0.05), data)
+    assert (mine.epochs, mine.lr, mine.backbone_lr_mult) == (4, "1e-4", 0.05)
+    for other in (cfg.replace(strategy="linear"), cfg.replace(strategy="scratch", backbone="audio_cnn")):
+        o = resolve_for_data(other, data)
+        assert (o.epochs, o.lr, o.backbone_lr_mult) == (0, "default", None)

@@ -46,7 +46,7 @@ class TrainConfig:
     epochs: int = 0  # 0 = strategy default
     batch_size: int = 32
     lr: str = "default"  # "default" | "auto" (LR finder) | float
-    backbone_lr_mult: float = 0.1
+    backbone_lr_mult: float | None = None  # backbone LR = lr x this when fine-tuning; None: 0.1 (0.3 for audio)
     weight_decay: float = 0.05  # AdamW's; with SGD the default becomes 5e-4 (classic L2 strength)
     optimizer: str = "auto"  # auto (sgd for the step schedule, else adamw) | adamw | sgd (momentum, Nesterov)
     momentum: float = 0.9  # SGD momentum
