@@ -115,12 +115,15 @@ def cries(a):
             w.writerow([f"{d.name}/legacy.ogg", d.name, d.name, "test"])
     for n in [int(x) for x in a.augment_to.split(",")]:
         bb = a.backbone or "efficientat_mn04"
-        tag = f"cries-aug{n}-{a.strategy}-{bb}" + (f"-{a.preprocess}" if a.preprocess else "")
+        tag = f"cries-aug{n}-{a.strategy}-{bb}" + (f"-{a.preprocess}" if a.preprocess else "") + \
+            ("" if a.cries_augment == "strong" else f"-online-{a.cries_augment}") + \
+            (f"-ep{a.epochs}" if a.epochs else "")
         run = classforge.train(root, Path(a.out) / tag, labels_csv=str(labels), backbone=bb,
-                               strategy=a.strategy, augment_to=n, augment="strong",
+                               strategy=a.strategy, augment_to=n, augment=a.cries_augment,
                                extra={"clip_seconds": a.clip_seconds} if a.clip_seconds else {}, **common(a))
         record(Path(a.results), "cries-latest-to-legacy", run, augment_to=n, strategy=a.strategy, backbone=bb,
-               preprocess=a.preprocess, chance=round(1 / 151, 4))
+               preprocess=a.preprocess, online_augment=a.cries_augment, epochs=a.epochs or None,
+               chance=round(1 / 151, 4))
 
 
 def main():
@@ -133,6 +136,7 @@ def main():
     ap.add_argument("--speakers", default="all")
     ap.add_argument("--augment", default="light")
     ap.add_argument("--augment-to", default="0,25")
+    ap.add_argument("--cries-augment", default="strong", help="cries: online augmentation while training")
     ap.add_argument("--clip-seconds", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backbone", default=None, help="default: efficientat_mn04 (audio_cnn for scratch)")
