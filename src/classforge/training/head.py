@@ -75,7 +75,7 @@ def _loop(head, xt, yt, xv, yv, epochs, bs, opt, sched, g, class_weights, cfg, p
             loss.backward()
             opt.step()
             sched.step()
-            tot_loss += float(loss) * len(idx)
+            tot_loss += float(loss.detach()) * len(idx)
             tot_correct += float((logits.argmax(1) == yt[idx]).sum())
         row = {"stage": "head", "epoch": epoch, "train_loss": tot_loss / len(xt), "train_acc": tot_correct / len(xt),
                "lr": sched.get_last_lr()[0]}
