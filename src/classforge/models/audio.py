@@ -414,8 +414,7 @@ class ClipMeanNorm(nn.Module):
 class AudioCNN(Backbone):
     """16 kHz waveform -> 64 log-mels (25 ms Hann window, 10 ms hop, 50 Hz-8 kHz) -> [per-clip mean
     normalisation, `clip_norm="mel"` (or True) / `"level"`] -> per-bin BatchNorm -> 4 x (conv3x3-BN-ReLU,
-    2x2 max-pool) -> global
-    average pool."""
+    2x2 max-pool) -> global average pool."""
 
     sample_rate = 16000
 
@@ -453,8 +452,7 @@ class AudioCNN(Backbone):
                    input_desc="mono 16 kHz waveform (64 log-mels inside)")
 def audio_cnn(pretrained: bool = False, weights: str | None = None, clip_seconds: float = 1.0,
               widths: tuple[int, ...] = (16, 32, 64, 128), spec_augment: bool | dict = False,
-              clip_norm: bool | str = False,
-              **kwargs) -> Backbone:
+              clip_norm: bool | str = False, **kwargs) -> Backbone:
     model = AudioCNN(clip_seconds, tuple(widths), spec_augment, clip_norm)
     if weights:
         from classforge.models.image import load_state_file

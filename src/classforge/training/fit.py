@@ -72,7 +72,7 @@ def resolve_weight_decay(cfg: TrainConfig, optimizer: str) -> float:
 
 
 def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: str, extra: dict) -> list[dict]:
-    from classforge.training.run import DEFAULT_EPOCHS, class_weights
+    from classforge.training.run import DEFAULT_BACKBONE_LR_MULT, DEFAULT_EPOCHS, class_weights
 
     spec = model.backbone.spec
     if cfg.schedule not in SCHEDULES:
@@ -94,7 +94,8 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
         model.backbone.set_grad_checkpointing(True)
     steps = epochs * max(1, math.ceil(len(train_dl) / _world(cfg)))
     ops = forward_ops(model)
-    module = ClassifierModule(model, lr_groups(model, stage, lr, 0.1 if cfg.backbone_lr_mult is None else cfg.backbone_lr_mult),
+    mult = DEFAULT_BACKBONE_LR_MULT if cfg.backbone_lr_mult is None else cfg.backbone_lr_mult
+    module = ClassifierModule(model, lr_groups(model, stage, lr, mult),
                               resolve_weight_decay(cfg, optimizer), total_steps=steps,
                               warmup_steps=int(cfg.warmup_epochs * len(train_dl)),
                               class_weights=class_weights(data, cfg) if cfg.balance == "weights" else None,

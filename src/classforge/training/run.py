@@ -28,6 +28,7 @@ from classforge.training import embeddings as emb
 STRATEGIES = ("linear", "finetune", "two-stage", "scratch")
 DEFAULT_EPOCHS = {"linear": 60, "finetune": 8, "two-stage": 6, "scratch": 30}
 DEFAULT_LR = {"linear": 3e-3, "finetune": 1e-3, "two-stage": 3e-4, "scratch": 2e-3}
+DEFAULT_BACKBONE_LR_MULT = 0.1  # fine-tuning: backbone LR = lr x this (images; audio: AUDIO_FINETUNE)
 AUDIO_FINETUNE = {"epochs": 15, "lr": "3e-3", "backbone_lr_mult": 0.3}  # pretrained audio backbones, --strategy finetune
 
 
