@@ -207,3 +207,32 @@ def test_pooled_block_shapes_and_options():
         create_backbone("cnn", pretrained=False, block="residual", stem="whiten")
     with pytest.raises(ClassforgeError, match="block must be one of"):
         create_backbone("cnn", pretrained=False, block="dense")
+
+
+def test_test_time_augmentation_modes():
+    """tta=flip averages the image and its mirror; flip-shift adds one-pixel shifts (reflect-padded) and their
+    mirrors. Both only at eval time; a mirror-symmetric input gives the same features with flip as without."""
+    torch.manual_seed(0)
+    plain = create_backbone("cnn_fast_256k", pretrained=False, num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        f0 = plain(x)
+        ref_flip = 0.5 * (plain(x) + plain(x.flip(3)))
+        xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        ul, dr = xp[..., :32, :32], xp[..., 2:, 2:]
+        shifted = [plain(v) for v in (ul, ul.flip(3), dr, dr.flip(3))]
+        ref_shift = 0.5 * ref_flip + 0.5 * torch.stack(shifted).mean(0)
+        for mode, ref in (("flip", ref_flip), ("flip-shift", ref_shift)):
+            plain.tta = mode
+            out = plain(x)
+            assert torch.allclose(out, ref, atol=1e-5), mode
+            assert not torch.allclose(out, f0, atol=1e-3), mode
+        sym = torch.cat([x[..., :16], x[..., :16].flip(3)], dim=3)  # a mirror-symmetric image
+        plain.tta = "none"
+        a = plain(sym)
+        plain.tta = "flip"
+        assert torch.allclose(plain(sym), a, atol=1e-5)
+        plain.train()
+        assert plain(x).shape == (4, plain.feature_dim)  # training: one view per image
+    with pytest.raises(ClassforgeError, match="tta must be one of"):
+        create_backbone("cnn_fast_256k", pretrained=False, tta="crops")

@@ -205,6 +205,9 @@ def _parse_ints(value: Any, what: str) -> list[int]:
     return out
 
 
+TTA_MODES = ("none", "flip", "flip-shift")
+
+
 class SmallCNN(Backbone):
     """A from-scratch CNN: stages of plain or residual blocks, then global pooling or flatten + hidden FCs.
 
@@ -228,8 +231,8 @@ class SmallCNN(Backbone):
             raise ClassforgeError(f"stem must be 'none' or 'whiten', got {stem!r}")
         if stem == "whiten" and block == "residual":
             raise ClassforgeError("stem=whiten is for the plain and pooled blocks (residual nets have a conv stem)")
-        if tta not in ("none", "flip"):
-            raise ClassforgeError(f"tta must be 'none' or 'flip', got {tta!r}")
+        if tta not in TTA_MODES:
+            raise ClassforgeError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         if global_pool not in (True, False, "avg", "max"):
             raise ClassforgeError(f"global_pool must be true/false, 'avg' or 'max', got {global_pool!r}")
         depths = _per_stage(depth, len(widths), "depth")
@@ -333,12 +336,22 @@ class SmallCNN(Backbone):
                 nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tta == "flip" and not self.training:
-            # Test-time augmentation inside the model (so predict, export and serving all do it): the mean of the
-            # features of the image and of its mirror image, i.e. the mean of both logits under the Linear head.
+        if self.tta != "none" and not self.training:
+            # Test-time augmentation inside the model (so predict, export and serving all do it). "flip": the mean
+            # of the features of the image and of its mirror image, i.e. the mean of both logits under the Linear
+            # head. "flip-shift" adds the image moved one pixel up-left and one pixel down-right (reflect-padded),
+            # each with its mirror: 0.5 x the mean of the two unshifted views + 0.5 x the mean of the four shifted.
             b = x.shape[0]
-            f = self._features(torch.cat([x, x.flip(3)]))  # (2B, D)
-            return (f[:b] + f[b:]) * 0.5
+            views = [x, x.flip(3)]
+            if self.tta == "flip-shift":
+                h, w = x.shape[-2:]
+                xp = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, C, H+2, W+2)
+                ul, dr = xp[..., :h, :w], xp[..., 2:, 2:]  # content moved down-right / up-left by one pixel
+                views += [ul, ul.flip(3), dr, dr.flip(3)]
+            f = self._features(torch.cat(views)).view(len(views), b, -1)  # (V, B, D)
+            if self.tta == "flip":
+                return f.mean(0)
+            return 0.5 * f[:2].mean(0) + 0.5 * f[2:].mean(0)
         return self._features(x)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
