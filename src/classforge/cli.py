@@ -102,6 +102,7 @@ def _train_options(
     augment: Optional[str] = typer.Option(None, "--augment", help="none | light | strong | cifar (pad + random crop + flip; what light means for small from-scratch inputs) [light]"),
     views: Optional[int] = typer.Option(None, "--views", help="Augmented views per training file for cached embeddings [1]"),
     extract_engine: Optional[str] = typer.Option(None, "--extract-engine", help="How the frozen backbone runs for cached embeddings: auto (torch with bf16 autocast where the CPU has native bf16, or on a GPU; else ONNX Runtime fp32, 2.5x faster than torch fp32 on an AVX2 CPU) | torch | onnx [auto]"),
+    eval_engine: Optional[str] = typer.Option(None, "--eval-engine", help="How the trained model is scored on val/test: auto (ONNX Runtime where --extract-engine auto picks it, i.e. CPUs without native bf16; else PyTorch fp32) | torch | onnx. onnx exports RUN/model.onnx (parity-checked against PyTorch), which predict and serve then use too [auto]"),
     augment_to: Optional[int] = typer.Option(None, "--augment-to", help="Audio: write N augmented variants of every training recording to the cache (they inherit its split)"),
     balance: Optional[str] = typer.Option(None, "--balance", help="oversample | weights | 'augment-to N'"),
     accelerator: Optional[str] = typer.Option(None, "--accelerator", help="auto | cpu | gpu | mps (Lightning)"),

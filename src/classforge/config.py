@@ -62,6 +62,7 @@ class TrainConfig:
     augment: str = "light"  # none | light | strong
     views: int = 1  # augmented views per image for cached embeddings (linear)
     extract_engine: str = "auto"  # frozen-backbone forward for cached embeddings: auto | torch | onnx
+    eval_engine: str = "auto"  # final evaluation: auto (onnx where extraction resolves to onnx) | torch | onnx
     augment_to: int = 0  # audio: N augmented variants per training recording, written to the cache
     balance: str | None = None  # oversample | weights | augment-to N
     preprocess: str | None = None  # images: "autocontrast,gamma=0.8,blur=1.0" (classforge.preprocess_ops)

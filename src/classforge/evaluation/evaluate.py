@@ -26,11 +26,43 @@ def score(predictor: Predictor, samples, labels: list[str], desc: str) -> tuple[
     return y, probs
 
 
+def eval_predictor(run: Path, model, labels: list[str], cfg) -> tuple[Predictor, dict]:
+    """The Predictor the final evaluation scores with, and what it is. ONNX Runtime (cfg.eval_engine onnx, or auto
+    where the extraction engine resolves to onnx: CPUs without native bf16) exports RUN/model.onnx through
+    `classforge export`'s parity check first; any failure falls back to PyTorch fp32 with a note. Either way the
+    run's `predict` and server then use the same path (they pick model.onnx when it exists)."""
+    from classforge.training.engines import onnxruntime_available, resolve_engine
+
+    name = getattr(cfg, "eval_engine", "auto") or "auto"
+    if name not in ("auto", "torch", "onnx"):
+        raise ClassforgeError(f"--eval-engine must be auto, torch or onnx, not {name!r}")
+    use_onnx = name == "onnx"
+    if name == "auto" and onnxruntime_available():
+        try:
+            use_onnx = resolve_engine(cfg.extract_engine or "auto") == "onnx"
+        except ClassforgeError:
+            use_onnx = False
+    info: dict = {"engine": "torch-fp32"}
+    if use_onnx:
+        from classforge.export import export_run
+
+        t = time.time()
+        try:
+            rep = export_run(run, n_parity=16, model_card=False)
+            predictor = Predictor.from_run(run, backend="onnx", max_pixels=cfg.max_pixels)
+            return predictor, {"engine": "onnxruntime-fp32", "export_s": round(time.time() - t, 2),
+                               "parity_max_abs_logit_diff": rep["parity"]["max_abs_diff"]}
+        except Exception as e:  # noqa: BLE001 - export/parity/session failure: PyTorch still scores the run
+            info["note"] = f"ONNX Runtime evaluation unavailable ({str(e).splitlines()[0][:200]}); scored with PyTorch"
+            print(info["note"])
+    return Predictor(model, model.backbone.spec, labels, max_pixels=cfg.max_pixels), info
+
+
 def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float, extra: dict | None = None) -> dict:
     from classforge.training.run import environment
 
     t = time.time()
-    predictor = Predictor(model, model.backbone.spec, data.labels, max_pixels=cfg.max_pixels)
+    predictor, eval_info = eval_predictor(run, model, data.labels, cfg)
     results = {}
     for split in ("val", "test"):
         ss = data.of(split)
@@ -45,7 +77,7 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
         "params": count_params(model), "timing": timing,
         "split": {"method": data.split.method, "counts": data.split.counts, "seed": cfg.seed,
                   "duplicate_clusters": data.split.duplicate_clusters, "excluded": len(data.split.excluded)},
-        "skipped": len(data.checked.skipped), "environment": environment(),
+        "skipped": len(data.checked.skipped), "environment": environment(), "evaluation": eval_info,
         "samples_per_class": {c: int(n) for c, n in zip(data.labels, np.bincount(data.y("train"), minlength=len(data.labels)))},
         **(extra or {}),
     }
@@ -111,6 +143,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, out: str | Path | Non
     out = Path(out) if out else run / "evaluations" / Path(str(data)).name
     out.mkdir(parents=True, exist_ok=True)
     summary = {"task": predictor.spec.task, "backbone": predictor.meta["backbone"], "strategy": "evaluate",
+               "evaluation": {"engine": "onnxruntime-fp32" if predictor.backend == "onnxruntime" else "torch-fp32"},
                "classes": len(labels), "data": str(data), "created": dt.datetime.now().isoformat(timespec="seconds"),
                "test": _public(m), "val": None, "params": {"total": 0, "trainable": 0},
                "timing": {"total_s": 0.0}, "backend": predictor.backend}

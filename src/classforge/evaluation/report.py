@@ -207,6 +207,7 @@ def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict
         f'<span class="sub">p(true)={m["p_true"]:.2f}<br>{html.escape(m["rel"])}</span></div>' for m in mistakes)
     info_rows = [["task", task], ["backbone", summary["backbone"]], ["strategy", summary["strategy"]],
                  ["classes", summary["classes"]], ["data", summary.get("data", "")],
+                 ["scored with", (summary.get("evaluation") or {}).get("engine", "torch-fp32")],
                  ["split", summary.get("split", {}).get("method", "")],
                  ["split sizes", json.dumps(summary.get("split", {}).get("counts", {}))],
                  ["parameters (total / trainable)", f'{summary["params"]["total"]:,} / {summary["params"]["trainable"]:,}'],

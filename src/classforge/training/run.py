@@ -82,6 +82,8 @@ def train(cfg: TrainConfig) -> Path:
     """Train, save and evaluate one run; returns the run directory."""
     if cfg.strategy not in STRATEGIES + ("auto",):
         raise ClassforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
+    if cfg.eval_engine not in ("auto", "torch", "onnx"):  # checked now, not after training
+        raise ClassforgeError(f"--eval-engine must be auto, torch or onnx, not {cfg.eval_engine!r}")
     if cfg.track:
         from classforge.tracking import check_tracker
 
@@ -326,6 +328,9 @@ def save_model(run: Path, model: Classifier, cfg: TrainConfig, labels: list[str]
     from safetensors.torch import save_file
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # ONNX files exported from earlier weights (a resumed run) no longer match: predict would pick them up
+    for stale in ("model.onnx", "model.int8.onnx", "export.json"):
+        (run / stale).unlink(missing_ok=True)
     save_file(sd, str(run / "model.safetensors"))
     meta = {"backbone": cfg.backbone, "backbone_kwargs": backbone_kwargs(cfg, len(labels)),
             "num_classes": len(labels), "dropout": cfg.dropout, "spec": model.backbone.spec.to_dict(),
@@ -349,7 +354,8 @@ def print_summary(run: Path, s: dict) -> None:
     t = s["test"]
     lo, hi = t["accuracy_ci95"]
     print(f"\nTest accuracy {t['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={t['n']}), macro F1 {t['macro_f1']:.3f}, "
-          f"ECE {t['ece']:.3f}; total {s['timing']['total_s']:.1f}s")
+          f"ECE {t['ece']:.3f}; total {s['timing']['total_s']:.1f}s; scored with "
+          f"{s.get('evaluation', {}).get('engine', 'torch-fp32')}")
     print(f"Report: {(run / 'report.html').resolve()}")
 
 
