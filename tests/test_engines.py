@@ -82,3 +82,55 @@ def test_extract_with_an_engine_on_samples(shapes_dir, tmp_path):
     assert stats["computed"] == 5
     if not fast_cpu_bf16():  # both exact fp32: the same features
         np.testing.assert_allclose(feats, ref, atol=1e-3)
+
+
+@pytest.mark.skipif(not fast_cpu_bf16(), reason="the frozen bf16 graph is used only on CPUs with native bf16")
+def test_torch_engine_frozen_bf16_graph_matches_fp32_features(shapes_dir, tmp_path, monkeypatch):
+    """On native-bf16 CPUs the torch engine runs a frozen TorchScript graph under bf16 autocast: its features
+    stay within bf16 noise of eager fp32 (cosine >= 0.99 per image, for any batch size), and it has its own
+    cache key, apart from eager bf16 (CLASSFORGE_NO_JIT=1)."""
+    from classforge.training import engines
+
+    bb = create_backbone("efficientnet_lite0", pretrained=True).eval()
+    pre = make_preprocessor(bb.spec)
+    x = torch.stack([pre.eval(pre.load(p)) for p in sorted(shapes_dir.rglob("*.png"))[:9]])
+    with torch.no_grad():
+        ref = bb(x)
+    frozen = engines._freeze_bf16(emb.prepare_fast(bb, "image"), x[:2].contiguous(memory_format=torch.channels_last))
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    run = Engine("torch").build(bb, tmp_path)
+    for batch in (x, x[:5], x[:1]):
+        out = run(batch)
+        cos = torch.nn.functional.cosine_similarity(out, ref[: len(batch)], dim=1)
+        assert out.dtype == torch.float32 and out.shape == (len(batch), bb.feature_dim) and cos.min() > 0.99
+    jit_key = Engine("torch").key
+    monkeypatch.setenv("CLASSFORGE_NO_JIT", "1")
+    assert Engine("torch").key != jit_key and engines.jit_bf16() is False
+
+
+def test_final_evaluation_through_onnx_runtime(shapes_dir, tmp_path, monkeypatch):
+    """Where extraction runs on ONNX Runtime (no native bf16: CLASSFORGE_NO_BF16=1 stands in for such a CPU), the
+    run is scored through a parity-checked RUN/model.onnx too; its predictions are the PyTorch fp32 ones, and
+    `predict` then uses the same file. --eval-engine torch keeps PyTorch."""
+    import csv
+
+    from classforge.serve.predictor import Predictor
+
+    monkeypatch.setenv("CLASSFORGE_NO_BF16", "1")
+    run = classforge.train(shapes_dir, tmp_path / "ort", epochs=10)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["evaluation"]["engine"] == "onnxruntime-fp32" and (run / "model.onnx").is_file()
+    assert s["evaluation"]["parity_max_abs_logit_diff"] < 1e-3
+    assert json.loads((run / "export.json").read_text())["parity"]["passed"]
+    with open(run / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    ref = Predictor.from_run(run, backend="torch")
+    probs = ref.predict_proba([shapes_dir / r["path"] for r in rows])
+    assert [ref.labels[i] for i in probs.argmax(1)] == [r["predicted"] for r in rows]
+    np.testing.assert_allclose(probs.max(1), [float(r["probability"]) for r in rows], atol=1e-4)
+    assert classforge.load(run).backend == "onnxruntime"
+    plain = classforge.train(shapes_dir, tmp_path / "torch", epochs=2, eval_engine="torch")
+    assert json.loads((plain / "summary.json").read_text())["evaluation"]["engine"] == "torch-fp32"
+    assert not (plain / "model.onnx").exists()
+    with pytest.raises(ClassforgeError, match="--eval-engine"):
+        classforge.train(shapes_dir, tmp_path / "bad", epochs=1, eval_engine="tensorrt")
