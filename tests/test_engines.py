@@ -4,6 +4,7 @@ and a linear run trains through each engine and reuses its own cache."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_extract_with_an_engine_on_samples(shapes_dir, tmp_path):
     paths = sorted(shapes_dir.rglob("*.png"))[:5]
     samples = [Sample(str(p), p.name, p.parent.name) for p in paths]
     sha = [f"{i:040d}" for i in range(5)]
-    key = "engine-test-" + tmp_path.name
+    key = f"engine-test-{uuid.uuid4().hex}"  # tmp_path names repeat across sessions; the cache persists
     feats, stats = emb.extract(bb, samples, sha, pre, key, 1, engine=Engine("onnx"))
     assert feats.shape == (5, 1, bb.feature_dim) and stats["computed"] == 5
     ref, stats = emb.extract(bb, samples, sha, pre, key + "-torch", 1, engine=Engine("torch"))
