@@ -130,8 +130,79 @@ def test_final_evaluation_through_onnx_runtime(shapes_dir, tmp_path, monkeypatch
     assert [ref.labels[i] for i in probs.argmax(1)] == [r["predicted"] for r in rows]
     np.testing.assert_allclose(probs.max(1), [float(r["probability"]) for r in rows], atol=1e-4)
     assert classforge.load(run).backend == "onnxruntime"
+    # new weights (a resumed run) make the exported files stale: saving the model removes them
+    from classforge.config import TrainConfig
+    from classforge.serve.predictor import load_run_model
+    from classforge.training.run import save_model
+
+    model, _, labels = load_run_model(run)
+    save_model(run, model, TrainConfig.load(run / "config.yaml"), labels)
+    assert not (run / "model.onnx").exists() and not (run / "export.json").exists()
+    assert classforge.load(run).backend == "torch"
     plain = classforge.train(shapes_dir, tmp_path / "torch", epochs=2, eval_engine="torch")
     assert json.loads((plain / "summary.json").read_text())["evaluation"]["engine"] == "torch-fp32"
     assert not (plain / "model.onnx").exists()
     with pytest.raises(ClassforgeError, match="--eval-engine"):
         classforge.train(shapes_dir, tmp_path / "bad", epochs=1, eval_engine="tensorrt")
+
+
+def test_eval_engine_resolution(monkeypatch):
+    from classforge.training.engines import resolve_eval_engine
+
+    assert resolve_eval_engine("torch") == "torch" and resolve_eval_engine("onnx", "torch") == "onnx"
+    assert resolve_eval_engine("auto", "onnx") == "onnx" and resolve_eval_engine("auto", "torch") == "torch"
+    monkeypatch.setenv("CLASSFORGE_NO_BF16", "1")  # a CPU without native bf16: extraction and evaluation on ORT
+    assert resolve_eval_engine("auto") == "onnx"
+    with pytest.raises(ClassforgeError, match="--eval-engine must be one of"):
+        resolve_eval_engine("tensorrt")
+
+
+def test_extraction_builds_its_engine_once_and_decodes_a_bounded_way_ahead(shapes_dir, tmp_path):
+    """One engine build per backbone (not per split), and at most PREFETCH batches decoded ahead of the forward
+    pass: decoding outruns the forward pass, so an unbounded queue would hold a whole dataset in memory."""
+    import threading
+
+    class Counting(Engine):
+        builds = 0
+
+        def build(self, backbone, cache):
+            if self._built is None or self._built[0] is not backbone:
+                Counting.builds += 1
+            return super().build(backbone, cache)
+
+    bb = create_backbone("cnn_small")
+    pre = make_preprocessor(bb.spec)
+    lock, loaded, ahead = threading.Lock(), [0], []
+
+    class CountingPre:
+        def load(self, src):
+            with lock:
+                loaded[0] += 1
+            return pre.load(src)
+
+        def eval(self, raw):
+            return pre.eval(raw)
+
+    paths = sorted(shapes_dir.rglob("*.png"))
+    samples = [Sample(str(p), p.name, p.parent.name) for p in paths]
+    engine = Counting("torch")
+    run = engine.build(bb, tmp_path / "e")
+    assert engine.build(bb, tmp_path / "e") is run and Counting.builds == 1
+    done = [0]
+    real = engine._built[2]
+
+    def slow(x):  # the forward pass is the slow side, as with a real backbone
+        import time
+
+        time.sleep(0.05)
+        with lock:
+            ahead.append(loaded[0] - done[0])
+        done[0] += len(x)
+        return real(x)
+
+    key = f"bounded-{uuid.uuid4().hex}"
+    engine._built = (bb, emb.EmbeddingCache(key).dir / "engine", slow)  # extract() builds for this cache: reused
+    sha = [f"{uuid.uuid4().hex}{i:08d}" for i in range(len(samples))]
+    feats, stats = emb.extract(bb, samples, sha, CountingPre(), key, 1, batch_size=2, engine=engine)
+    assert stats["computed"] == len(samples) == feats.shape[0] and Counting.builds == 1
+    assert len(samples) > 2 * (emb.PREFETCH + 1) and max(ahead) <= 2 * (emb.PREFETCH + 1)

@@ -31,19 +31,10 @@ def eval_predictor(run: Path, model, labels: list[str], cfg) -> tuple[Predictor,
     where the extraction engine resolves to onnx: CPUs without native bf16) exports RUN/model.onnx through
     `classforge export`'s parity check first; any failure falls back to PyTorch fp32 with a note. Either way the
     run's `predict` and server then use the same path (they pick model.onnx when it exists)."""
-    from classforge.training.engines import onnxruntime_available, resolve_engine
+    from classforge.training.engines import resolve_eval_engine
 
-    name = getattr(cfg, "eval_engine", "auto") or "auto"
-    if name not in ("auto", "torch", "onnx"):
-        raise ClassforgeError(f"--eval-engine must be auto, torch or onnx, not {name!r}")
-    use_onnx = name == "onnx"
-    if name == "auto" and onnxruntime_available():
-        try:
-            use_onnx = resolve_engine(cfg.extract_engine or "auto") == "onnx"
-        except ClassforgeError:
-            use_onnx = False
     info: dict = {"engine": "torch-fp32"}
-    if use_onnx:
+    if resolve_eval_engine(cfg.eval_engine, cfg.extract_engine) == "onnx":
         from classforge.export import export_run
 
         t = time.time()

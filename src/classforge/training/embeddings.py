@@ -116,11 +116,14 @@ def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key
                 xs += [preprocessor.train(raw) for _ in range(views - 1)]
         return i, xs
 
+    def load_chunk(chunk: list[int]):
+        return [load(i) for i in chunk]
+
     chunks = iter([todo[j:j + batch_size] for j in range(0, len(todo), batch_size)])
     with ThreadPoolExecutor(max_workers=2) as pool:
         # At most PREFETCH decoded batches wait in memory (decoding outruns the forward pass several times over, so
         # an unbounded queue would hold the whole dataset); the first ones decode while the engine is built.
-        pending = deque(pool.submit(lambda ch: [load(i) for i in ch], ch) for ch in islice(chunks, PREFETCH))
+        pending = deque(pool.submit(load_chunk, ch) for ch in islice(chunks, PREFETCH))
         t0 = time.perf_counter()
         forward = engine.build(backbone, cache.dir / "engine")
         t1 = time.perf_counter()
@@ -129,7 +132,7 @@ def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key
             loaded = pending.popleft().result()
             nxt = next(chunks, None)
             if nxt is not None:
-                pending.append(pool.submit(lambda ch: [load(i) for i in ch], nxt))
+                pending.append(pool.submit(load_chunk, nxt))
             idx = [i for i, _ in loaded]
             xs = [x for _, vs in loaded for x in vs]
             feats = forward(torch.stack(xs)).numpy()

@@ -1,7 +1,8 @@
 """How the frozen backbone runs when embeddings are extracted: the fastest exact path this machine has.
 
-- ``torch``: eager PyTorch, channels_last, bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX), fp32
-  elsewhere (fp16 autocast on CUDA).
+- ``torch``: PyTorch, channels_last; on CPUs with native bf16 (AVX512-BF16 / AMX) image backbones run as a frozen
+  TorchScript graph under bf16 autocast (eager bf16 autocast if tracing fails or CLASSFORGE_NO_JIT=1; measured on
+  hymenoptera with Lite0: 167 images/s against 126 eager), fp32 elsewhere (fp16 autocast on CUDA).
 - ``onnx``: the backbone exported once to ONNX (kept in the embedding cache) and run by ONNX Runtime in fp32.
 
 ``auto`` picks torch where bf16 is native or a GPU is used, else ONNX Runtime. Measured (EfficientNet-Lite0,
@@ -12,7 +13,8 @@ training photos) ran 1.9x faster than fp32 here but its Lite0 features had a cos
 0.85 (mean; 0.71 worst) with the fp32 ones on hymenoptera photos, so it is not offered for extraction.
 
 Only training-time features come from here. The Predictor (evaluation, predict, serving) stays fp32 so that a
-file's probabilities never depend on its batch neighbours.
+file's probabilities never depend on its batch neighbours: PyTorch fp32, or ONNX Runtime fp32 where
+`resolve_eval_engine` picks it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ def resolve_engine(name: str, device: str = "cpu") -> str:
     if device != "cpu" or fast_cpu_bf16() or not onnxruntime_available():
         return "torch"
     return "onnx"
+
+
+EVAL_ENGINES = ("auto", "torch", "onnx")
+
+
+def resolve_eval_engine(name: str, extract_engine: str = "auto") -> str:
+    """--eval-engine -> 'torch' or 'onnx' for the final evaluation. 'auto' follows the extraction engine: ONNX
+    Runtime where extraction resolves to it (CPUs without native bf16), else PyTorch fp32."""
+    if name not in EVAL_ENGINES:
+        raise ClassforgeError(f"--eval-engine must be one of {', '.join(EVAL_ENGINES)}, not {name!r}")
+    if name != "auto":
+        return name
+    return "onnx" if resolve_engine(extract_engine) == "onnx" else "torch"
 
 
 @dataclass
@@ -179,4 +194,5 @@ def engine_for(name: str, device: str = "cpu") -> Engine:
     return Engine(resolve_engine(name, device), device)
 
 
-__all__ = ["ENGINES", "Engine", "engine_for", "fast_cpu_bf16", "resolve_engine"]
+__all__ = ["ENGINES", "EVAL_ENGINES", "Engine", "engine_for", "fast_cpu_bf16", "resolve_engine",
+           "resolve_eval_engine"]

@@ -82,8 +82,9 @@ def train(cfg: TrainConfig) -> Path:
     """Train, save and evaluate one run; returns the run directory."""
     if cfg.strategy not in STRATEGIES + ("auto",):
         raise ClassforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
-    if cfg.eval_engine not in ("auto", "torch", "onnx"):  # checked now, not after training
-        raise ClassforgeError(f"--eval-engine must be auto, torch or onnx, not {cfg.eval_engine!r}")
+    from classforge.training.engines import resolve_eval_engine
+
+    resolve_eval_engine(cfg.eval_engine, cfg.extract_engine)  # bad names fail now, not after training
     if cfg.track:
         from classforge.tracking import check_tracker
 
