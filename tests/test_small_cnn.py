@@ -209,6 +209,31 @@ def test_pooled_block_shapes_and_options():
         create_backbone("cnn", pretrained=False, block="dense")
 
 
+def test_plain_256k_is_the_fast_net_in_vgg_order():
+    """Same layers and parameter count as cnn_fast_256k, but every conv of a stage runs before the stage's pool:
+    the convs see 31/31, 15/15, 7/7 px maps instead of 31/15, 15/7, 7/3, so about twice the multiply-adds."""
+    from classforge.models.anatomy import describe
+
+    fast = create_backbone("cnn_fast_256k", pretrained=False, num_classes=10)
+    plain = create_backbone("cnn_plain_256k", pretrained=False, num_classes=10)
+    assert total_params(plain, 10) == total_params(fast, 10) <= 256_000
+    assert isinstance(plain.whiten, PatchWhiten) and isinstance(plain.pool, nn.AdaptiveMaxPool2d)
+
+    def conv_sides(b):
+        sides = []
+        hooks = [m.register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
+                 for m in b.modules() if isinstance(m, nn.Conv2d) and not isinstance(m, PatchWhiten)]
+        b.eval()(torch.randn(1, 3, 32, 32))
+        for h in hooks:
+            h.remove()
+        return sides
+
+    assert conv_sides(fast) == [31, 15, 15, 7, 7, 3]  # the pooled block: conv, pool, conv at the pooled size
+    assert conv_sides(plain) == [31, 31, 15, 15, 7, 7]
+    macs = {n: describe(Classifier(b, 10), (3, 32, 32)).totals["macs"] for n, b in (("fast", fast), ("plain", plain))}
+    assert 1.8 < macs["plain"] / macs["fast"] < 2.1
+
+
 def test_test_time_augmentation_modes():
     """tta=flip averages the image and its mirror; flip-shift adds one-pixel shifts (reflect-padded) and their
     mirrors. Both only at eval time; a mirror-symmetric input gives the same features with flip as without."""

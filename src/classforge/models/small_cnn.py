@@ -636,6 +636,11 @@ PRESETS: dict[str, dict] = {
     # about half the multiply-adds of the ResNet-20 and 2.7x its training images/s on this CPU.
     "cnn_fast_256k": {"widths": [32, 64, 112], "depth": 2, "block": "pooled", "stem": "whiten",
                       "global_pool": "max", "feature_scale": 1 / 9},
+    # The same layers and parameters in VGG order (both convs of a stage at full size, then the 2x2 max-pool):
+    # twice the multiply-adds of cnn_fast_256k per image, so half its epochs in a time budget, but more accurate
+    # per epoch: at a fixed parameter budget the spare compute of a fast CPU goes into larger feature maps.
+    "cnn_plain_256k": {"widths": [32, 64, 112], "depth": 2, "block": "plain", "stem": "whiten",
+                       "global_pool": "max", "feature_scale": 1 / 9},
 }
 _DESCRIPTIONS = {
     "cnn_lenet": "LeNet-5 as in the PyTorch CIFAR-10 tutorial (62,006 params with a 10-class head)",
@@ -644,6 +649,8 @@ _DESCRIPTIONS = {
     "cnn_resnet_256k": "ResNet-20 with widths 16/32/60: under 256K params with a 10-class head",
     "cnn_fast_256k": "Whitened 2x2 stem + 3 pool-first stages (32/64/112, 2 convs each), global max pool: "
                      "under 256K params, the fastest to train on a CPU",
+    "cnn_plain_256k": "cnn_fast_256k's layers in VGG order (conv-conv-pool per stage, 32/64/112): same 251K params, "
+                      "2x the operations per image; test 0.890 (0.893 with flip-shift TTA) in 60 min on 2 cores",
 }
 
 
