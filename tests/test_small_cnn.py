@@ -234,6 +234,30 @@ def test_plain_256k_is_the_fast_net_in_vgg_order():
     assert 1.8 < macs["plain"] / macs["fast"] < 2.1
 
 
+def test_one_block_type_per_stage():
+    """block="pooled,pooled,plain": the first two stages pool after their first conv, the last pools after both,
+    so its second conv (the largest layer) runs on 7x7 maps instead of 3x3; same weights as cnn_fast_256k, and
+    the same state_dict keys as a net of one block type would have for those stages."""
+    fast = create_backbone("cnn_fast_256k", pretrained=False, num_classes=10)
+    hybrid = create_backbone("cnn_fast_256k", pretrained=False, num_classes=10, block="pooled,pooled,plain")
+    assert total_params(hybrid, 10) == total_params(fast, 10)
+    sides = []
+    for m in hybrid.modules():
+        if isinstance(m, nn.Conv2d) and not isinstance(m, PatchWhiten):
+            m.register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
+    assert hybrid.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 112)
+    assert sides == [31, 15, 15, 7, 7, 7]
+    plain = create_backbone("cnn_plain_256k", pretrained=False, num_classes=10)
+    hybrid.stages[3].load_state_dict(plain.stages[3].state_dict())  # a plain stage is a plain stage
+    assert hybrid.config["block"] == "pooled,pooled,plain"
+    with pytest.raises(ClassforgeError, match="3 stages"):
+        create_backbone("cnn_fast_256k", pretrained=False, block="pooled,plain")
+    with pytest.raises(ClassforgeError, match="cannot be mixed"):
+        create_backbone("cnn", pretrained=False, block="residual,plain,plain")
+    with pytest.raises(ClassforgeError, match="block must be one of"):
+        create_backbone("cnn", pretrained=False, block="pooled,dense,plain")
+
+
 def test_test_time_augmentation_modes():
     """tta=flip averages the image and its mirror; flip-shift adds one-pixel shifts (reflect-padded) and their
     mirrors. Both only at eval time; a mirror-symmetric input gives the same features with flip as without."""

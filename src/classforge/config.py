@@ -55,6 +55,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads while training (0 = torch's default, one per core)
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights used for validation and the result (0 = off)
     patience: int = 5
     time_budget: str | None = None  # "10m", "1h", "90s"
     precision: str = "auto"  # auto | 32-true | bf16-mixed

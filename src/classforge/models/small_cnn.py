@@ -9,6 +9,8 @@ One family, `cnn`, covers the classic shapes:
   shape of Keller Jordan's fast CIFAR-10 nets, airbench). With ``stem="whiten"`` a frozen 2×2 patch-whitening
   conv (`PatchWhiten`, fitted on training images before training) comes first; ``global_pool="max"`` and
   ``feature_scale`` complete that recipe.
+- ``block="pooled,pooled,plain"``: one of the two above per stage (e.g. the last stage's convolutions at the
+  larger size, where most of the parameters are, before its pool).
 - ``block="residual"``: a 3×3 stem, then per stage ``depth`` basic blocks (conv-BN-ReLU-conv-BN + shortcut,
   ReLU), the first block of every later stage with stride 2, then global average pooling (ResNet-20/32/56
   for CIFAR, He et al. 2016, §4.2). Shortcuts are "option A" (identity; stride-2 subsampling and zero-padded
@@ -208,6 +210,41 @@ def _parse_ints(value: Any, what: str) -> list[int]:
 TTA_MODES = ("none", "flip", "flip-shift")
 
 
+def _parse_blocks(block: Any, n: int) -> list[str]:
+    """One block type for every stage ("pooled"), or one per stage ("pooled,pooled,plain" or a list)."""
+    kinds = [b.strip() for b in block.split(",")] if isinstance(block, str) else [str(b) for b in block]
+    for k in kinds:
+        if k not in BLOCKS:
+            raise ClassforgeError(f"block must be one of {', '.join(BLOCKS)} (or one per stage, comma-separated), "
+                                  f"got {block!r}")
+    if len(kinds) == 1:
+        return kinds * n
+    if len(kinds) != n:
+        raise ClassforgeError(f"block lists {len(kinds)} types but there are {n} stages (widths)")
+    return kinds
+
+
+def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool, side: int):
+    """One plain or pooled stage -> (module, channels out, side out).
+
+    plain: d x (Conv -> [BN] -> ReLU), then a 2x2 max-pool. pooled: Conv -> 2x2 max-pool -> [BN] -> ReLU, then
+    d - 1 x (Conv -> [BN] -> ReLU) at the pooled size."""
+    layers: list[nn.Module] = []
+    for j in range(d):
+        layers.append(nn.Conv2d(cin if j == 0 else w, w, k, 1, pad, bias=not bn))
+        side = side + 2 * pad - k + 1
+        if kind == "pooled" and j == 0:
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
+        if bn:
+            layers.append(nn.BatchNorm2d(w))
+        layers.append(nn.ReLU(inplace=True))
+    if kind == "plain":
+        layers.append(nn.MaxPool2d(2))
+        side //= 2
+    return nn.Sequential(*layers), w, side
+
+
 class SmallCNN(Backbone):
     """A from-scratch CNN: stages of plain or residual blocks, then global pooling or flatten + hidden FCs.
 
@@ -225,11 +262,13 @@ class SmallCNN(Backbone):
         hidden = _parse_ints(hidden, "hidden")
         if not widths:
             raise ClassforgeError("widths must list at least one stage width")
-        if block not in BLOCKS:
-            raise ClassforgeError(f"block must be one of {', '.join(BLOCKS)}, got {block!r}")
+        blocks = _parse_blocks(block, len(widths))
+        if "residual" in blocks and len(set(blocks)) > 1:
+            raise ClassforgeError(f"block=residual cannot be mixed with other block types per stage, got {block!r}")
+        block = blocks[0] if len(set(blocks)) == 1 else ",".join(blocks)
         if stem not in ("none", "whiten"):
             raise ClassforgeError(f"stem must be 'none' or 'whiten', got {stem!r}")
-        if stem == "whiten" and block == "residual":
+        if stem == "whiten" and blocks[0] == "residual":
             raise ClassforgeError("stem=whiten is for the plain and pooled blocks (residual nets have a conv stem)")
         if tta not in TTA_MODES:
             raise ClassforgeError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
@@ -253,54 +292,31 @@ class SmallCNN(Backbone):
             whiten = PatchWhiten(in_channels, 2)
             stages.append(nn.Sequential(whiten, nn.ReLU(inplace=True)))
             cin, side = whiten.out_channels, side - 1
-        if block == "pooled":
-            for w, d in zip(widths, depths):
-                layers = [nn.Conv2d(cin, w, kernel_size, 1, pad, bias=not batch_norm), nn.MaxPool2d(2)]
-                side = (side + 2 * pad - kernel_size + 1) // 2
-                for j in range(d):
-                    if j > 0:
-                        layers.append(nn.Conv2d(w, w, kernel_size, 1, pad, bias=not batch_norm))
-                        side = side + 2 * pad - kernel_size + 1
-                    if batch_norm:
-                        layers.append(nn.BatchNorm2d(w))
-                    layers.append(nn.ReLU(inplace=True))
-                cin = w
-                if side < 1:
-                    raise ClassforgeError(f"input_size {input_size} is too small for {len(widths)} pooled stages")
-                stages.append(nn.Sequential(*layers))
-        elif block == "plain":
-            for w, d in zip(widths, depths):
-                layers: list[nn.Module] = []
-                for _ in range(d):
-                    layers.append(nn.Conv2d(cin, w, kernel_size, 1, pad, bias=not batch_norm))
-                    if batch_norm:
-                        layers.append(nn.BatchNorm2d(w))
-                    layers.append(nn.ReLU(inplace=True))
-                    cin, side = w, side + 2 * pad - kernel_size + 1
-                layers.append(nn.MaxPool2d(2))
-                side //= 2
+        if blocks[0] != "residual":
+            for w, d, kind in zip(widths, depths, blocks):
+                stage, cin, side = _conv_stage(kind, cin, w, d, kernel_size, pad, batch_norm, side)
                 if side < 1:
                     raise ClassforgeError(f"input_size {input_size} is too small for {len(widths)} stages "
                                           f"of {kernel_size}x{kernel_size} convs and 2x2 pooling")
-                stages.append(nn.Sequential(*layers))
+                stages.append(stage)
         else:
             stem = nn.Sequential(nn.Conv2d(cin, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                  nn.ReLU(inplace=True))
             cin = widths[0]
             for i, (w, d) in enumerate(zip(widths, depths)):
-                blocks: list[nn.Module] = [stem] if i == 0 else []
+                res_blocks: list[nn.Module] = [stem] if i == 0 else []
                 for j in range(d):
                     stride = 2 if (i > 0 and j == 0) else 1
-                    blocks.append(BasicBlock(cin, w, stride))
+                    res_blocks.append(BasicBlock(cin, w, stride))
                     cin = w
                     side = (side - 1) // stride + 1
-                stages.append(nn.Sequential(*blocks))
+                stages.append(nn.Sequential(*res_blocks))
         self.stages = nn.ModuleList(stages)
 
         if global_pool == "max":
             self.pool: nn.Module = nn.AdaptiveMaxPool2d(1)
             flat = cin
-        elif global_pool or block == "residual":
+        elif global_pool or blocks[0] == "residual":
             self.pool = nn.AdaptiveAvgPool2d(1)
             flat = cin
         else:
@@ -654,7 +670,8 @@ _DESCRIPTIONS = {
 }
 
 
-@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|residual, "
+@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|pooled|residual "
+                   "(or one per stage: pooled,pooled,plain), "
                    "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)", budget_aware=True)
 def cnn(pretrained: bool = False, weights: str | None = None, **kwargs) -> SmallCNN:
     # `pretrained` is accepted for the common factory signature; these nets have no published weights.

@@ -100,17 +100,98 @@ def per_class_columns(pl_module) -> dict:
     return out
 
 
-class BestWeights(Callback):
-    """Keep the weights of the best epoch in memory (by the monitored metric) and restore them at the end."""
+class EMAWeights(Callback):
+    """An exponential moving average of the weights (parameters and BatchNorm statistics), updated after every
+    optimizer step: ema = d * ema + (1 - d) * w, with d = min(decay, (1 + n) / (10 + n)) after n updates so
+    that the average does not drag the random initialisation along early on (the warm-up of timm's ModelEmaV2
+    and TensorFlow's ExponentialMovingAverage with num_updates).
 
-    def __init__(self, monitor: str):
-        self.monitor, self.best, self.state = monitor, float("inf"), None
+    Validation, and so early stopping, the best-epoch weights, the curves and the final scores, uses the
+    averaged weights: they are swapped in for every validation and copied into the model when training ends.
+    Lightning's own EMAWeightAveraging wraps the whole LightningModule in an AveragedModel (a deep copy whose
+    state does not reach our best-epoch snapshot); this one averages the model's state_dict in place."""
+
+    def __init__(self, decay: float):
+        if not 0.0 < decay < 1.0:
+            from classforge.models.registry import ClassforgeError
+
+            raise ClassforgeError(f"--ema must be a decay between 0 and 1 (e.g. 0.999), or 0 for off; got {decay}")
+        self.decay, self.updates = float(decay), 0
+        self.ema: dict[str, torch.Tensor] | None = None
+        self._live: dict[str, torch.Tensor] | None = None
+
+    def _state(self, pl_module) -> dict[str, torch.Tensor]:
+        return pl_module.model.state_dict()
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.ema is None:  # not restored from a checkpoint
+            self.ema = {k: t.detach().clone() for k, t in self._state(pl_module).items()}
+        else:
+            self.ema = {k: t.to(pl_module.device) for k, t in self.ema.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, w in self._state(pl_module).items():
+            e = self.ema[k]
+            if e.dtype.is_floating_point:
+                e.lerp_(w.detach(), 1.0 - d)  # e = d * e + (1 - d) * w
+            else:
+                e.copy_(w)  # e.g. BatchNorm's num_batches_tracked
+
+    @torch.no_grad()
+    def _swap(self, pl_module) -> None:
+        for k, w in self._state(pl_module).items():
+            tmp = w.detach().clone()
+            w.copy_(self.ema[k])
+            self.ema[k].copy_(tmp)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if self.ema is not None and trainer.state.fn == "fit":
+            self._swap(pl_module)
+            self._live = self.ema  # now holds the live weights until validation ends
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self._live is not None:
+            self._swap(pl_module)
+            self._live = None
+
+    def averaged_state(self, pl_module) -> dict[str, torch.Tensor]:
+        """The averaged weights, whether or not they are swapped in right now."""
+        src = self._state(pl_module) if self._live is not None else self.ema
+        return {k: t.detach().cpu().clone() for k, t in src.items()}
+
+    @torch.no_grad()
+    def on_train_end(self, trainer, pl_module):
+        if self.ema is not None and self._live is None:
+            for k, w in self._state(pl_module).items():
+                w.copy_(self.ema[k])
+
+    def state_dict(self):
+        return {"decay": self.decay, "updates": self.updates,
+                "ema": {k: t.detach().cpu() for k, t in (self.ema or {}).items()}}
+
+    def load_state_dict(self, state_dict):
+        self.updates = int(state_dict.get("updates", 0))
+        self.ema = dict(state_dict["ema"]) or None
+
+
+class BestWeights(Callback):
+    """Keep the weights of the best epoch in memory (by the monitored metric) and restore them at the end.
+    With an `EMAWeights` callback the validation scored the averaged weights, so those are the ones kept."""
+
+    def __init__(self, monitor: str, ema: EMAWeights | None = None):
+        self.monitor, self.best, self.state, self.ema = monitor, float("inf"), None, ema
 
     def on_train_epoch_end(self, trainer, pl_module):
         v = trainer.callback_metrics.get(self.monitor)
         if v is not None and float(v) < self.best:
             self.best = float(v)
-            self.state = copy.deepcopy({k: t.detach().cpu() for k, t in pl_module.model.state_dict().items()})
+            if self.ema is not None and self.ema.ema is not None:
+                self.state = self.ema.averaged_state(pl_module)
+            else:
+                self.state = copy.deepcopy({k: t.detach().cpu() for k, t in pl_module.model.state_dict().items()})
 
     def on_fit_end(self, trainer, pl_module):
         if self.state is not None:
@@ -127,9 +208,11 @@ def resolve_precision(cfg: TrainConfig, accelerator: str) -> str:
 
 def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monitor: str, *,
                  distributed: bool = True, checkpoints: bool = True, precision: str | None = None,
-                 max_time_s: float | None = None, extra_callbacks: list | None = None):
-    hist, best = History(stage), BestWeights(monitor)
-    callbacks = [hist, best, EarlyStopping(monitor=monitor, patience=cfg.patience, mode="min")]
+                 max_time_s: float | None = None, extra_callbacks: list | None = None, ema_ok: bool = True):
+    ema = EMAWeights(cfg.ema) if cfg.ema and ema_ok else None
+    hist, best = History(stage), BestWeights(monitor, ema)
+    # EMA first: its swap must precede every other callback's validation hooks
+    callbacks = ([ema] if ema else []) + [hist, best, EarlyStopping(monitor=monitor, patience=cfg.patience, mode="min")]
     if checkpoints:
         # Best by the monitor, plus the latest epoch as last.ckpt for --resume. Lightning 2.6 refreshes
         # `save_last` only when a top-k checkpoint is written (i.e. when the monitor improves), so a separate
