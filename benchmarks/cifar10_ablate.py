@@ -24,9 +24,9 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from cifar10_trials import load_arrays  # the sibling script's decoder and cache
 
 from classforge.models.registry import Classifier
 from classforge.models.small_cnn import CIFAR10_MEAN, CIFAR10_STD, PRESETS, TTA_MODES, SmallCNN
@@ -34,30 +34,6 @@ from classforge.training.module import batch_crop_flip
 from classforge.training.schedules import onecycle_factor
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
-
-
-def load_arrays(cache: Path) -> dict[str, np.ndarray]:
-    """train/test as (N, 3, 32, 32) uint8 + labels, decoded once into the cache."""
-    f = cache / "cifar10-uint8-nchw.npz"
-    if not f.exists():
-        from PIL import Image
-
-        if not DATA.exists():
-            raise SystemExit(f"{DATA} not found: this benchmark needs ../shared/datasets/cifar10")
-        classes = sorted(p.name for p in (DATA / "train").iterdir())
-        out = {}
-        for split in ("train", "test"):
-            xs, ys = [], []
-            for i, c in enumerate(classes):
-                for p in sorted((DATA / split / c).glob("*.jpg")):
-                    xs.append(np.asarray(Image.open(p).convert("RGB")))
-                    ys.append(i)
-            out[f"{split}_x"], out[f"{split}_y"] = np.stack(xs).transpose(0, 3, 1, 2).copy(), np.array(ys)
-        cache.mkdir(parents=True, exist_ok=True)
-        np.savez(f, **out)
-    d = np.load(f)
-    return {k: d[k] for k in d.files}
 
 
 def main() -> None:
@@ -81,15 +57,17 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
 
-    d = load_arrays(Path(a.cache))
-    x_all, y_all = torch.from_numpy(d["train_x"]), torch.from_numpy(d["train_y"]).long()
+    d = load_arrays(Path(a.cache))  # (N, 32, 32, 3) uint8, decoded once into the cache
+    x_all = torch.from_numpy(d["xtrain"]).permute(0, 3, 1, 2).contiguous()
+    y_all = torch.from_numpy(d["ytrain"]).long()
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(y_all), generator=g)
     vi = torch.cat([perm[y_all[perm] == c][:250] for c in range(10)])  # stratified 5%: 250 per class
     keep = torch.ones(len(y_all), dtype=torch.bool)
     keep[vi] = False
     xtr, ytr, xva, yva = x_all[keep], y_all[keep], x_all[vi], y_all[vi]
-    xte, yte = torch.from_numpy(d["test_x"]), torch.from_numpy(d["test_y"]).long()
+    xte = torch.from_numpy(d["xtest"]).permute(0, 3, 1, 2).contiguous()
+    yte = torch.from_numpy(d["ytest"]).long()
     mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1) * 255
     inv_std = 1 / (torch.tensor(CIFAR10_STD).view(1, 3, 1, 1) * 255)
 
