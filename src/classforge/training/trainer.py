@@ -208,8 +208,8 @@ def resolve_precision(cfg: TrainConfig, accelerator: str) -> str:
 
 def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monitor: str, *,
                  distributed: bool = True, checkpoints: bool = True, precision: str | None = None,
-                 max_time_s: float | None = None, extra_callbacks: list | None = None, ema_ok: bool = True):
-    ema = EMAWeights(cfg.ema) if cfg.ema and ema_ok else None
+                 max_time_s: float | None = None, extra_callbacks: list | None = None):
+    ema = EMAWeights(cfg.ema) if cfg.ema else None
     hist, best = History(stage), BestWeights(monitor, ema)
     # EMA first: its swap must precede every other callback's validation hooks
     callbacks = ([ema] if ema else []) + [hist, best, EarlyStopping(monitor=monitor, patience=cfg.patience, mode="min")]
