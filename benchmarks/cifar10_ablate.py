@@ -4,6 +4,7 @@ variants can run side by side (one thread each) on exactly the same data, split 
     python benchmarks/cifar10_ablate.py --budget 840 --threads 1 --ema 0.995            # baseline + its EMA
     python benchmarks/cifar10_ablate.py --budget 840 --threads 1 --ema 0.995 --altflip  # alternating flips
     python benchmarks/cifar10_ablate.py --arch cnn_fast_256k --set 'block="pooled,pooled,plain"'
+    python benchmarks/cifar10_ablate.py --budget 840 --threads 1 --cutout 8                 # cutout
 
 The recipe is benchmarks/cifar10_budget.py's: SGD Nesterov 0.9, weight decay on weights only, one-cycle over the
 wall-clock budget (schedules.onecycle_factor), label smoothing 0.2, batch 256, pad-4 crop + flip, the
@@ -30,7 +31,7 @@ from cifar10_trials import load_arrays  # the sibling script's decoder and cache
 
 from classforge.models.registry import Classifier
 from classforge.models.small_cnn import CIFAR10_MEAN, CIFAR10_STD, PRESETS, TTA_MODES, SmallCNN
-from classforge.training.module import batch_crop_flip
+from classforge.training.module import batch_crop_flip, batch_cutout
 from classforge.training.schedules import onecycle_factor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--label-smoothing", type=float, default=0.2)
     ap.add_argument("--pad", type=int, default=4)
+    ap.add_argument("--cutout", type=int, default=0, help="side of the cutout square (0: off), as --cutout of train")
     ap.add_argument("--ema", type=float, default=0.0, help="also keep and score an EMA of the weights")
     ap.add_argument("--altflip", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -117,7 +119,10 @@ def main() -> None:
                 xb = torch.where(((b % 2) == (epoch % 2))[:, None, None, None], xb.flip(3), xb)
             else:
                 xb = batch_crop_flip(xtr[b], a.pad, True, gen)
-            out = model(norm(xb))
+            xb = norm(xb)
+            if a.cutout:
+                xb = batch_cutout(xb, a.cutout, gen)
+            out = model(xb)
             loss = F.cross_entropy(out, ytr[b], label_smoothing=a.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,7 +16,7 @@ from conftest import make_image_folder
 
 import classforge
 from classforge.models.registry import ClassforgeError
-from classforge.training.module import TensorBatchDataset, batch_crop_flip
+from classforge.training.module import FileDataset, TensorBatchDataset, batch_crop_flip, batch_cutout
 from classforge.training.schedules import Progress, lr_factor, make_lambda
 
 
@@ -89,6 +89,49 @@ def test_batch_crop_flip_is_a_shifted_or_flipped_copy():
     assert xb.is_contiguous(memory_format=torch.channels_last) and yb.tolist() == [3, 1]
     ref = (ds.images[[3, 1]].float() / 255 - 0.5) / 0.25
     assert torch.allclose(xb, ref, atol=1e-5)
+
+
+def test_cutout_blanks_one_clipped_square_per_image():
+    x = torch.randn(200, 3, 16, 16) + 10  # no value is 0 before cutout
+    g = torch.Generator().manual_seed(1)
+    y = batch_cutout(x, 6, g)
+    assert x.min() > 0  # the input is left as it was
+    zero = (y == 0)
+    assert torch.equal(zero[:, 0], zero[:, 1]) and torch.equal(zero[:, 0], zero[:, 2])  # all channels alike
+    assert torch.equal(y[~zero], x[~zero])  # everything else untouched
+    sizes = set()
+    for m in zero[:, 0]:
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        assert len(rows) and len(cols)  # the centre is a pixel of the image, so some of the square is always in
+        assert int(m.sum()) == len(rows) * len(cols)  # one axis-aligned rectangle
+        assert rows.diff().eq(1).all() and cols.diff().eq(1).all() and len(rows) <= 6 and len(cols) <= 6
+        assert (len(rows) == 6 or rows[0] == 0 or rows[-1] == 15) and (len(cols) == 6 or cols[0] == 0 or cols[-1] == 15)
+        sizes.add(int(m.sum()))
+    assert 36 in sizes and min(sizes) <= 12  # whole squares inside, clipped ones at the borders
+    # In the batched path the square is the mean pixel (0 after normalising); evaluation batches are untouched.
+    imgs = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.2, 0.4, 0.6), (0.25, 0.25, 0.25)
+    tr = TensorBatchDataset(imgs, list(range(64)), mean, std, train=True, pad=0, flip=False, cutout=4)
+    ev = TensorBatchDataset(imgs, list(range(64)), mean, std, train=False, cutout=4)
+    xb, _ = tr[list(range(64))]
+    ref, _ = ev[list(range(64))]
+    blank = (xb == 0).all(1)  # (B, H, W)
+    assert blank.any((1, 2)).all() and torch.equal(xb[~blank[:, None].expand_as(xb)], ref[~blank[:, None].expand_as(ref)])
+    # Per-sample path (large images): the same operation on each training tensor.
+    class Pre:
+        def train(self, raw):
+            return raw.clone()
+        eval = train
+    fd = FileDataset([torch.full((3, 10, 10), 5.0)], [0], Pre(), train=True, cutout=3)
+    assert (fd[0][0] == 0).all(0).sum() in range(1, 10)
+    assert (FileDataset(fd.raws, [0], Pre(), train=False, cutout=3)[0][0] == 5.0).all()
+
+
+def test_cutout_bad_values_say_what_to_do(tiny, tmp_path):
+    with pytest.raises(ClassforgeError, match="between 1 and 31"):
+        classforge.train(tiny, tmp_path / "a", backbone="cnn_small", strategy="scratch", epochs=1, cutout=40)
+    with pytest.raises(ClassforgeError, match="--strategy linear"):
+        classforge.train(tiny, tmp_path / "b", backbone="cnn_small", strategy="linear", epochs=1, cutout=8)
 
 
 def test_channels_last_reaches_weights_and_inputs():

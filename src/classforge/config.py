@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | 32-true | bf16-mixed
     grad_checkpointing: bool = False
     augment: str = "light"  # none | light | strong
+    cutout: int = 0  # images, full-fit training: zero (= the mean pixel) a random square of this side in each training image
     views: int = 1  # augmented views per image for cached embeddings (linear)
     extract_engine: str = "auto"  # frozen-backbone forward for cached embeddings: auto | torch | onnx
     eval_engine: str = "auto"  # final evaluation: auto (onnx where extraction resolves to onnx) | torch | onnx

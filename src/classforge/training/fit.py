@@ -179,6 +179,17 @@ def forward_ops(model: Classifier) -> dict:
             model.backbone.tta = tta
 
 
+def check_cutout(cutout: int, spec) -> None:
+    if not cutout:
+        return
+    if spec.task != "image":
+        raise ClassforgeError("--cutout blanks a square of an image; for audio, masking on the log-mel "
+                              "spectrogram is the equivalent (-a spec_augment=true)")
+    if not 0 < cutout < spec.size:
+        raise ClassforgeError(f"--cutout is the side of the blanked square in input pixels: between 1 and "
+                              f"{spec.size - 1} for this {spec.size}x{spec.size} input, got {cutout}")
+
+
 def make_loaders(model: Classifier, data, cfg: TrainConfig):
     """(train_dl, val_dl, fast). Small images with the pad-crop-flip recipe go through TensorBatchDataset
     (whole batches augmented with tensor ops); everything else through per-sample transforms."""
@@ -186,6 +197,8 @@ def make_loaders(model: Classifier, data, cfg: TrainConfig):
 
     spec = model.backbone.spec
     from classforge.training.run import audio_kwargs
+
+    check_cutout(cfg.cutout, spec)
 
     pre = make_preprocessor(spec, augment=cfg.augment, max_pixels=cfg.max_pixels, seed=cfg.seed, **audio_kwargs(cfg))
     tr, va = data.of("train"), data.of("val")
@@ -200,7 +213,7 @@ def make_loaders(model: Classifier, data, cfg: TrainConfig):
     if fast:
         pad = max(1, spec.size // 8) if pre.augment == "cifar" else 0
         train_ds = TensorBatchDataset(to_uint8(raws_tr, spec), ytr, spec.mean, spec.std, train=True, pad=pad,
-                                      flip=pre.augment == "cifar", seed=cfg.seed)
+                                      flip=pre.augment == "cifar", seed=cfg.seed, cutout=cfg.cutout)
         base = sampler if sampler is not None else RandomSampler(train_ds, generator=g)
         train_dl = DataLoader(train_ds, sampler=BatchSampler(base, bs, drop_last=len(train_ds) > bs), batch_size=None)
         val_dl = None
@@ -209,7 +222,7 @@ def make_loaders(model: Classifier, data, cfg: TrainConfig):
             val_dl = DataLoader(val_ds, sampler=BatchSampler(SequentialSampler(val_ds), vbs, drop_last=False),
                                 batch_size=None)
         return train_dl, val_dl, True
-    train_ds = FileDataset(raws_tr, ytr, pre, train=True)
+    train_ds = FileDataset(raws_tr, ytr, pre, train=True, cutout=cfg.cutout)
     val_ds = FileDataset(raws_va, yva, pre, train=False) if raws_va else None
     train_dl = DataLoader(train_ds, batch_size=bs, shuffle=sampler is None, sampler=sampler,
                           drop_last=len(train_ds) > bs, num_workers=cfg.num_workers,

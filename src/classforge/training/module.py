@@ -16,8 +16,9 @@ from classforge.training.schedules import Progress, make_lambda
 class FileDataset(Dataset):
     """Decoded files held in memory (decoded once), transformed per access: train or eval."""
 
-    def __init__(self, raws: list, labels: list[int], preprocessor, train: bool):
+    def __init__(self, raws: list, labels: list[int], preprocessor, train: bool, cutout: int = 0):
         self.raws, self.labels, self.pre, self.train = raws, labels, preprocessor, train
+        self.cutout = int(cutout)
 
     def __len__(self) -> int:
         return len(self.raws)
@@ -25,6 +26,8 @@ class FileDataset(Dataset):
     def __getitem__(self, i):
         raw = self.raws[i]
         x = self.pre.train(raw) if self.train else self.pre.eval(raw)
+        if self.train and self.cutout and x.ndim == 3:  # (C, H, W) normalised image: 0 is the mean pixel
+            x = batch_cutout(x[None], self.cutout)[0]
         return x, self.labels[i]
 
 
@@ -33,17 +36,18 @@ class TensorBatchDataset(Dataset):
 
     Indexed with a list of indices (use it with `sampler=BatchSampler(...)`, `batch_size=None`); augmentation
     runs on the whole batch with tensor ops: zero-pad by `pad`, random S x S crop, horizontal flip
-    (the CIFAR recipe), then float + normalise, channels_last. Per-sample PIL/torchvision transforms cost
+    (the CIFAR recipe), optionally cutout (a random `cutout` x `cutout` square set to the mean pixel), then
+    float + normalise, channels_last. Per-sample PIL/torchvision transforms cost
     more than the network itself on 32x32 images; this costs about a millisecond per batch of 256."""
 
     def __init__(self, images: torch.Tensor, labels: list[int], mean, std, train: bool, pad: int = 4,
-                 flip: bool = True, seed: int = 0):
+                 flip: bool = True, seed: int = 0, cutout: int = 0):
         self.images = images  # (N, C, S, S) uint8
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         c = images.shape[1]
         self.mean = torch.tensor(mean[:c], dtype=torch.float32).view(1, c, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(std[:c], dtype=torch.float32).view(1, c, 1, 1) * 255)
-        self.train, self.pad, self.flip = train, int(pad), flip
+        self.train, self.pad, self.flip, self.cutout = train, int(pad), flip, int(cutout)
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -55,6 +59,8 @@ class TensorBatchDataset(Dataset):
         if self.train:
             x = batch_crop_flip(x, self.pad, self.flip, self.gen)
         x = (x.float() - self.mean) * self.inv_std
+        if self.train and self.cutout:
+            x = batch_cutout(x, self.cutout, self.gen)  # after normalising, so the square is the mean pixel
         return x.contiguous(memory_format=torch.channels_last), self.labels[idx]
 
 
@@ -72,6 +78,21 @@ def batch_crop_flip(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator 
         m = torch.rand(b, generator=gen) < 0.5
         x = torch.where(m[:, None, None, None], x.flip(3), x)
     return x
+
+
+def batch_cutout(x: torch.Tensor, size: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017): zero a size x size square per sample, centred on a uniformly random
+    pixel, so near a border only part of it lies inside the image. x: (B, C, H, W) float, normalised (0 is
+    the mean pixel). Returns a new tensor."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b,), generator=gen)
+    cx = torch.randint(0, w, (b,), generator=gen)
+    y0, x0 = cy - size // 2, cx - size // 2  # the square covers [y0, y0 + size) x [x0, x0 + size), clipped
+    ys, xs = torch.arange(h), torch.arange(w)
+    in_y = (ys[None, :] >= y0[:, None]) & (ys[None, :] < (y0 + size)[:, None])  # (B, H)
+    in_x = (xs[None, :] >= x0[:, None]) & (xs[None, :] < (x0 + size)[:, None])  # (B, W)
+    keep = ~(in_y[:, :, None] & in_x[:, None, :])  # (B, H, W)
+    return x * keep[:, None].to(x.dtype)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):

@@ -174,6 +174,9 @@ def resolve_for_data(cfg: TrainConfig, data: Prepared) -> TrainConfig:
             unset = {"epochs": cfg.epochs == 0, "lr": cfg.lr == "default",
                      "backbone_lr_mult": cfg.backbone_lr_mult is None}
             changes.update({k: v for k, v in AUDIO_FINETUNE.items() if unset[k]})
+    if cfg.cutout and changes.get("strategy", cfg.strategy) == "linear":
+        raise ClassforgeError("--cutout augments images while the network trains; --strategy linear trains a head on "
+                              "cached embeddings (use --views K for augmented embeddings), or drop --cutout")
     changes["extra"] = extra
     return cfg.replace(**changes)
 
