@@ -88,7 +88,8 @@ def speed(args) -> None:
                 ("bf16 autocast", "bf16-mixed", False, False),
                 ("bf16 autocast + channels_last", "bf16-mixed", True, False)]
     if args.compile:
-        settings.append(("bf16 autocast + channels_last + torch.compile", "bf16-mixed", True, True))
+        settings += [("fp32 channels_last + torch.compile", "32-true", True, True),
+                     ("bf16 autocast + channels_last + torch.compile", "bf16-mixed", True, True)]
     if args.only:
         settings = [st for st in settings if st[0] in args.only.split(",")]
     best: dict[str, float] = {}

@@ -127,7 +127,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "epochs_run": trainer.current_epoch, "stopped_by": stop_reason(trainer),
                         "optimizer": optimizer, "lr": module.lr, "schedule": cfg.schedule,
                         "weight_decay": module.weight_decay, "time_budget_s": budget,
-                        "data_path": "batched tensors (in-memory uint8, batch crop+flip)" if fast else "per-sample",
+                        "data_path": data_path_desc(fast, cfg.cutout),
                         "channels_last": module.channels_last, "compiled": bool(cfg.compile),
                         "threads": torch.get_num_threads(),
                         "forward_ops_per_sample": ops.get("ops"), "forward_macs_per_sample": ops.get("macs")}
@@ -177,6 +177,11 @@ def forward_ops(model: Classifier) -> dict:
     finally:
         if tta != "none":
             model.backbone.tta = tta
+
+
+def data_path_desc(fast: bool, cutout: int) -> str:
+    cut = f" + cutout {cutout}x{cutout}" if cutout else ""
+    return f"batched tensors (in-memory uint8, batch crop+flip{cut})" if fast else f"per-sample{cut}"
 
 
 def check_cutout(cutout: int, spec) -> None:
