@@ -5,6 +5,7 @@ variants can run side by side (one thread each) on exactly the same data, split 
     python benchmarks/cifar10_ablate.py --budget 840 --threads 1 --ema 0.995 --altflip  # alternating flips
     python benchmarks/cifar10_ablate.py --arch cnn_fast_256k --set 'block="pooled,pooled,plain"'
     python benchmarks/cifar10_ablate.py --budget 840 --threads 1 --cutout 8                 # cutout
+    python benchmarks/cifar10_ablate.py --budget 3000 --threads 1 --train-subset 10000 --cutout 8  # over-fitted regime
 
 The recipe is benchmarks/cifar10_budget.py's: SGD Nesterov 0.9, weight decay on weights only, one-cycle over the
 wall-clock budget (schedules.onecycle_factor), label smoothing 0.2, batch 256, pad-4 crop + flip, the
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--cutout", type=int, default=0, help="side of the cutout square (0: off), as --cutout of train")
     ap.add_argument("--ema", type=float, default=0.0, help="also keep and score an EMA of the weights")
     ap.add_argument("--altflip", action="store_true")
+    ap.add_argument("--train-subset", type=int, default=0,
+                    help="train on a stratified N of the training split (0: all): an over-fitted regime in little time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--cache", default=os.environ.get("CLASSFORGE_CACHE", str(Path.home() / ".cache" / "classforge")))
@@ -68,6 +71,10 @@ def main() -> None:
     keep = torch.ones(len(y_all), dtype=torch.bool)
     keep[vi] = False
     xtr, ytr, xva, yva = x_all[keep], y_all[keep], x_all[vi], y_all[vi]
+    if a.train_subset:  # the same images whatever the other options: drawn with the split's generator state
+        sub = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1))
+        sub = torch.cat([sub[ytr[sub] == c][:a.train_subset // 10] for c in range(10)])
+        xtr, ytr = xtr[sub], ytr[sub]
     xte = torch.from_numpy(d["xtest"]).permute(0, 3, 1, 2).contiguous()
     yte = torch.from_numpy(d["ytest"]).long()
     mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1) * 255
