@@ -71,7 +71,7 @@ def main() -> None:
     keep = torch.ones(len(y_all), dtype=torch.bool)
     keep[vi] = False
     xtr, ytr, xva, yva = x_all[keep], y_all[keep], x_all[vi], y_all[vi]
-    if a.train_subset:  # the same images whatever the other options: drawn with the split's generator state
+    if a.train_subset:  # the same images whatever the other options (a generator of its own, seed 1)
         sub = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1))
         sub = torch.cat([sub[ytr[sub] == c][:a.train_subset // 10] for c in range(10)])
         xtr, ytr = xtr[sub], ytr[sub]

@@ -127,11 +127,16 @@ def test_cutout_blanks_one_clipped_square_per_image():
     assert (FileDataset(fd.raws, [0], Pre(), train=False, cutout=3)[0][0] == 5.0).all()
 
 
-def test_cutout_bad_values_say_what_to_do(tiny, tmp_path):
+def test_cutout_bad_values_say_what_to_do(tiny, tmp_path, monkeypatch):
     with pytest.raises(ClassforgeError, match="between 1 and 31"):
         classforge.train(tiny, tmp_path / "a", backbone="cnn_small", strategy="scratch", epochs=1, cutout=40)
     with pytest.raises(ClassforgeError, match="--strategy linear"):
         classforge.train(tiny, tmp_path / "b", backbone="cnn_small", strategy="linear", epochs=1, cutout=8)
+    # two-stage: refused before its first stage extracts embeddings, not after it
+    monkeypatch.setenv("CLASSFORGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ClassforgeError, match="between 1 and 31"):
+        classforge.train(tiny, tmp_path / "c", backbone="cnn_small", strategy="two-stage", epochs=1, cutout=40)
+    assert not (tmp_path / "cache" / "embeddings").exists()
 
 
 def test_channels_last_reaches_weights_and_inputs():

@@ -184,17 +184,6 @@ def data_path_desc(fast: bool, cutout: int) -> str:
     return f"batched tensors (in-memory uint8, batch crop+flip{cut})" if fast else f"per-sample{cut}"
 
 
-def check_cutout(cutout: int, spec) -> None:
-    if not cutout:
-        return
-    if spec.task != "image":
-        raise ClassforgeError("--cutout blanks a square of an image; for audio, masking on the log-mel "
-                              "spectrogram is the equivalent (-a spec_augment=true)")
-    if not 0 < cutout < spec.size:
-        raise ClassforgeError(f"--cutout is the side of the blanked square in input pixels: between 1 and "
-                              f"{spec.size - 1} for this {spec.size}x{spec.size} input, got {cutout}")
-
-
 def make_loaders(model: Classifier, data, cfg: TrainConfig):
     """(train_dl, val_dl, fast). Small images with the pad-crop-flip recipe go through TensorBatchDataset
     (whole batches augmented with tensor ops); everything else through per-sample transforms."""
@@ -202,8 +191,6 @@ def make_loaders(model: Classifier, data, cfg: TrainConfig):
 
     spec = model.backbone.spec
     from classforge.training.run import audio_kwargs
-
-    check_cutout(cfg.cutout, spec)
 
     pre = make_preprocessor(spec, augment=cfg.augment, max_pixels=cfg.max_pixels, seed=cfg.seed, **audio_kwargs(cfg))
     tr, va = data.of("train"), data.of("val")

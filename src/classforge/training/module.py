@@ -26,7 +26,7 @@ class FileDataset(Dataset):
     def __getitem__(self, i):
         raw = self.raws[i]
         x = self.pre.train(raw) if self.train else self.pre.eval(raw)
-        if self.train and self.cutout and x.ndim == 3:  # (C, H, W) normalised image: 0 is the mean pixel
+        if self.train and self.cutout:  # (C, H, W) normalised image (run.check_cutout: images only): 0 is the mean
             x = batch_cutout(x[None], self.cutout)[0]
         return x, self.labels[i]
 

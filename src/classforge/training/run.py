@@ -106,6 +106,7 @@ def train(cfg: TrainConfig) -> Path:
         attach_ops(backbone, cfg.preprocess)  # into the InputSpec: model.json, cache key, every preprocessor
     model = Classifier(backbone, len(data.labels), cfg.dropout)
     check_budget(cfg, model)
+    check_cutout(cfg, backbone.spec)  # before any stage: two-stage would otherwise fail after its embeddings
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
     extra: dict = {}
     history: list[dict] = []
@@ -128,6 +129,20 @@ def train(cfg: TrainConfig) -> Path:
 
         track_run(run, cfg.track, cfg.track_uri)
     return run
+
+
+def check_cutout(cfg: TrainConfig, spec) -> None:
+    if not cfg.cutout:
+        return
+    if spec.task != "image":
+        raise ClassforgeError("--cutout blanks a square of an image; for audio, masking on the log-mel "
+                              "spectrogram is the equivalent (-a spec_augment=true)")
+    if cfg.strategy == "linear":
+        raise ClassforgeError("--cutout augments images while the network trains; --strategy linear trains a head on "
+                              "cached embeddings (use --views K for augmented embeddings), or drop --cutout")
+    if not 0 < cfg.cutout < spec.size:
+        raise ClassforgeError(f"--cutout is the side of the blanked square in input pixels: between 1 and "
+                              f"{spec.size - 1} for this {spec.size}x{spec.size} input, got {cfg.cutout}")
 
 
 DEFAULT_BACKBONE = {"image": "efficientnet_lite0", "audio": "efficientat_mn04"}
@@ -174,9 +189,6 @@ def resolve_for_data(cfg: TrainConfig, data: Prepared) -> TrainConfig:
             unset = {"epochs": cfg.epochs == 0, "lr": cfg.lr == "default",
                      "backbone_lr_mult": cfg.backbone_lr_mult is None}
             changes.update({k: v for k, v in AUDIO_FINETUNE.items() if unset[k]})
-    if cfg.cutout and changes.get("strategy", cfg.strategy) == "linear":
-        raise ClassforgeError("--cutout augments images while the network trains; --strategy linear trains a head on "
-                              "cached embeddings (use --views K for augmented embeddings), or drop --cutout")
     changes["extra"] = extra
     return cfg.replace(**changes)
 
