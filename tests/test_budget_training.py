@@ -15,7 +15,7 @@ import torch
 from conftest import make_image_folder
 
 import classforge
-from classforge.models.registry import ClassforgeError
+from classforge.models.registry import Classifier, ClassforgeError, create_backbone
 from classforge.training.module import FileDataset, TensorBatchDataset, batch_crop_flip, batch_cutout
 from classforge.training.schedules import Progress, lr_factor, make_lambda
 
@@ -237,6 +237,43 @@ def test_sweep_batch_cli_writes_its_table(tiny, tmp_path):
         assert r["stopped_by"] == "time budget"
         assert float(r["epochs"]) > 0 and r["epoch_time"] in ("measured", "estimated")
         assert (out / f"bs{r['batch_size']}" / "metrics.csv").is_file()
+
+
+def test_frozen_whiten_bias_stops_backprop_at_the_first_conv(tiny, tmp_path):
+    """whiten_bias=frozen (the default): the same function as a trained bias at the start, the same gradients for
+    every weight after the stem, but nothing before the first conv needs a gradient, so backpropagation stops there
+    (the speed gain); through the real training path the stem is left exactly as fitted and the saved run reloads
+    frozen."""
+    from safetensors.torch import load_file
+
+    from classforge.models.small_cnn import PatchWhiten
+
+    torch.manual_seed(0)
+    trained = Classifier(create_backbone("cnn_fast_256k", pretrained=False, whiten_bias="train"), 10)
+    frozen = Classifier(create_backbone("cnn_fast_256k", pretrained=False), 10)
+    frozen.load_state_dict(trained.state_dict())
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
+    trained.backbone.init_from_data(x)
+    frozen.backbone.init_from_data(x)
+    stem_out = {}
+    for name, m in (("trained", trained), ("frozen", frozen)):
+        m.backbone.stages[0].register_forward_hook(lambda mod, i, o, name=name: stem_out.__setitem__(name, o))
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    assert stem_out["trained"].requires_grad and not stem_out["frozen"].requires_grad
+    torch.testing.assert_close(stem_out["frozen"], stem_out["trained"])
+    assert trained.backbone.whiten.bias.grad is not None and frozen.backbone.whiten.bias.grad is None
+    for (n, a), b in zip(trained.named_parameters(), frozen.parameters()):
+        if not n.startswith("backbone.stages.0."):
+            torch.testing.assert_close(b.grad, a.grad, msg=n)
+
+    run = classforge.train(tiny, tmp_path / "frozen", backbone="cnn_fast_256k", epochs=2, batch_size=8)
+    sd = load_file(str(run / "model.safetensors"))
+    assert torch.count_nonzero(sd["backbone.stages.0.0.bias"]) == 0  # fit() zeroes it; frozen, it stays zero
+    loaded = classforge.load(run, backend="torch")
+    whiten = [m for m in loaded.model.modules() if isinstance(m, PatchWhiten)]
+    assert len(whiten) == 1 and not whiten[0].train_bias
+    with pytest.raises(ClassforgeError, match="whiten_bias must be 'train' or 'frozen'"):
+        create_backbone("cnn_fast_256k", pretrained=False, whiten_bias="fixed")
 
 
 def test_whitened_stem_is_fitted_on_training_data_and_saved(tiny, tmp_path):

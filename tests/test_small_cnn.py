@@ -61,8 +61,9 @@ def test_every_preset_forward_backward(name):
     loss = nn.functional.cross_entropy(model(x), torch.tensor([1, 7]))
     loss.backward()
     assert torch.isfinite(loss)
-    # every weight learns, except the patch-whitening filters (fitted from data, frozen by design)
-    frozen = {id(m.weight) for m in model.modules() if isinstance(m, PatchWhiten)}
+    # every weight learns, except the patch-whitening stem (filters fitted from data, frozen by design; its bias
+    # frozen too by default, so that backpropagation stops at the first trained conv)
+    frozen = {id(p) for m in model.modules() if isinstance(m, PatchWhiten) for p in (m.weight, m.bias)}
     assert all((p.grad is None) == (id(p) in frozen) for p in model.parameters())
     # param_groups: every parameter exactly once, from input to output
     groups = model.backbone.param_groups()
