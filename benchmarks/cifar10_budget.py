@@ -275,7 +275,7 @@ def tta(args) -> None:
             acc = float((logits.argmax(1) == y).mean())
             res["modes"].setdefault(mode, {})[sp] = {"accuracy": round(acc, 4), "n": len(y),
                                                       "images_per_s": round(len(y) / (time.perf_counter() - t))}
-            print(f"{sp:5s} tta={mode:10s} accuracy {acc:.4f} (n={len(y)})", flush=True)
+            print(f"{sp:5s} tta={mode:11s} accuracy {acc:.4f} (n={len(y)})", flush=True)
     best = max(TTA_MODES, key=lambda m: (res["modes"][m]["val"]["accuracy"], -TTA_MODES.index(m)))
     res["chosen_on_val"] = best
     res["date"] = dt.datetime.now().isoformat(timespec="minutes")

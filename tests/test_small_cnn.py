@@ -261,7 +261,7 @@ def test_one_block_type_per_stage():
 
 def test_test_time_augmentation_modes():
     """tta=flip averages the image and its mirror; flip-shift adds one-pixel shifts (reflect-padded) and their
-    mirrors. Both only at eval time; a mirror-symmetric input gives the same features with flip as without."""
+    mirrors; flip-shift8 averages all nine one-pixel positions, each with its mirror. Both only at eval time; a mirror-symmetric input gives the same features with flip as without."""
     torch.manual_seed(0)
     plain = create_backbone("cnn_fast_256k", pretrained=False, num_classes=10).eval()
     x = torch.randn(4, 3, 32, 32)
@@ -272,7 +272,11 @@ def test_test_time_augmentation_modes():
         ul, dr = xp[..., :32, :32], xp[..., 2:, 2:]
         shifted = [plain(v) for v in (ul, ul.flip(3), dr, dr.flip(3))]
         ref_shift = 0.5 * ref_flip + 0.5 * torch.stack(shifted).mean(0)
-        for mode, ref in (("flip", ref_flip), ("flip-shift", ref_shift)):
+        # flip-shift8: the image at each of its 8 one-pixel neighbours and itself, each with its mirror, equal weights
+        nine = [xp[..., i:i + 32, j:j + 32] for i in range(3) for j in range(3)]
+        ref_shift8 = torch.stack([plain(u) for v in nine for u in (v, v.flip(3))]).mean(0)
+        assert torch.equal(nine[4], x)
+        for mode, ref in (("flip", ref_flip), ("flip-shift", ref_shift), ("flip-shift8", ref_shift8)):
             plain.tta = mode
             out = plain(x)
             assert torch.allclose(out, ref, atol=1e-5), mode
