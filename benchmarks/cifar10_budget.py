@@ -242,42 +242,21 @@ def report(args) -> None:
 # -------------------------------------------------------------------------------------------------- tta
 def tta(args) -> None:
     """Re-score a finished run's validation and test splits (split.csv) with each test-time augmentation mode of
-    the small CNNs. The mode to use is chosen on validation accuracy; test accuracy is printed beside it only to
-    be reported, not to choose. Writes RUN_DIR/tta.json."""
-    import numpy as np
+    the small CNNs (classforge.tta.score_modes, what `classforge tta RUN --test` uses). The mode is chosen on
+    validation accuracy; test accuracy is printed beside it only to be reported, not to choose. Writes
+    RUN_DIR/tta.json; unlike `classforge tta` it leaves the run's model.json as it is."""
     import torch
 
-    from classforge.serve.predictor import Predictor
+    from classforge.tta import choose, score_modes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run_dir)
-    data = Path(json.loads((run / "summary.json").read_text()).get("data", args.data))
-    with open(run / "split.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] in ("val", "test")]
-    pred = Predictor.from_run(run, backend="torch")
-    labels = {c: i for i, c in enumerate(pred.labels)}
-    bb = pred.model.backbone
-    if not hasattr(bb, "tta"):
-        sys.exit(f"{run}: backbone {type(bb).__name__} has no test-time augmentation modes")
-    from classforge.models.small_cnn import TTA_MODES
-
-    trained_with = bb.tta
-    res: dict = {"run": str(run), "trained_with": trained_with, "modes": {}}
+    res = score_modes(run, ("val", "test"), data=args.data if not (run / "config.yaml").is_file() else None)
     for sp in ("val", "test"):
-        sub = [r for r in rows if r["split"] == sp]
-        x = torch.stack([pred.preprocess(data / r["path"]) for r in sub])
-        y = np.array([labels[r["label"]] for r in sub])
-        for mode in TTA_MODES:
-            bb.tta = mode
-            t = time.perf_counter()
-            logits = np.concatenate([pred.forward(x[i:i + 500]) for i in range(0, len(x), 500)])
-            acc = float((logits.argmax(1) == y).mean())
-            res["modes"].setdefault(mode, {})[sp] = {"accuracy": round(acc, 4), "n": len(y),
-                                                      "images_per_s": round(len(y) / (time.perf_counter() - t))}
-            print(f"{sp:5s} tta={mode:11s} accuracy {acc:.4f} (n={len(y)})", flush=True)
-    best = max(TTA_MODES, key=lambda m: (res["modes"][m]["val"]["accuracy"], -TTA_MODES.index(m)))
-    res["chosen_on_val"] = best
+        for mode, v in res["modes"].items():
+            print(f"{sp:5s} tta={mode:11s} accuracy {v[sp]['accuracy']:.4f} (n={v[sp]['n']})", flush=True)
+    res["chosen_on_val"] = choose(res)
     res["date"] = dt.datetime.now().isoformat(timespec="minutes")
     (run / "tta.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
