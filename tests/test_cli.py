@@ -12,7 +12,7 @@ from classforge.config import TrainConfig
 from classforge.models.registry import ClassforgeError
 
 runner = CliRunner()
-COMMANDS = ["inspect", "train", "evaluate", "predict", "backbones", "demo", "describe", "tta"]
+COMMANDS = ["inspect", "train", "evaluate", "predict", "backbones", "demo", "describe", "tta", "calibrate"]
 
 
 def test_top_level_help_lists_commands():

@@ -241,7 +241,8 @@ def demo(out: str = typer.Option("runs/demo", "--out", help="Run directory"),
 def _add_extensions() -> None:
     """Commands that live beside their feature (describe, export, serve, compare, search...)."""
     for mod in ("classforge.models.anatomy", "classforge.export", "classforge.serve.cli", "classforge.compare",
-                "classforge.search", "classforge.tracking", "classforge.sweep", "classforge.tta"):
+                "classforge.search", "classforge.tracking", "classforge.sweep", "classforge.tta",
+                "classforge.calibrate"):
         try:
             m = __import__(mod, fromlist=["add_commands"])
         except ImportError as e:

@@ -30,7 +30,8 @@ def _modes_of(model) -> tuple[str, ...]:
     return TTA_MODES
 
 
-def _split_samples(run: Path, data: str | None, splits: tuple[str, ...]) -> tuple[dict[str, list], str]:
+def split_samples(run: Path, data: str | None, splits: tuple[str, ...],
+                  hint: str = ", or set a mode without scoring (--mode flip)") -> tuple[dict[str, list], str]:
     """The run's files of each split (split.csv), found again under the data folder, readable ones only."""
     from classforge.config import TrainConfig
     from classforge.data.discover import discover
@@ -42,12 +43,10 @@ def _split_samples(run: Path, data: str | None, splits: tuple[str, ...]) -> tupl
     if not root and not (cfg and cfg.labels_csv):
         raise ClassforgeError(f"{run} does not record its data folder: give it with --data DIR")
     if root and not Path(root).is_dir():
-        raise ClassforgeError(f"data folder {root} not found: give the run's data folder with --data DIR, or set a "
-                              "mode without scoring (--mode flip)")
+        raise ClassforgeError(f"data folder {root} not found: give the run's data folder with --data DIR{hint}")
     rows = _read_split(run / "split.csv")
     if not rows:
-        raise ClassforgeError(f"{run}/split.csv is missing or empty: nothing to score the modes on; set a mode "
-                              "without scoring with --mode MODE")
+        raise ClassforgeError(f"{run}/split.csv is missing or empty: no validation files to score on{hint}")
     if cfg is not None:
         ds = discover(root or cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes)
     else:
@@ -71,7 +70,7 @@ def score_modes(run_dir: str | Path, splits: tuple[str, ...] = ("val",), data: s
     modes = modes or _modes_of(model)
     bb = model.backbone
     pred = Predictor(model, bb.spec, labels, fast=False)
-    samples, root = _split_samples(run, data, splits)
+    samples, root = split_samples(run, data, splits)
     idx = {c: i for i, c in enumerate(labels)}
     res: dict = {"run": str(run), "data": root, "trained_with": bb.tta, "modes": {m: {} for m in modes}}
     for sp in splits:

@@ -19,7 +19,6 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from classforge.data.image import BadFile
-from classforge.serve.predictor import Predictor, softmax
+from classforge.serve.predictor import Predictor
 
 log = logging.getLogger("classforge.serve")
 
@@ -296,7 +295,7 @@ def _infer(predictor: Predictor, items: list[tuple[str | None, bytes]], k: int, 
                 label = filename or f"file #{i + 1}"
                 raise ApiError(bad_file_status(str(e)), f"{label}: {e}") from None
         logits = predictor.forward_batched(torch.stack(xs))
-    res = predictor.postprocess(softmax(np.asarray(logits, dtype=np.float32)), k)
+    res = predictor.postprocess(predictor.probs(logits), k)
     return {"results": [{"filename": fn, **r} for (fn, _), r in zip(items, res)], "backend": predictor.backend,
             "model": name}
 

@@ -56,6 +56,7 @@ class Predictor:
         self.session = None
         self.backend = "torch"
         self.batcher = None
+        self.temperature = 1.0  # logits are divided by it before the softmax (`classforge calibrate` fits it)
         self._lock = threading.Lock()
         if onnx_path is not None:
             import onnxruntime as ort
@@ -97,6 +98,7 @@ class Predictor:
             model, meta, labels = load_run_model(run)
             p = cls(model, InputSpec.from_dict(meta["spec"]), labels, device=device, **kw)
         p.meta = meta
+        p.temperature = float(meta.get("temperature", 1.0))
         return p
 
     # -- preprocess -> forward -> postprocess
@@ -160,10 +162,14 @@ class Predictor:
         bar = progress(range(len(inputs)), total=len(inputs), desc=progress_desc or "Predicting", unit="file")
         for chunk in chunks:
             x = torch.stack([self.preprocess(s) for s in chunk])
-            out.append(softmax(self.forward(x)))
+            out.append(self.probs(self.forward(x)))
             bar.update(len(chunk))
         bar.close()
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+
+    def probs(self, logits) -> np.ndarray:
+        """(B, C) logits -> probabilities, with the run's calibration temperature."""
+        return softmax(np.asarray(logits, dtype=np.float32) / np.float32(self.temperature))
 
     def postprocess(self, probs: np.ndarray, top_k: int = 3) -> list[dict]:
         k = max(1, min(top_k, len(self.labels)))

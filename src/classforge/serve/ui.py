@@ -60,7 +60,7 @@ def create_ui(predictor, run_dir: str | Path, limits):
             except BadFile as e:
                 raise gr.Error(f"cannot use this file: {e}") from None
             logits = predictor.forward_batched(x[None])
-        probs = predictor.postprocess(_softmax(logits), int(k))[0]
+        probs = predictor.postprocess(predictor.probs(logits), int(k))[0]
         return {t["label"]: t["probability"] for t in probs["top_k"]}
 
     def classify(path: str | None, k: float):
@@ -133,8 +133,3 @@ def _summary_line(run: Path, predictor) -> str:
     return (f"{predictor.spec.task} classifier · {(getattr(predictor, 'meta', {}) or {}).get('backbone', '')} · "
             f"backend {predictor.backend}{acc}  \nLabels: {names}  \nREST API: [/docs](/docs)")
 
-
-def _softmax(logits) -> np.ndarray:
-    from classforge.serve.predictor import softmax
-
-    return softmax(np.asarray(logits, dtype=np.float32))

@@ -1,0 +1,158 @@
+"""Temperature scaling (Guo et al. 2017): make a trained run's probabilities honest without changing its answers.
+
+`classforge calibrate RUN` computes the run's logits on its own validation split (through the same Predictor that
+`predict` and the server use), finds the temperature T that minimises the negative log-likelihood of
+softmax(logits / T), and writes it into RUN/model.json. Every Predictor of the run (predict, evaluate, serve, the
+web UI) divides the logits by T from then on. Dividing by one positive number never changes which class is on
+top, so accuracy is unchanged; only the confidence moves (label smoothing, for example, leaves a net
+under-confident: T < 1 sharpens it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from classforge.models.registry import ClassforgeError
+
+T_RANGE = (0.05, 20.0)
+
+
+def _nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
+    z = logits / t
+    z = z - z.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The T in T_RANGE with the least NLL: a log-spaced grid, then golden-section search around its best point
+    (the NLL is smooth and, as a function of 1/T, convex)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    grid = np.geomspace(*T_RANGE, 200)
+    i = int(np.argmin([_nll(logits, y, t) for t in grid]))
+    lo, hi = np.log(grid[max(i - 1, 0)]), np.log(grid[min(i + 1, len(grid) - 1)])
+    g = (np.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        if _nll(logits, y, np.exp(a)) < _nll(logits, y, np.exp(b)):
+            hi = b
+        else:
+            lo = a
+    return float(np.exp((lo + hi) / 2))
+
+
+def _scores(logits: np.ndarray, y: np.ndarray, t: float) -> dict:
+    from classforge.evaluation.metrics import expected_calibration_error
+    from classforge.serve.predictor import softmax
+
+    p = softmax((logits / t).astype(np.float32))
+    return {"nll": round(_nll(logits.astype(np.float64), y, t), 4),
+            "ece": round(expected_calibration_error(y, p), 4),
+            "accuracy": round(float((p.argmax(1) == y).mean()), 4),
+            "mean_confidence": round(float(p.max(1).mean()), 4), "n": len(y)}
+
+
+def run_logits(run: Path, split: str, data: str | None = None, backend: str = "auto"):
+    """(logits, labels) of the run's `split` files through the run's Predictor (ONNX when exported)."""
+    import torch
+
+    from classforge.progress import progress
+    from classforge.serve.predictor import Predictor
+    from classforge.tta import split_samples
+
+    pred = Predictor.from_run(run, backend=backend)
+    samples, root = split_samples(run, data, (split,), hint="")
+    idx = {c: i for i, c in enumerate(pred.labels)}
+    sub = [s for s in samples[split] if s.label in idx]
+    if not sub:
+        raise ClassforgeError(f"the run has no {split} files to calibrate on (split.csv has none, or they are gone "
+                              f"from {root}); train with a validation split, e.g. --split 0.8,0.1,0.1")
+    out = []
+    bar = progress(range(len(sub)), total=len(sub), desc=f"Scoring {split}", unit="file")
+    for i in range(0, len(sub), 256):
+        chunk = sub[i:i + 256]
+        out.append(np.asarray(pred.forward(torch.stack([pred.preprocess(s.path) for s in chunk])), np.float32))
+        bar.update(len(chunk))
+    bar.close()
+    return np.concatenate(out), np.array([idx[s.label] for s in sub]), pred
+
+
+def calibrate_run(run_dir: str | Path, data: str | None = None, test: bool = False,
+                  temperature: float | None = None) -> dict:
+    """Fit (or set, with `temperature`) the run's temperature; write it into model.json and RUN/calibration.json."""
+    run = Path(run_dir)
+    meta_path = run / "model.json"
+    if not meta_path.is_file():
+        raise ClassforgeError(f"{run} is not a classforge run directory (missing model.json)")
+    if temperature is not None and not (T_RANGE[0] <= temperature <= T_RANGE[1]):
+        raise ClassforgeError(f"--temperature must be between {T_RANGE[0]} and {T_RANGE[1]}, got {temperature}")
+    meta = json.loads(meta_path.read_text())
+    before = float(meta.get("temperature", 1.0))
+    res: dict = {"run": str(run), "before": before}
+    given = temperature is not None
+    if temperature is None or test:
+        splits = ["val"] + (["test"] if test else [])
+        fitted = None
+        for sp in splits:
+            logits, y, pred = run_logits(run, sp, data)
+            if sp == "val" and temperature is None:
+                fitted = fit_temperature(logits, y)
+                if len(y) < 50:
+                    res["note"] = (f"only {len(y)} validation files: the temperature is uncertain; more "
+                                   "validation data gives a steadier estimate")
+            t_new = temperature if temperature is not None else fitted
+            res[sp] = {"uncalibrated": _scores(logits, y, 1.0), "calibrated": _scores(logits, y, t_new)}
+            res["backend"] = pred.backend
+        if temperature is None:
+            temperature = fitted
+    res["temperature"] = round(float(temperature), 4)
+    res["fitted_on"] = "given" if given else "val"
+    meta["temperature"] = res["temperature"]
+    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
+    res["date"] = dt.datetime.now().isoformat(timespec="seconds")
+    (run / "calibration.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def add_commands(app) -> None:
+    import typer
+
+    @app.command("calibrate")
+    def calibrate_cmd(
+        run_dir: str = typer.Argument(..., help="A run directory (from `classforge train`)"),
+        data: str = typer.Option(None, "--data", help="The run's data folder, if it moved since training"),
+        test: bool = typer.Option(False, "--test", help="Also report the test split before / after (not used "
+                                  "to fit)"),
+        temperature: float = typer.Option(None, "--temperature", help="Set this temperature instead of fitting "
+                                          "one (1 undoes calibration)"),
+    ):
+        """Calibrate a run's probabilities by temperature scaling, fitted on its validation split.
+
+        Finds the T minimising the validation negative log-likelihood of softmax(logits / T) and writes it into
+        RUN/model.json; predict, evaluate, serve and the web UI use it from then on. The predicted class never
+        changes, only how confident the probabilities are. Prints NLL, expected calibration error (ECE) and mean
+        confidence before and after; the figures go to RUN/calibration.json."""
+        from rich.table import Table
+
+        from classforge.cli import _run, console
+
+        r = _run(calibrate_run, run_dir, data=data, test=test, temperature=temperature)
+        splits = [sp for sp in ("val", "test") if sp in r]
+        if splits:
+            t = Table("split", "", "NLL", "ECE", "mean confidence", "accuracy")
+            for sp in splits:
+                for k in ("uncalibrated", "calibrated"):
+                    v = r[sp][k]
+                    t.add_row(f"{sp} (n={v['n']})", k, f"{v['nll']:.4f}", f"{v['ece']:.4f}",
+                              f"{v['mean_confidence']:.3f}", f"{v['accuracy']:.4f}")
+            console.print(t)
+        if r.get("note"):
+            console.print(f"[yellow]note:[/] {r['note']}")
+        console.print(f"temperature {r['before']:g} → [green]{r['temperature']:g}[/], written to "
+                      f"{Path(run_dir) / 'model.json'}; figures: {Path(run_dir) / 'calibration.json'}")
