@@ -4,15 +4,16 @@ of the run (predict, evaluate, the REST server), never changing the predicted cl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tree_checksums
 from typer.testing import CliRunner
 
 from classforge.calibrate import fit_temperature
 from classforge.cli import app
 from classforge.serve.predictor import Predictor, softmax
-from conftest import tree_checksums
 
 runner = CliRunner()
 
@@ -85,7 +86,7 @@ def test_server_uses_the_temperature(small_run):
     f = _val_files(small_run)[0]
     expected = Predictor.from_run(small_run, backend="torch").predict([f], top_k=3)[0]
     with ServerThread(create_app(small_run, ui=False, backend="torch")) as srv:
-        r = requests.post(srv.url + "/predict?top_k=3", files={"file": ("x.png", open(f, "rb").read())}, timeout=30)
+        r = requests.post(srv.url + "/predict?top_k=3", files={"file": ("x.png", Path(f).read_bytes())}, timeout=30)
     assert r.status_code == 200, r.text
     got = r.json()["results"][0]
     assert got["label"] == expected["label"]
