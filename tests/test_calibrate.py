@@ -104,3 +104,15 @@ def test_calibrate_errors_are_messages(small_run, tmp_path):
     assert out.exit_code != 0 and "--temperature must be between" in _flat(out)
     out = runner.invoke(app, ["calibrate", str(small_run), "--data", str(tmp_path / "gone")])
     assert out.exit_code != 0 and "not found" in _flat(out) and "Traceback" not in out.output
+
+
+def test_model_card_states_the_temperature(small_run):
+    from classforge.modelcard import write_model_card
+
+    write_model_card(small_run, license="mit")
+    out = runner.invoke(app, ["calibrate", str(small_run), "--temperature", "0.5"])
+    assert out.exit_code == 0, out.output
+    card = (small_run / "README.md").read_text()
+    assert "temperature T = 0.5" in card and "license: mit" in card  # refreshed, license kept
+    runner.invoke(app, ["calibrate", str(small_run), "--temperature", "1"])
+    assert "temperature T =" not in (small_run / "README.md").read_text()

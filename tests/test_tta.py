@@ -91,6 +91,7 @@ def test_given_mode_reexports_onnx(cnn_run):
     ref = torch_.predict_proba(files)
     np.testing.assert_allclose(onnx, ref, atol=1e-4)  # the exported graph has the 18 views now
     assert not np.allclose(onnx, p_none, atol=1e-4)  # and differs from the single-view model
+    assert "Test-time augmentation `flip-shift8` is inside the network" in (cnn_run / "README.md").read_text()
 
 
 def test_errors_are_messages(cnn_run, linear_run, tmp_path):

@@ -105,6 +105,15 @@ def body(run: Path) -> str:
               f"classforge predict {name} FILE...        # top-3 labels with probabilities",
               f"classforge serve {name}                  # REST API + web UI on http://127.0.0.1:8000", "```", "",
               f"Input: {inp}. Output: logits over the labels above, in `labels.json` order.", ""]
+    t = float(meta.get("temperature", 1.0))
+    if t != 1.0:
+        lines += [f"Calibrated: classforge divides the logits by the temperature T = {t:g} (`model.json`, fitted on "
+                  "the validation split by `classforge calibrate`) before the softmax; do the same when you run "
+                  "the ONNX file yourself. It never changes the predicted class.", ""]
+    tta = (meta.get("backbone_kwargs") or {}).get("tta", "none")
+    if tta != "none":
+        lines += [f"Test-time augmentation `{tta}` is inside the network (and inside `model.onnx`): each input is "
+                  "scored as the mean over its views.", ""]
     if exp:
         p = exp["parity"]
         lines += ["### ONNX", "",
@@ -145,6 +154,13 @@ def write_model_card(run_dir: str | Path, license: str | None = None) -> Path:
     if not (run / "model.json").is_file():
         raise ClassforgeError(f"{run} is not a classforge run directory (missing model.json)")
     fm = front_matter(run)
+    if license is None and (run / "README.md").is_file():  # a refresh keeps the license the card was given
+        old = (run / "README.md").read_text(encoding="utf-8")
+        if old.startswith("---\n") and "\n---\n" in old[4:]:
+            try:
+                license = (yaml.safe_load(old[4:old.index("\n---\n", 4)]) or {}).get("license")
+            except yaml.YAMLError:
+                license = None
     if license:
         fm = {"license": license, **fm}
     text = "---\n" + yaml.safe_dump(fm, sort_keys=False, allow_unicode=True) + "---\n\n" + body(run)
