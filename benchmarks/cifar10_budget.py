@@ -252,7 +252,7 @@ def tta(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run_dir)
-    res = score_modes(run, ("val", "test"), data=args.data if not (run / "config.yaml").is_file() else None)
+    res = score_modes(run, ("val", "test"), data=args.data)
     for sp in ("val", "test"):
         for mode, v in res["modes"].items():
             print(f"{sp:5s} tta={mode:11s} accuracy {v[sp]['accuracy']:.4f} (n={v[sp]['n']})", flush=True)
@@ -325,7 +325,7 @@ def main() -> None:
     p = sub.add_parser("tta", help="re-score a run's val and test with each test-time augmentation mode")
     p.add_argument("run_dir")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--data", default=str(DATA), help="CIFAR-10 folder (if summary.json does not name it)")
+    p.add_argument("--data", default=None, help="the run's data folder, if it moved since training")
     p.set_defaults(fn=tta)
     args = ap.parse_args()
     args.fn(args)

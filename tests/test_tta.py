@@ -75,7 +75,8 @@ def test_given_mode_reexports_onnx(cnn_run):
     from classforge.serve.predictor import Predictor
 
     runner.invoke(app, ["tta", str(cnn_run), "--mode", "none"])
-    export_run(cnn_run, n_parity=8, model_card=False)
+    export_run(cnn_run, n_parity=8, model_card=False, quantize="int8-dynamic")
+    int8_before = (cnn_run / "model.int8.onnx").read_bytes()
     data = json.loads((cnn_run / "summary.json").read_text())["data"]
     files = sorted(str(p) for p in Path(data).rglob("*.png"))[:12]
     p_none = Predictor.from_run(cnn_run, backend="onnx").predict_proba(files)
@@ -85,6 +86,9 @@ def test_given_mode_reexports_onnx(cnn_run):
     assert "re-exported model.onnx" in out.output
     res = json.loads((cnn_run / "tta.json").read_text())
     assert res["chosen"] == "flip-shift8" and res["chosen_on"] == "given" and "modes" not in res
+    assert res["reexported"] == ["model.onnx", "model.int8.onnx"]  # the int8 file follows, with its method
+    assert json.loads((cnn_run / "export.json").read_text())["int8"]["method"].startswith("dynamic")
+    assert (cnn_run / "model.int8.onnx").read_bytes() != int8_before
     onnx = Predictor.from_run(cnn_run, backend="onnx").predict_proba(files)
     torch_ = Predictor.from_run(cnn_run, backend="torch")
     assert torch_.model.backbone.tta == "flip-shift8"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -56,18 +55,14 @@ def _scores(logits: np.ndarray, y: np.ndarray, t: float) -> dict:
             "mean_confidence": round(float(p.max(1).mean()), 4), "n": len(y)}
 
 
-def run_logits(run: Path, split: str, data: str | None = None, backend: str = "auto"):
-    """(logits, labels) of the run's `split` files through the run's Predictor (ONNX when exported)."""
+def _logits(pred, samples: list, split: str, root: str) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, label indices) of `samples` through the run's Predictor (ONNX when exported)."""
     import torch
 
     from classforge.progress import progress
-    from classforge.serve.predictor import Predictor
-    from classforge.tta import split_samples
 
-    pred = Predictor.from_run(run, backend=backend)
-    samples, root = split_samples(run, data, (split,), hint="")
     idx = {c: i for i, c in enumerate(pred.labels)}
-    sub = [s for s in samples[split] if s.label in idx]
+    sub = [s for s in samples if s.label in idx]
     if not sub:
         raise ClassforgeError(f"the run has no {split} files to calibrate on (split.csv has none, or they are gone "
                               f"from {root}); train with a validation split, e.g. --split 0.8,0.1,0.1")
@@ -78,43 +73,35 @@ def run_logits(run: Path, split: str, data: str | None = None, backend: str = "a
         out.append(np.asarray(pred.forward(torch.stack([pred.preprocess(s.path) for s in chunk])), np.float32))
         bar.update(len(chunk))
     bar.close()
-    return np.concatenate(out), np.array([idx[s.label] for s in sub]), pred
+    return np.concatenate(out), np.array([idx[s.label] for s in sub])
 
 
 def calibrate_run(run_dir: str | Path, data: str | None = None, test: bool = False,
                   temperature: float | None = None) -> dict:
     """Fit (or set, with `temperature`) the run's temperature; write it into model.json and RUN/calibration.json."""
+    from classforge.evaluation.evaluate import split_samples
+    from classforge.serve.predictor import Predictor, update_run_meta
+
     run = Path(run_dir)
-    meta_path = run / "model.json"
-    if not meta_path.is_file():
-        raise ClassforgeError(f"{run} is not a classforge run directory (missing model.json)")
-    if temperature is not None and not (T_RANGE[0] <= temperature <= T_RANGE[1]):
-        raise ClassforgeError(f"--temperature must be between {T_RANGE[0]} and {T_RANGE[1]}, got {temperature}")
-    meta = json.loads(meta_path.read_text())
-    before = float(meta.get("temperature", 1.0))
-    res: dict = {"run": str(run), "before": before}
     given = temperature is not None
-    if temperature is None or test:
-        splits = ["val"] + (["test"] if test else [])
-        fitted = None
-        for sp in splits:
-            logits, y, pred = run_logits(run, sp, data)
-            if sp == "val" and temperature is None:
-                fitted = fit_temperature(logits, y)
-                if len(y) < 50:
-                    res["note"] = (f"only {len(y)} validation files: the temperature is uncertain; more "
-                                   "validation data gives a steadier estimate")
-            t_new = temperature if temperature is not None else fitted
-            res[sp] = {"uncalibrated": _scores(logits, y, 1.0), "calibrated": _scores(logits, y, t_new)}
-            res["backend"] = pred.backend
-        if temperature is None:
-            temperature = fitted
+    if given and not (T_RANGE[0] <= temperature <= T_RANGE[1]):
+        raise ClassforgeError(f"--temperature must be between {T_RANGE[0]} and {T_RANGE[1]}, got {temperature}")
+    pred = Predictor.from_run(run)  # also refuses a directory that is not a run
+    res: dict = {"run": str(run), "before": pred.temperature, "fitted_on": "given" if given else "val"}
+    splits = ([] if given else ["val"]) + (["test"] if test else [])
+    if splits:
+        samples, root = split_samples(run, data, tuple(splits))
+        res["backend"] = pred.backend
+    for sp in splits:  # val first: it fixes the temperature the test split is then scored with
+        logits, y = _logits(pred, samples[sp], sp, root)
+        if sp == "val":
+            temperature = fit_temperature(logits, y)
+            if len(y) < 50:
+                res["note"] = (f"only {len(y)} validation files: the temperature is uncertain; more validation "
+                               "data gives a steadier estimate")
+        res[sp] = {"uncalibrated": _scores(logits, y, 1.0), "calibrated": _scores(logits, y, temperature)}
     res["temperature"] = round(float(temperature), 4)
-    res["fitted_on"] = "given" if given else "val"
-    meta["temperature"] = res["temperature"]
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    update_run_meta(run, temperature=res["temperature"])
     res["date"] = dt.datetime.now().isoformat(timespec="seconds")
     (run / "calibration.json").write_text(json.dumps(res, indent=2))
     if (run / "README.md").is_file():  # the model card states the temperature: refresh it

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,40 +20,13 @@ from classforge.models.registry import ClassforgeError
 
 
 def _modes_of(model) -> tuple[str, ...]:
+    from classforge.models.small_cnn import TTA_MODES
+
     bb = model.backbone
     if not hasattr(bb, "tta"):
         raise ClassforgeError(f"backbone {type(bb).__name__} has no test-time augmentation modes (the cnn* image "
-                              "backbones have: none, flip, flip-shift, flip-shift8)")
-    from classforge.models.small_cnn import TTA_MODES
-
+                              f"backbones have: {', '.join(TTA_MODES)})")
     return TTA_MODES
-
-
-def split_samples(run: Path, data: str | None, splits: tuple[str, ...],
-                  hint: str = ", or set a mode without scoring (--mode flip)") -> tuple[dict[str, list], str]:
-    """The run's files of each split (split.csv), found again under the data folder, readable ones only."""
-    from classforge.config import TrainConfig
-    from classforge.data.discover import discover
-    from classforge.data.validate import validate
-    from classforge.evaluation.evaluate import _read_split
-
-    cfg = TrainConfig.load(run / "config.yaml") if (run / "config.yaml").is_file() else None
-    root = data or (cfg.data if cfg else None)
-    if not root and not (cfg and cfg.labels_csv):
-        raise ClassforgeError(f"{run} does not record its data folder: give it with --data DIR")
-    if root and not Path(root).is_dir():
-        raise ClassforgeError(f"data folder {root} not found: give the run's data folder with --data DIR{hint}")
-    rows = _read_split(run / "split.csv")
-    if not rows:
-        raise ClassforgeError(f"{run}/split.csv is missing or empty: no validation files to score on{hint}")
-    if cfg is not None:
-        ds = discover(root or cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes)
-    else:
-        ds = discover(root)
-    ds.samples = [s for s in ds.samples if rows.get(s.rel) in splits]
-    good = validate(ds).good
-    out = {sp: [s for s in good if rows.get(s.rel) == sp] for sp in splits}
-    return out, str(root)
 
 
 def score_modes(run_dir: str | Path, splits: tuple[str, ...] = ("val",), data: str | None = None,
@@ -62,6 +34,7 @@ def score_modes(run_dir: str | Path, splits: tuple[str, ...] = ("val",), data: s
     """Accuracy and inference images/s of each TTA mode on the run's `splits` (PyTorch fp32, eval mode)."""
     import torch
 
+    from classforge.evaluation.evaluate import split_samples
     from classforge.progress import progress
     from classforge.serve.predictor import Predictor, load_run_model
 
@@ -70,7 +43,7 @@ def score_modes(run_dir: str | Path, splits: tuple[str, ...] = ("val",), data: s
     modes = modes or _modes_of(model)
     bb = model.backbone
     pred = Predictor(model, bb.spec, labels, fast=False)
-    samples, root = split_samples(run, data, splits)
+    samples, root = split_samples(run, data, splits, hint=", or set a mode without scoring (--mode flip)")
     idx = {c: i for i, c in enumerate(labels)}
     res: dict = {"run": str(run), "data": root, "trained_with": bb.tta, "modes": {m: {} for m in modes}}
     for sp in splits:
@@ -103,16 +76,12 @@ def set_mode(run_dir: str | Path, mode: str) -> dict:
     if mode not in TTA_MODES:
         raise ClassforgeError(f"--mode must be auto or one of {', '.join(TTA_MODES)}, got {mode!r}")
     run = Path(run_dir)
-    meta_path = run / "model.json"
-    meta = json.loads(meta_path.read_text())
-    from classforge.serve.predictor import load_run_model
+    from classforge.serve.predictor import load_run_model, update_run_meta
 
-    _modes_of(load_run_model(run)[0])  # refuses backbones without TTA before anything is written
-    before = meta.setdefault("backbone_kwargs", {}).get("tta", "none")
-    meta["backbone_kwargs"]["tta"] = mode
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    model, meta, _ = load_run_model(run)
+    _modes_of(model)  # refuses backbones without TTA before anything is written
+    before = (meta.get("backbone_kwargs") or {}).get("tta", "none")
+    update_run_meta(run, backbone_kwargs={"tta": mode})
     info: dict = {"before": before, "mode": mode, "reexported": []}
     if before != mode and (run / "model.onnx").is_file():
         from classforge.export import export_run

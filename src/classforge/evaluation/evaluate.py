@@ -150,3 +150,30 @@ def _read_split(path: Path) -> dict[str, str]:
         return {}
     with open(path) as f:
         return {r["path"]: r["split"] for r in csv.DictReader(f)}
+
+
+def split_samples(run: Path, data: str | None, splits: tuple[str, ...],
+                  hint: str = "") -> tuple[dict[str, list], str]:
+    """The run's files of each split (split.csv), found again under its data folder (or `data`, if it moved),
+    readable ones only; and the folder. `hint` ends the error messages (what else the command can do)."""
+    from classforge.config import TrainConfig
+    from classforge.data.discover import discover
+    from classforge.data.validate import validate
+
+    cfg = TrainConfig.load(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    root = data or (cfg.data if cfg else None)
+    if not root and not (cfg and cfg.labels_csv):
+        raise ClassforgeError(f"{run} does not record its data folder: give it with --data DIR")
+    if root and not Path(root).is_dir():
+        raise ClassforgeError(f"data folder {root} not found: give the run's data folder with --data DIR{hint}")
+    rows = _read_split(run / "split.csv")
+    if not rows:
+        raise ClassforgeError(f"{run}/split.csv is missing or empty: the run's splits are unknown{hint}")
+    if cfg is not None:
+        ds = discover(root or cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes)
+    else:
+        ds = discover(root)
+    ds.samples = [s for s in ds.samples if rows.get(s.rel) in splits]
+    good = validate(ds).good
+    out = {sp: [s for s in good if rows.get(s.rel) == sp] for sp in splits}
+    return out, str(root)
