@@ -124,12 +124,12 @@ def speed(args) -> None:
     pil = [Image.fromarray(images[i].permute(1, 2, 0).numpy()) for i in range(min(n, 4096))]
     fds = FileDataset(pil, labels[: len(pil)], pre, train=True)
     t = time.perf_counter()
-    for x, y in DataLoader(fds, batch_size=args.batch_size):
+    for _batch in DataLoader(fds, batch_size=args.batch_size):
         pass
     per_sample = len(pil) / (time.perf_counter() - t)
     tds = TensorBatchDataset(images[: len(pil)], labels[: len(pil)], spec.mean, spec.std, train=True)
     t = time.perf_counter()
-    for x, y in DataLoader(tds, sampler=BatchSampler(RandomSampler(tds), args.batch_size, False), batch_size=None):
+    for _batch in DataLoader(tds, sampler=BatchSampler(RandomSampler(tds), args.batch_size, False), batch_size=None):
         pass
     batched = len(pil) / (time.perf_counter() - t)
     print(f"data only: per-sample PIL+v2 {per_sample:,.0f} img/s, batched tensors {batched:,.0f} img/s")

@@ -161,10 +161,10 @@ def main() -> None:
         timings[f"torch_fast_path ({th} thr)"] = timed(lambda: fast.forward(x), a.iters)
         sess = ort_session(run / "model.onnx", threads=th)
         name = sess.get_inputs()[0].name
-        timings[f"onnxruntime_fp32 ({th} thr)"] = timed(lambda: sess.run(None, {name: xn}), a.iters)
+        timings[f"onnxruntime_fp32 ({th} thr)"] = timed(lambda s=sess, n=name: s.run(None, {n: xn}), a.iters)
         if (run / "model.int8.onnx").is_file():
             s8 = ort_session(run / "model.int8.onnx", threads=th)
-            timings[f"onnxruntime_int8 ({th} thr)"] = timed(lambda: s8.run(None, {name: xn}), a.iters)
+            timings[f"onnxruntime_int8 ({th} thr)"] = timed(lambda s=s8, n=name: s.run(None, {n: xn}), a.iters)
         del sess
     engines = {k: {"p50_ms": pct(v, 50), "p90_ms": pct(v, 90), "mean_ms": statistics.fmean(v)}
                for k, v in timings.items()}

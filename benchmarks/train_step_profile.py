@@ -59,7 +59,7 @@ def main() -> None:
             step()
         runs[wb] = (step, [])
     for _ in range(a.rounds):
-        for wb, (step, rates) in runs.items():
+        for step, rates in runs.values():
             t = time.perf_counter()
             for _ in range(a.steps):
                 step()

@@ -15,7 +15,7 @@ import torch
 from conftest import make_image_folder
 
 import classforge
-from classforge.models.registry import Classifier, ClassforgeError, create_backbone
+from classforge.models.registry import ClassforgeError, Classifier, create_backbone
 from classforge.training.module import FileDataset, TensorBatchDataset, batch_crop_flip, batch_cutout
 from classforge.training.schedules import Progress, lr_factor, make_lambda
 

@@ -92,7 +92,9 @@ def test_bilateral_denoises_but_keeps_the_edge_sharper_than_blur():
     blur = np.asarray(apply_ops(noisy, ["blur=2"]), np.float64)
     assert _psnr(bil, clean) > _psnr(noisy, clean) + 3
     # contrast across the edge (columns 31 -> 32): bilateral keeps most of the 130-level step, blur loses more
-    step = lambda x: x[:, 32:34].mean() - x[:, 30:32].mean()
+    def step(x):
+        return x[:, 32:34].mean() - x[:, 30:32].mean()
+
     assert step(bil) > 100 and step(bil) > step(blur) + 20
 
 

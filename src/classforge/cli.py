@@ -48,7 +48,7 @@ def _run(fn, *a, **kw):
         _fail(e)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 @app.command()

@@ -226,8 +226,8 @@ def _fn(m: nn.Module) -> str:
 def _adaptive_window_total(in_sizes: Sequence[int], out_sizes: Sequence[int]) -> int:
     """Number of input elements summed over all adaptive-pooling windows of one channel."""
     total = 1
-    for L, O in zip(in_sizes, out_sizes):
-        total *= sum(math.ceil((i + 1) * L / O) - (i * L) // O for i in range(O))
+    for n_in, n_out in zip(in_sizes, out_sizes):
+        total *= sum(math.ceil((i + 1) * n_in / n_out) - (i * n_in) // n_out for i in range(n_out))
     return total
 
 
