@@ -210,6 +210,26 @@ def test_pooled_block_shapes_and_options():
         create_backbone("cnn", pretrained=False, block="dense")
 
 
+def test_flat_stage_keeps_the_size():
+    """block=flat: convs without a pool, so the next stage runs at the same size ("plain,flat,plain": the last
+    stage's convs see 15x15 maps instead of 7x7) with the same parameters as the all-plain net."""
+    kw = dict(widths=[8, 16, 24], depth=2, stem="whiten", global_pool="max")
+    sizes: dict[str, list[int]] = {}
+    for block in ("plain", "plain,flat,plain"):
+        b = create_backbone("cnn", pretrained=False, block=block, **kw)
+        seen = []
+        for m in b.modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                m.register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(out.shape[-1]))
+        assert b(torch.randn(2, 3, 32, 32)).shape == (2, 24)
+        sizes[block] = seen
+        assert sum(isinstance(m, nn.MaxPool2d) for m in b.modules()) == {"plain": 3, "plain,flat,plain": 2}[block]
+    assert sizes["plain"] == [31, 31, 15, 15, 7, 7]
+    assert sizes["plain,flat,plain"] == [31, 31, 15, 15, 15, 15]
+    assert total_params(create_backbone("cnn", pretrained=False, block="plain,flat,plain", **kw), 10) == \
+        total_params(create_backbone("cnn", pretrained=False, block="plain", **kw), 10)
+
+
 def test_plain_256k_is_the_fast_net_in_vgg_order():
     """Same layers and parameter count as cnn_fast_256k, but every conv of a stage runs before the stage's pool:
     the convs see 31/31, 15/15, 7/7 px maps instead of 31/15, 15/7, 7/3, so about twice the multiply-adds."""

@@ -9,8 +9,10 @@ One family, `cnn`, covers the classic shapes:
   shape of Keller Jordan's fast CIFAR-10 nets, airbench). With ``stem="whiten"`` a frozen 2×2 patch-whitening
   conv (`PatchWhiten`, fitted on training images before training) comes first; ``global_pool="max"`` and
   ``feature_scale`` complete that recipe.
-- ``block="pooled,pooled,plain"``: one of the two above per stage (e.g. the last stage's convolutions at the
-  larger size, where most of the parameters are, before its pool).
+- ``block="flat"``: per stage, ``depth`` × (Conv → [BN] → ReLU) and no pooling: the next stage runs at the same
+  size.
+- ``block="pooled,pooled,plain"`` or ``"plain,flat,plain"``: one of the above per stage (e.g. the last stage's
+  convolutions at the larger size, where most of the parameters are, before its pool).
 - ``block="residual"``: a 3×3 stem, then per stage ``depth`` basic blocks (conv-BN-ReLU-conv-BN + shortcut,
   ReLU), the first block of every later stage with stride 2, then global average pooling (ResNet-20/32/56
   for CIFAR, He et al. 2016, §4.2). Shortcuts are "option A" (identity; stride-2 subsampling and zero-padded
@@ -183,7 +185,7 @@ class BasicBlock(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 # The CNN family
 
-BLOCKS = ("plain", "pooled", "residual")
+BLOCKS = ("plain", "pooled", "flat", "residual")
 
 
 def _per_stage(value: int | Sequence[int], n: int, what: str) -> list[int]:
@@ -234,7 +236,7 @@ def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool,
     """One plain or pooled stage -> (module, channels out, side out).
 
     plain: d x (Conv -> [BN] -> ReLU), then a 2x2 max-pool. pooled: Conv -> 2x2 max-pool -> [BN] -> ReLU, then
-    d - 1 x (Conv -> [BN] -> ReLU) at the pooled size."""
+    d - 1 x (Conv -> [BN] -> ReLU) at the pooled size. flat: d x (Conv -> [BN] -> ReLU), no pooling."""
     layers: list[nn.Module] = []
     for j in range(d):
         layers.append(nn.Conv2d(cin if j == 0 else w, w, k, 1, pad, bias=not bn))
@@ -685,7 +687,7 @@ _DESCRIPTIONS = {
 }
 
 
-@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|pooled|residual "
+@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|pooled|flat|residual "
                    "(or one per stage: pooled,pooled,plain), "
                    "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)", budget_aware=True)
 def cnn(pretrained: bool = False, weights: str | None = None, **kwargs) -> SmallCNN:
