@@ -8,7 +8,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from classforge.models.registry import ClassforgeError, Classifier, count_params, create_backbone, registered
-from classforge.models.small_cnn import CIFAR10_MEAN, CIFAR10_STD, PRESETS, PatchWhiten, total_params
+from classforge.models.small_cnn import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    PRESETS,
+    TTA_MODES,
+    TTA_VIEWS,
+    PatchWhiten,
+    total_params,
+)
 
 PRESET_NAMES = ["cnn", *PRESETS, "capsnet"]
 
@@ -310,3 +318,17 @@ def test_test_time_augmentation_modes():
         assert plain(x).shape == (4, plain.feature_dim)  # training: one view per image
     with pytest.raises(ClassforgeError, match="tta must be one of"):
         create_backbone("cnn_fast_256k", pretrained=False, tta="crops")
+
+
+def test_tta_views_count_the_forward_passes():
+    """TTA_VIEWS (used to size scoring batches) equals the images each mode really sends through the network."""
+    assert set(TTA_VIEWS) == set(TTA_MODES)
+    b = create_backbone("cnn", pretrained=False, widths=[4, 8], stem="whiten", global_pool="max").eval()
+    seen = []
+    b.stages[0].register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
+    for mode in TTA_MODES:
+        b.tta = mode
+        seen.clear()
+        with torch.no_grad():
+            b(torch.randn(3, 3, 32, 32))
+        assert sum(seen) == 3 * TTA_VIEWS[mode], mode

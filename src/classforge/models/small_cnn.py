@@ -216,6 +216,7 @@ def _parse_ints(value: Any, what: str) -> list[int]:
 
 
 TTA_MODES = ("none", "flip", "flip-shift", "flip-shift8")
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6, "flip-shift8": 18}  # forward passes per image
 
 
 def _parse_blocks(block: Any, n: int) -> list[str]:
