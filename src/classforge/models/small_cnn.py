@@ -215,8 +215,8 @@ def _parse_ints(value: Any, what: str) -> list[int]:
     return out
 
 
-TTA_MODES = ("none", "flip", "flip-shift", "flip-shift8")
-TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6, "flip-shift8": 18}  # forward passes per image
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6, "flip-shift8": 18}  # test-time modes: forward passes per image
+TTA_MODES = tuple(TTA_VIEWS)
 
 
 def _parse_blocks(block: Any, n: int) -> list[str]:
@@ -234,7 +234,7 @@ def _parse_blocks(block: Any, n: int) -> list[str]:
 
 
 def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool, side: int):
-    """One plain or pooled stage -> (module, channels out, side out).
+    """One plain, pooled or flat stage -> (module, channels out, side out).
 
     plain: d x (Conv -> [BN] -> ReLU), then a 2x2 max-pool. pooled: Conv -> 2x2 max-pool -> [BN] -> ReLU, then
     d - 1 x (Conv -> [BN] -> ReLU) at the pooled size. flat: d x (Conv -> [BN] -> ReLU), no pooling."""
@@ -278,7 +278,7 @@ class SmallCNN(Backbone):
         if stem not in ("none", "whiten"):
             raise ClassforgeError(f"stem must be 'none' or 'whiten', got {stem!r}")
         if stem == "whiten" and blocks[0] == "residual":
-            raise ClassforgeError("stem=whiten is for the plain and pooled blocks (residual nets have a conv stem)")
+            raise ClassforgeError("stem=whiten is for the plain, pooled and flat blocks (residual nets have a conv stem)")
         if whiten_bias not in ("train", "frozen"):
             raise ClassforgeError(f"whiten_bias must be 'train' or 'frozen', got {whiten_bias!r}")
         if tta not in TTA_MODES:
