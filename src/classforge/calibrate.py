@@ -57,23 +57,13 @@ def _scores(logits: np.ndarray, y: np.ndarray, t: float) -> dict:
 
 def _logits(pred, samples: list, split: str, root: str) -> tuple[np.ndarray, np.ndarray]:
     """(logits, label indices) of `samples` through the run's Predictor (ONNX when exported)."""
-    import torch
-
-    from classforge.progress import progress
-
     idx = {c: i for i, c in enumerate(pred.labels)}
     sub = [s for s in samples if s.label in idx]
     if not sub:
         raise ClassforgeError(f"the run has no {split} files to calibrate on (split.csv has none, or they are gone "
                               f"from {root}); train with a validation split, e.g. --split 0.8,0.1,0.1")
-    out = []
-    bar = progress(range(len(sub)), total=len(sub), desc=f"Scoring {split}", unit="file")
-    for i in range(0, len(sub), 256):
-        chunk = sub[i:i + 256]
-        out.append(np.asarray(pred.forward(torch.stack([pred.preprocess(s.path) for s in chunk])), np.float32))
-        bar.update(len(chunk))
-    bar.close()
-    return np.concatenate(out), np.array([idx[s.label] for s in sub])
+    logits = pred.predict_logits([s.path for s in sub], batch_size=256, progress_desc=f"Scoring {split}")
+    return logits, np.array([idx[s.label] for s in sub])
 
 
 def calibrate_run(run_dir: str | Path, data: str | None = None, test: bool = False,

@@ -171,7 +171,8 @@ class Predictor:
             self.batcher.close()
             self.batcher = None
 
-    def predict_proba(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
+    def predict_logits(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
+        """(N, C) float32 logits of N files (paths or bytes), `batch_size` at a time, with a progress bar."""
         from classforge.progress import progress
 
         out = []
@@ -179,10 +180,14 @@ class Predictor:
         bar = progress(range(len(inputs)), total=len(inputs), desc=progress_desc or "Predicting", unit="file")
         for chunk in chunks:
             x = torch.stack([self.preprocess(s) for s in chunk])
-            out.append(self.probs(self.forward(x)))
+            out.append(np.asarray(self.forward(x), np.float32))
             bar.update(len(chunk))
         bar.close()
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+
+    def predict_proba(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
+        logits = self.predict_logits(inputs, batch_size, progress_desc)
+        return self.probs(logits) if len(logits) else logits
 
     def probs(self, logits) -> np.ndarray:
         """(B, C) logits -> probabilities, with the run's calibration temperature."""
