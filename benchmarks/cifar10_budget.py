@@ -78,7 +78,7 @@ def speed(args) -> None:
         torch.set_num_threads(args.threads)
     n = args.batch_size * args.steps
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g).tolist()
 
     class Contig(TensorBatchDataset):
@@ -304,6 +304,8 @@ def main() -> None:
     p.add_argument("--backbone", default="cnn_resnet_256k")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=12, help="batches per measured epoch")
+    p.add_argument("--image-size", type=int, default=32, help="training image side (below 32: the cost of a "
+                   "--progressive-resize phase at that size)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also measure torch.compile")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

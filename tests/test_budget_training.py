@@ -17,7 +17,7 @@ from conftest import make_image_folder
 import classforge
 from classforge.models.registry import ClassforgeError, Classifier, create_backbone
 from classforge.training.module import FileDataset, TensorBatchDataset, batch_crop_flip, batch_cutout
-from classforge.training.schedules import Progress, lr_factor, make_lambda
+from classforge.training.schedules import Progress, lr_factor, make_lambda, parse_progressive, size_at
 
 
 def read_csv(p):
@@ -204,6 +204,52 @@ def test_time_budget_stops_training_and_schedule_reaches_its_end(budget_run):
     longest = max(float(r["epoch_time_s"]) for r in rows)
     assert 6.0 <= float(rows[-1]["elapsed_s"]) <= 8 + longest + 2
     assert took < 120
+
+
+def test_progressive_resize_plan_and_its_errors():
+    assert parse_progressive("", 32) == []
+    plan = parse_progressive("16:0.25, 24:0.5", 32)
+    assert plan == [(0.25, 16), (0.5, 24)]
+    assert [size_at(plan, p) for p in (0.0, 0.2499, 0.25, 0.49, 0.5, 1.0)] == [16, 16, 24, 24, None, None]
+    for bad, msg in [("24", "SIZE:UNTIL"), ("a:0.5", "SIZE:UNTIL"), ("32:0.5", "below the model's input size 32"),
+                     ("4:0.5", "at least 8"), ("24:1.0", "between 0 and 1"), ("24:0.5,16:0.7", "in order"),
+                     ("16:0.5,24:0.4", "in order")]:
+        with pytest.raises(ClassforgeError, match=msg):
+            parse_progressive(bad, 32)
+
+
+def test_progressive_resize_trains_small_then_full_size(tiny, tmp_path):
+    """`--progressive-resize 16:0.5`: the first half of the steps sees 16x16 batches (cheaper: fewer ops per
+    image), the second half full-size 32x32 ones; validation and the saved model stay at 32x32."""
+    from classforge.models.anatomy import operations_per_sample
+    from classforge.serve.predictor import Predictor
+
+    run = classforge.train(tiny, tmp_path / "p", backbone="cnn_small", strategy="scratch", epochs=4, batch_size=8,
+                           patience=1000, progressive_resize="16:0.5", schedule="onecycle", optimizer="sgd", lr="0.05")
+    rows = read_csv(run / "metrics.csv")[1:]
+    assert [r["train_size"] for r in rows] == ["16", "16", "32", "32"]
+    model = Classifier(create_backbone("cnn_small", pretrained=False, num_classes=3), 3)
+    ops16 = operations_per_sample(model, (3, 16, 16))["ops"]
+    ops32 = operations_per_sample(model, (3, 32, 32))["ops"]
+    assert ops16 < ops32 / 3
+    for r, ops in zip(rows, (ops16, ops16, ops32, ops32)):  # ops/s counts the size each epoch really trained on
+        # images_per_s is rounded to 0.1 (abs term: on a loaded machine it can be ~1 image/s)
+        assert float(r["ops_per_s"]) == pytest.approx(ops * float(r["images_per_s"]), rel=0.02, abs=0.051 * ops)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["trainer"]["progressive_resize"] == [{"until": 0.5, "size": 16}]
+    pred = Predictor.from_run(run, backend="torch")
+    assert pred.spec.size == 32
+    assert pred.predict_proba([str(next(tiny.rglob("*.png")))]).shape == (1, 3)
+
+
+def test_progressive_resize_bad_input_says_what_to_do(tiny, tmp_path):
+    with pytest.raises(ClassforgeError, match="below the model's input size 32"):
+        classforge.train(tiny, tmp_path / "a", backbone="cnn_small", strategy="scratch", epochs=1,
+                         progressive_resize="40:0.5")
+    with pytest.raises(ClassforgeError, match="--strategy linear"):
+        classforge.train(tiny, tmp_path / "b", backbone="cnn_small", strategy="linear", epochs=1,
+                         progressive_resize="16:0.5")
+    assert not (tmp_path / "a" / "model.safetensors").exists()
 
 
 def test_unknown_schedule_is_a_clear_error(tiny, tmp_path):

@@ -92,6 +92,7 @@ def _train_options(
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout before the head [0]"),
     label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing [0]"),
     cutout: Optional[int] = typer.Option(None, "--cutout", help="Images: blank a random N x N square (input pixels; may reach past the border) of every training image, after crop and flip (DeVries & Taylor 2017; 8 or 16 on 32x32 CIFAR). Applies when the network is trained (scratch, finetune), not to cached embeddings [0: off]"),
+    progressive_resize: Optional[str] = typer.Option(None, "--progressive-resize", help="Images: train on downscaled images early on, then at full size (fast.ai-style progressive resizing: early epochs cost less, so a --time-budget fits more of them). SIZE:UNTIL[,SIZE:UNTIL...] with UNTIL the fraction of training (steps, or the time budget), e.g. 24:0.5 = 24 px for the first half, full size after. Scratch and finetune training only; validation and the saved model stay at full size [off]"),
     ema: Optional[float] = typer.Option(None, "--ema", help="Keep an exponential moving average of the weights with this decay per step (e.g. 0.999) and validate, keep and export the average [0: off]"),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early-stopping patience in epochs [5]"),
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop training after this long: 90s, 10m, 1h. The LR schedule stretches to the budget (epochs unlimited unless --epochs)"),

@@ -62,6 +62,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     augment: str = "light"  # none | light | strong
     cutout: int = 0  # images, full-fit training: zero (= the mean pixel) a random square of this side in each training image
+    progressive_resize: str = ""  # images, full-fit training: "24:0.5" = train on images downscaled to 24 px until 50% of training
     views: int = 1  # augmented views per image for cached embeddings (linear)
     extract_engine: str = "auto"  # frozen-backbone forward for cached embeddings: auto | torch | onnx
     eval_engine: str = "auto"  # final evaluation: auto (onnx where extraction resolves to onnx) | torch | onnx

@@ -15,7 +15,7 @@ from classforge.data.image import small_image
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.registry import ClassforgeError, Classifier
 from classforge.training.module import ClassifierModule, FileDataset, TensorBatchDataset
-from classforge.training.schedules import SCHEDULES
+from classforge.training.schedules import SCHEDULES, parse_progressive
 from classforge.training.trainer import make_trainer, per_class_columns
 
 
@@ -94,6 +94,8 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
         model.backbone.set_grad_checkpointing(True)
     steps = epochs * max(1, math.ceil(len(train_dl) / _world(cfg)))
     ops = forward_ops(model)
+    plan = parse_progressive(cfg.progressive_resize, spec.size) if spec.task == "image" else []
+    ops_by_size = {size: forward_ops(model, size).get("ops") for _, size in plan}
     mult = DEFAULT_BACKBONE_LR_MULT if cfg.backbone_lr_mult is None else cfg.backbone_lr_mult
     module = ClassifierModule(model, lr_groups(model, stage, lr, mult),
                               resolve_weight_decay(cfg, optimizer), total_steps=steps,
@@ -101,7 +103,8 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                               class_weights=class_weights(data, cfg) if cfg.balance == "weights" else None,
                               label_smoothing=cfg.label_smoothing, channels_last=spec.task == "image",
                               optimizer=optimizer, schedule=cfg.schedule, budget_s=budget, momentum=cfg.momentum,
-                              class_names=data.labels, ops_per_sample=ops.get("ops"), compile=cfg.compile)
+                              class_names=data.labels, ops_per_sample=ops.get("ops"), compile=cfg.compile,
+                              progressive=plan, ops_by_size=ops_by_size)
     monitor = "val_loss" if val_dl else "train_loss"
     # Pretrained backbones (finetune, two-stage): keep BatchNorm statistics frozen while the weights adapt.
     # Measured on FSDD with the AudioSet mn04 (BN momentum 0.01): with BN in train mode the net fits its batch
@@ -128,6 +131,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "optimizer": optimizer, "lr": module.lr, "schedule": cfg.schedule,
                         "weight_decay": module.weight_decay, "time_budget_s": budget,
                         "data_path": data_path_desc(fast, cfg.cutout),
+                        "progressive_resize": [{"until": u, "size": sz} for u, sz in plan] or None,
                         "channels_last": module.channels_last, "compiled": bool(cfg.compile),
                         "threads": torch.get_num_threads(),
                         "forward_ops_per_sample": ops.get("ops"), "forward_macs_per_sample": ops.get("macs")}
@@ -160,8 +164,9 @@ def seed_best(trainer, module, val_loss) -> None:
             cb.best_score = torch.tensor(float(val_loss))
 
 
-def forward_ops(model: Classifier) -> dict:
-    """anatomy.operations_per_sample for image models (an empty dict when the anatomy cannot count it)."""
+def forward_ops(model: Classifier, size: int | None = None) -> dict:
+    """anatomy.operations_per_sample for image models at `size` (default: the model's input size); an empty
+    dict when the anatomy cannot count it."""
     spec = model.backbone.spec
     if spec.task != "image":
         return {}
@@ -171,7 +176,7 @@ def forward_ops(model: Classifier) -> dict:
     try:
         from classforge.models.anatomy import operations_per_sample
 
-        return operations_per_sample(model, (spec.channels, spec.size, spec.size))
+        return operations_per_sample(model, (spec.channels, size or spec.size, size or spec.size))
     except Exception:  # noqa: BLE001 - a model the anatomy cannot trace still trains; it just has no ops/s
         return {}
     finally:

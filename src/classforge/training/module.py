@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from classforge.training.schedules import Progress, make_lambda
+from classforge.training.schedules import Progress, make_lambda, size_at
 
 
 class FileDataset(Dataset):
@@ -119,7 +119,8 @@ class ClassifierModule(L.LightningModule):
                  label_smoothing: float = 0.0, channels_last: bool = False, optimizer: str = "adamw",
                  schedule: str = "cosine", budget_s: float | None = None, momentum: float = 0.9,
                  num_classes: int | None = None, class_names: list[str] | None = None,
-                 ops_per_sample: int | None = None, compile: bool = False):
+                 ops_per_sample: int | None = None, compile: bool = False,
+                 progressive: list[tuple[float, int]] | None = None, ops_by_size: dict[int, int] | None = None):
         super().__init__()
         self.model = model
         self.lr_groups = lr_groups
@@ -135,6 +136,12 @@ class ClassifierModule(L.LightningModule):
         self.class_names = list(class_names) if class_names else None
         self.num_classes = num_classes or (len(class_names) if class_names else None)
         self.ops_per_sample = ops_per_sample
+        # Progressive resizing (schedules.parse_progressive): [(until, size)], training batches downscaled to
+        # `size` while progress < until; ops_by_size gives the forward cost at each such size for ops/s.
+        self.progressive = list(progressive or [])
+        self.ops_by_size = dict(ops_by_size or {})
+        self.train_size: int | None = None  # the size of the last training batch (None: not yet, or no resizing)
+        self.train_ops = 0  # forward operations of the training samples since the epoch started
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
         self.lr = lr_groups[-1][1]  # the LR finder tunes this one (the head's); others keep their ratios
         self._base_lrs = [lr for _, lr in lr_groups]
@@ -173,10 +180,19 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_epoch_start(self):
         self.train_seen = 0
+        self.train_ops = 0
 
     def training_step(self, batch, batch_idx):
-        self.train_seen += len(batch[1])
-        return self._step(batch, "train")
+        x, y = batch
+        size = size_at(self.progressive, self.progress(self.global_step)) if self.progressive else None
+        if size is not None and x.shape[-1] != size:
+            # antialiased bilinear downscale of the augmented batch: the whole image, smaller (as a smaller photo)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        self.train_size = x.shape[-1] if x.dim() == 4 else None
+        self.train_seen += len(y)
+        ops = self.ops_by_size.get(size, self.ops_per_sample) if size is not None else self.ops_per_sample
+        self.train_ops += len(y) * (ops or 0)
+        return self._step((x, y), "train")
 
     def on_validation_epoch_start(self):
         if self.num_classes:

@@ -24,6 +24,7 @@ from classforge.data.validate import Validation, validate
 from classforge.models.registry import ClassforgeError, Classifier, count_params, create_backbone
 from classforge.progress import progress
 from classforge.training import embeddings as emb
+from classforge.training.schedules import parse_progressive
 
 STRATEGIES = ("linear", "finetune", "two-stage", "scratch")
 DEFAULT_EPOCHS = {"linear": 60, "finetune": 8, "two-stage": 6, "scratch": 30}
@@ -107,6 +108,7 @@ def train(cfg: TrainConfig) -> Path:
     model = Classifier(backbone, len(data.labels), cfg.dropout)
     check_budget(cfg, model)
     check_cutout(cfg, backbone.spec)  # before any stage: two-stage would otherwise fail after its embeddings
+    check_progressive(cfg, backbone.spec)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
     extra: dict = {}
     history: list[dict] = []
@@ -143,6 +145,17 @@ def check_cutout(cfg: TrainConfig, spec) -> None:
     if not 0 < cfg.cutout < spec.size:
         raise ClassforgeError(f"--cutout is the side of the blanked square in input pixels: between 1 and "
                               f"{spec.size - 1} for this {spec.size}x{spec.size} input, got {cfg.cutout}")
+
+
+def check_progressive(cfg: TrainConfig, spec) -> None:
+    if not (cfg.progressive_resize or "").strip():
+        return
+    if spec.task != "image":
+        raise ClassforgeError("--progressive-resize downscales training images; audio inputs have no such option")
+    if cfg.strategy == "linear":
+        raise ClassforgeError("--progressive-resize changes the images the network trains on; --strategy linear "
+                              "trains a head on cached embeddings: use --strategy scratch or finetune, or drop it")
+    parse_progressive(cfg.progressive_resize, spec.size)  # raises the clear error
 
 
 DEFAULT_BACKBONE = {"image": "efficientnet_lite0", "audio": "efficientat_mn04"}

@@ -91,3 +91,36 @@ def make_lambda(name: str, progress: Progress, warmup: float = 0.0):
         return lr_factor(name, progress(step), warmup)
 
     return f
+
+
+def parse_progressive(spec: str, full_size: int) -> list[tuple[float, int]]:
+    """`--progressive-resize` "SIZE:UNTIL[,SIZE:UNTIL...]" -> [(until, size), ...], checked: sizes grow and
+    stay below the model's input size, UNTIL fractions grow within (0, 1). "" -> [] (off)."""
+    spec = (spec or "").strip()
+    if not spec:
+        return []
+    how = "--progressive-resize takes SIZE:UNTIL[,SIZE:UNTIL...], e.g. 24:0.5 (24 px for the first half of training)"
+    plan: list[tuple[float, int]] = []
+    for part in spec.split(","):
+        try:
+            size_s, until_s = part.split(":")
+            size, until = int(size_s), float(until_s)
+        except ValueError:
+            raise ClassforgeError(f"{how}; got {spec!r}") from None
+        if not 8 <= size < full_size:
+            raise ClassforgeError(f"{how}: each SIZE must be at least 8 and below the model's input size "
+                                  f"{full_size}, got {size}")
+        if not 0.0 < until < 1.0:
+            raise ClassforgeError(f"{how}: each UNTIL is a fraction of training between 0 and 1, got {until}")
+        if plan and (until <= plan[-1][0] or size < plan[-1][1]):
+            raise ClassforgeError(f"{how}: list the stages in order, with growing SIZE and UNTIL; got {spec!r}")
+        plan.append((until, size))
+    return plan
+
+
+def size_at(plan: list[tuple[float, int]], p: float) -> int | None:
+    """The training image size at progress p under a parse_progressive plan (None: the full size)."""
+    for until, size in plan:
+        if p < until:
+            return size
+    return None

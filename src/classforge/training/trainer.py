@@ -66,7 +66,11 @@ class History(Callback):
                "epoch_time_s": round(total, 3)}
         seen = getattr(pl_module, "train_seen", 0) * max(1, trainer.world_size)
         if seen:
-            row.update(speed_columns(seen, train_s, getattr(pl_module, "ops_per_sample", None)))
+            ops = getattr(pl_module, "ops_per_sample", None)
+            if getattr(pl_module, "progressive", None):  # mixed image sizes: the mean forward cost of the epoch
+                ops = pl_module.train_ops / max(1, getattr(pl_module, "train_seen", 0)) or None
+                row["train_size"] = pl_module.train_size
+            row.update(speed_columns(seen, train_s, ops))
             row["val_time_s"] = round(self._val_s, 3)
             prog = getattr(pl_module, "progress", None)
             if prog is not None and prog.t0 is not None:
