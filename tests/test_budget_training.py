@@ -216,6 +216,8 @@ def test_progressive_resize_plan_and_its_errors():
                      ("16:0.5,24:0.4", "in order")]:
         with pytest.raises(ClassforgeError, match=msg):
             parse_progressive(bad, 32)
+    with pytest.raises(ClassforgeError, match="quote it"):
+        parse_progressive(1440.5, 32)  # what YAML makes of an unquoted 24:0.5
 
 
 def test_progressive_resize_trains_small_then_full_size(tiny, tmp_path):
@@ -340,3 +342,13 @@ def test_whitened_stem_is_fitted_on_training_data_and_saved(tiny, tmp_path):
     root = tiny
     res = classforge.load(run).predict([str(root / r["path"]) for r in rows[:4]])
     assert [p["label"] for p in res] == [r["predicted"] for r in rows[:4]]
+
+
+def test_set_keeps_string_options_as_text():
+    """`--set progressive_resize=24:0.5` stays the text 24:0.5 (YAML alone would read the base-60 number 1440.5);
+    numeric keys are still parsed."""
+    from classforge.cli import build_config
+
+    cfg = build_config({"data": "d", "set_": ["progressive_resize=24:0.5", "label_smoothing=0.1", "time_budget=1:30"]})
+    assert cfg.progressive_resize == "24:0.5" and cfg.time_budget == "1:30"
+    assert cfg.label_smoothing == 0.1

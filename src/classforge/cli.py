@@ -127,6 +127,14 @@ def _train_options(
     return locals()
 
 
+def _str_field(name: str) -> bool:
+    from dataclasses import fields
+
+    from classforge.config import TrainConfig
+
+    return any(f.name == name and str(f.type).replace(" ", "").split("|")[0] == "str" for f in fields(TrainConfig))
+
+
 def build_config(opts: dict):
     import yaml
 
@@ -154,7 +162,10 @@ def build_config(opts: dict):
         if "=" not in kv:
             raise ClassforgeError(f"--set expects key=value, got {kv!r}")
         k, v = kv.split("=", 1)
-        opts[k.strip()] = yaml.safe_load(v)
+        val = yaml.safe_load(v)
+        if ":" in v and isinstance(val, (int, float)) and _str_field(k.strip()):
+            val = v.strip()  # YAML 1.1 reads 24:0.5 or 1:30 as base-60 numbers; text-valued keys keep the text
+        opts[k.strip()] = val
     overrides = {k: v for k, v in opts.items() if v is not None and v is not False}
     overrides["extra"] = extra
     cfg = cfg.replace(**overrides)
