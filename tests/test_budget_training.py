@@ -252,6 +252,13 @@ def test_progressive_resize_bad_input_says_what_to_do(tiny, tmp_path):
         classforge.train(tiny, tmp_path / "b", backbone="cnn_small", strategy="linear", epochs=1,
                          progressive_resize="16:0.5")
     assert not (tmp_path / "a" / "model.safetensors").exists()
+    cfg = tmp_path / "c.yaml"  # unquoted in a config file, YAML reads 24:0.5 as the number 1440.5
+    cfg.write_text(f"data: {tiny}\nout: {tmp_path / 'c'}\nbackbone: cnn_small\nstrategy: scratch\nepochs: 1\n"
+                   "progressive_resize: 24:0.5\n")
+    r = subprocess.run([sys.executable, "-m", "classforge.cli", "train", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=300)
+    said = " ".join((r.stderr + r.stdout).split())  # the console wraps long messages
+    assert r.returncode != 0 and "quote it (progressive_resize: '24:0.5')" in said and "Traceback" not in said
 
 
 def test_unknown_schedule_is_a_clear_error(tiny, tmp_path):
