@@ -50,13 +50,13 @@ def common(a) -> dict:
         kw["preprocess"] = a.preprocess
     if a.epochs:
         kw["epochs"] = a.epochs
-    import yaml
+    from classforge.config import load_yaml
 
     for item in a.set:
         k, _, v = item.partition("=")
-        kw[k.replace("-", "_")] = yaml.safe_load(v)
+        kw[k.replace("-", "_")] = load_yaml(v)
     if a.backbone_args:
-        kw["backbone_args"] = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.backbone_args.split(","))}
+        kw["backbone_args"] = {k: load_yaml(v) for k, v in (x.split("=", 1) for x in a.backbone_args.split(","))}
     return kw
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from classforge.config import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
@@ -159,7 +159,7 @@ def run(args) -> None:
     recipe = dict(RECIPE, time_budget=args.budget)
     for kv in args.set or []:
         k, v = kv.split("=", 1)
-        recipe[k] = v if isinstance(RECIPE.get(k), str) else yaml.safe_load(v)  # numbers, dicts: YAML
+        recipe[k] = v if isinstance(RECIPE.get(k), str) else load_yaml(v)  # numbers, dicts: YAML
     cmd = " ".join([sys.executable.split("/")[-1], *sys.argv])
     meta = {"command": cmd, "start": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
             "load_at_start": load_avg(), "recipe": recipe, "torch_threads": torch.get_num_threads()}

@@ -216,8 +216,8 @@ def test_progressive_resize_plan_and_its_errors():
                      ("16:0.5,24:0.4", "in order")]:
         with pytest.raises(ClassforgeError, match=msg):
             parse_progressive(bad, 32)
-    with pytest.raises(ClassforgeError, match="quote it"):
-        parse_progressive(1440.5, 32)  # what YAML makes of an unquoted 24:0.5
+    with pytest.raises(ClassforgeError, match="SIZE:UNTIL.*got 24"):
+        parse_progressive(24, 32)  # `progressive_resize: 24` in a config file
 
 
 def test_progressive_resize_trains_small_then_full_size(tiny, tmp_path):
@@ -252,13 +252,13 @@ def test_progressive_resize_bad_input_says_what_to_do(tiny, tmp_path):
         classforge.train(tiny, tmp_path / "b", backbone="cnn_small", strategy="linear", epochs=1,
                          progressive_resize="16:0.5")
     assert not (tmp_path / "a" / "model.safetensors").exists()
-    cfg = tmp_path / "c.yaml"  # unquoted in a config file, YAML reads 24:0.5 as the number 1440.5
+    cfg = tmp_path / "c.yaml"  # a number where SIZE:UNTIL belongs, through the CLI: the clear error, no traceback
     cfg.write_text(f"data: {tiny}\nout: {tmp_path / 'c'}\nbackbone: cnn_small\nstrategy: scratch\nepochs: 1\n"
-                   "progressive_resize: 24:0.5\n")
+                   "progressive_resize: 24\n")
     r = subprocess.run([sys.executable, "-m", "classforge.cli", "train", "--config", str(cfg)], capture_output=True,
                        text=True, timeout=300)
     said = " ".join((r.stderr + r.stdout).split())  # the console wraps long messages
-    assert r.returncode != 0 and "quote it (progressive_resize: '24:0.5')" in said and "Traceback" not in said
+    assert r.returncode != 0 and "takes SIZE:UNTIL" in said and "Traceback" not in said
 
 
 def test_unknown_schedule_is_a_clear_error(tiny, tmp_path):
@@ -351,11 +351,21 @@ def test_whitened_stem_is_fitted_on_training_data_and_saved(tiny, tmp_path):
     assert [p["label"] for p in res] == [r["predicted"] for r in rows[:4]]
 
 
-def test_set_keeps_string_options_as_text():
-    """`--set progressive_resize=24:0.5` stays the text 24:0.5 (YAML alone would read the base-60 number 1440.5);
-    numeric keys are still parsed."""
-    from classforge.cli import build_config
+def test_colon_values_stay_text_in_set_and_config_files(tmp_path):
+    """`24:0.5` and `1:30` stay text in --set, -a and config files (YAML 1.1's safe_load reads them as the base-60
+    numbers 1440.5 and 90); numbers, lists and mappings are still parsed."""
+    import yaml
 
-    cfg = build_config({"data": "d", "set_": ["progressive_resize=24:0.5", "label_smoothing=0.1", "time_budget=1:30"]})
+    from classforge.cli import build_config
+    from classforge.config import TrainConfig, load_yaml
+
+    assert yaml.safe_load("24:0.5") == 1440.5  # the trap
+    cfg = build_config({"data": "d", "set_": ["progressive_resize=24:0.5", "label_smoothing=0.1", "time_budget=1:30"],
+                        "backbone_arg": ["widths=[16, 32]", "tag=1:30"]})
     assert cfg.progressive_resize == "24:0.5" and cfg.time_budget == "1:30"
-    assert cfg.label_smoothing == 0.1
+    assert cfg.label_smoothing == 0.1 and cfg.backbone_args == {"widths": [16, 32], "tag": "1:30"}
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d\nprogressive_resize: 24:0.5\nlr: 0.2\nepochs: 3\n")
+    loaded = TrainConfig.load(f)
+    assert loaded.progressive_resize == "24:0.5" and loaded.lr == 0.2 and loaded.epochs == 3
+    assert load_yaml("{a: 0x10, b: .5, c: -3, d: true, e: null}") == {"a": 16, "b": 0.5, "c": -3, "d": True, "e": None}

@@ -127,18 +127,8 @@ def _train_options(
     return locals()
 
 
-def _str_field(name: str) -> bool:
-    from dataclasses import fields
-
-    from classforge.config import TrainConfig
-
-    return any(f.name == name and str(f.type).replace(" ", "").split("|")[0] == "str" for f in fields(TrainConfig))
-
-
 def build_config(opts: dict):
-    import yaml
-
-    from classforge.config import TrainConfig
+    from classforge.config import TrainConfig, load_yaml
 
     opts = dict(opts)
     cfg = TrainConfig.load(opts.pop("config")) if opts.get("config") else TrainConfig()
@@ -156,16 +146,13 @@ def build_config(opts: dict):
         if "=" not in kv:
             raise ClassforgeError(f"--arg expects key=value, got {kv!r}")
         k, v = kv.split("=", 1)
-        args[k.strip()] = yaml.safe_load(v)
+        args[k.strip()] = load_yaml(v)
     opts["backbone_args"] = args or None
     for kv in opts.pop("set_", None) or []:
         if "=" not in kv:
             raise ClassforgeError(f"--set expects key=value, got {kv!r}")
         k, v = kv.split("=", 1)
-        val = yaml.safe_load(v)
-        if ":" in v and isinstance(val, (int, float)) and _str_field(k.strip()):
-            val = v.strip()  # YAML 1.1 reads 24:0.5 or 1:30 as base-60 numbers; text-valued keys keep the text
-        opts[k.strip()] = val
+        opts[k.strip()] = load_yaml(v)
     overrides = {k: v for k, v in opts.items() if v is not None and v is not False}
     overrides["extra"] = extra
     cfg = cfg.replace(**overrides)

@@ -276,10 +276,10 @@ def _epochs(path: Path) -> str:
 
 
 def _config(run: Path) -> dict:
-    import yaml
+    from classforge.config import load_yaml
 
     p = run / "config.yaml"
-    return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else {}
+    return (load_yaml(p.read_text()) or {}) if p.is_file() else {}
 
 
 def _input_desc(spec: dict) -> str:
@@ -616,9 +616,8 @@ def add_commands(app) -> None:
     ):
         """Train backbones x strategies (x preprocessing) on ONE split and rank them: accuracy with its 95%
         interval, macro F1, calibration, training time, parameters, operations and CPU latency per input."""
-        import yaml
-
         from classforge.cli import _run
+        from classforge.config import load_yaml
 
         runs_mode = all((Path(t) / "summary.json").is_file() for t in targets)
         if runs_mode:
@@ -636,7 +635,7 @@ def add_commands(app) -> None:
             if "=" not in kv:
                 _run(_raise, f"--set expects key=value, got {kv!r}")
             k, v = kv.split("=", 1)
-            over[k.strip()] = yaml.safe_load(v)
+            over[k.strip()] = load_yaml(v)
         base = _run(base.replace, **over)
         _run(compare, targets[0], split_list(backbones), split_list(strategies), split_list(preprocess_options),
              base, out, literal, not no_latency)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,25 @@ from typing import Any
 import yaml
 
 from classforge.models.registry import ClassforgeError
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader without YAML 1.1's base-60 numbers (dropped in YAML 1.2): `24:0.5` and `1:30` stay text
+    instead of becoming 1440.5 and 90. Other scalars resolve as with yaml.safe_load."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {ch: [(tag, rx) for tag, rx in rs if tag not in (_INT, _FLOAT)]
+                                   for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """Parse a config file or a --set/-a value: yaml.safe_load, except that 24:0.5 stays the text it looks like."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 @dataclass
@@ -96,7 +116,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        d = yaml.safe_load(Path(path).read_text()) or {}
+        d = load_yaml(Path(path).read_text()) or {}
         if not isinstance(d, dict):
             raise ClassforgeError(f"{path}: expected a mapping of config keys")
         return cls.from_dict(d)

@@ -34,9 +34,9 @@ def data_root(run: Path) -> Path | None:
     if (run / "summary.json").is_file():
         data = json.loads((run / "summary.json").read_text()).get("data")
     if not data and (run / "config.yaml").is_file():
-        import yaml
+        from classforge.config import load_yaml
 
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        cfg = load_yaml((run / "config.yaml").read_text()) or {}
         data, labels_csv = cfg.get("data"), cfg.get("labels_csv")
     if data:
         p = Path(data)

@@ -75,9 +75,9 @@ def _quiet_optuna():
 def load_space(path: str | None) -> dict[str, dict]:
     space = json.loads(json.dumps(SPACE))
     if path:
-        import yaml
+        from classforge.config import load_yaml
 
-        user = yaml.safe_load(Path(path).read_text()) or {}
+        user = load_yaml(Path(path).read_text()) or {}
         if not isinstance(user, dict):
             raise ClassforgeError(f"{path}: expected a mapping of parameter -> distribution")
         for k, v in user.items():
@@ -577,10 +577,9 @@ def add_commands(app) -> None:
     ):
         """Hyperparameter search (optuna TPE + pruning) over lr, weight decay, dropout, batch size, augmentation,
         CNN widths/depth and strategy; writes best.yaml (for `train --config`) and a report with the study's plots."""
-        import yaml
-
         from classforge.cli import _run
         from classforge.compare import split_list
+        from classforge.config import load_yaml
 
         base = TrainConfig.load(config) if config else TrainConfig()
         over: dict = {"seed": seed}
@@ -588,7 +587,7 @@ def add_commands(app) -> None:
             over["epochs"] = epochs
         for kv in set_ or []:
             k, _, v = kv.partition("=")
-            over[k.strip()] = yaml.safe_load(v)
+            over[k.strip()] = load_yaml(v)
         base = _run(base.replace, **over)
         _run(search, data, trials, time_budget, storage, study_name, workers, out, base,
              split_list(backbones) or None, split_list(strategies) or None, metric, space, seed, heartbeat, reproduce)

@@ -123,14 +123,14 @@ def add_commands(app: typer.Typer) -> None:
         from classforge.cli import _run
 
         def go():
-            import yaml
+            from classforge.config import load_yaml
 
             overrides = {}
             for kv in set_ or []:
                 if "=" not in kv:
                     raise ClassforgeError(f"--set expects key=value, got {kv!r}")
                 k, v = kv.split("=", 1)
-                overrides[k.strip()] = yaml.safe_load(v)
+                overrides[k.strip()] = load_yaml(v)
             cfg = TrainConfig(data=data, backbone=backbone, strategy=strategy, schedule=schedule,
                               optimizer=optimizer, lr=lr, split=split, max_params=max_params,
                               label_smoothing=label_smoothing, seed=seed, patience=10**6, threads=threads,

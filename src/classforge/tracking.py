@@ -136,9 +136,9 @@ def _previous_run_id(run: Path, uri: str, client) -> str | None:
 
 
 def _read_yaml(path: Path) -> dict:
-    import yaml
+    from classforge.config import load_yaml
 
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return (load_yaml(path.read_text()) or {}) if path.is_file() else {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -438,14 +438,14 @@ def parse_input_shape(text: str, channels: int = 3) -> tuple[int, ...]:
 
 
 def _parse_args(pairs: Sequence[str]) -> dict[str, Any]:
-    import yaml
+    from classforge.config import load_yaml
 
     out = {}
     for p in pairs:
         if "=" not in p:
             raise ClassforgeError(f"--arg expects KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
-        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+        out[k.strip().replace("-", "_")] = load_yaml(v)
     return out
 
 
@@ -453,7 +453,7 @@ def _run_dir_model(path: Path) -> tuple[str, dict, int | None]:
     """(backbone name, backbone kwargs, classes) of a run directory: model.json when the run wrote one
     (the exact kwargs the model was built with), else config.yaml (`backbone`, `extra.backbone_kwargs`) and
     labels.json (a JSON list of class names)."""
-    import yaml
+    from classforge.config import load_yaml
 
     meta_file, cfg_file, labels_file = path / "model.json", path / "config.yaml", path / "labels.json"
     if meta_file.is_file():
@@ -462,7 +462,7 @@ def _run_dir_model(path: Path) -> tuple[str, dict, int | None]:
             return meta["backbone"], dict(meta.get("backbone_kwargs") or {}), meta.get("num_classes")
     if not cfg_file.is_file():
         raise ClassforgeError(f"{path} is a folder without config.yaml: not a run directory")
-    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    cfg = load_yaml(cfg_file.read_text()) or {}
     if not cfg.get("backbone"):
         raise ClassforgeError(f"{cfg_file} has no `backbone` key")
     kwargs = cfg.get("backbone_kwargs") or (cfg.get("extra") or {}).get("backbone_kwargs") or {}

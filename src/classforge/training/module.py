@@ -190,8 +190,7 @@ class ClassifierModule(L.LightningModule):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         self.train_size = x.shape[-1] if x.dim() == 4 else None
         self.train_seen += len(y)
-        ops = self.ops_by_size.get(size, self.ops_per_sample) if size is not None else self.ops_per_sample
-        self.train_ops += len(y) * (ops or 0)
+        self.train_ops += len(y) * (self.ops_by_size.get(size, self.ops_per_sample) or 0)
         return self._step((x, y), "train")
 
     def on_validation_epoch_start(self):

@@ -149,7 +149,7 @@ def check_cutout(cfg: TrainConfig, spec) -> None:
 
 def check_progressive(cfg: TrainConfig, spec) -> None:
     if not cfg.progressive_resize or (isinstance(cfg.progressive_resize, str) and not cfg.progressive_resize.strip()):
-        return  # (not a string: an unquoted 24:0.5 in a YAML config; parse_progressive says to quote it)
+        return  # (not a string, e.g. the number 24: parse_progressive below says what it takes)
     if spec.task != "image":
         raise ClassforgeError("--progressive-resize downscales training images; audio inputs have no such option")
     if cfg.strategy == "linear":

@@ -97,8 +97,8 @@ def parse_progressive(spec: str, full_size: int) -> list[tuple[float, int]]:
     """`--progressive-resize` "SIZE:UNTIL[,SIZE:UNTIL...]" -> [(until, size), ...], checked: sizes grow and
     stay below the model's input size, UNTIL fractions grow within (0, 1). "" -> [] (off)."""
     how = "--progressive-resize takes SIZE:UNTIL[,SIZE:UNTIL...], e.g. 24:0.5 (24 px for the first half of training)"
-    if spec is not None and not isinstance(spec, str):  # a config file's unquoted 24:0.5 is YAML's base-60 1440.5
-        raise ClassforgeError(f"{how}; got the number {spec!r}: in a YAML config, quote it (progressive_resize: '24:0.5')")
+    if spec is not None and not isinstance(spec, str):  # e.g. `progressive_resize: 24` in a config file
+        raise ClassforgeError(f"{how}; got {spec!r}")
     spec = (spec or "").strip()
     if not spec:
         return []
