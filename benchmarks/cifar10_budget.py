@@ -40,7 +40,7 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 RECIPE = dict(backbone="cnn_plain_256k", strategy="scratch", max_params=256_000, split="0.98,0.02,0.0",
               batch_size=256, optimizer="sgd", lr="0.2", momentum=0.9, weight_decay=5e-4, schedule="onecycle",
               label_smoothing=0.2, augment="cifar", cutout=8, progressive_resize="", patience=10**6, seed=0,
-              backbone_args={"tta": "flip"})
+              sam=0.0, backbone_args={"tta": "flip"})
 
 
 def machine() -> str:

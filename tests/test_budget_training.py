@@ -3,6 +3,7 @@ the batched small-image data path and `classforge sweep-batch`."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -369,3 +370,80 @@ def test_colon_values_stay_text_in_set_and_config_files(tmp_path):
     loaded = TrainConfig.load(f)
     assert loaded.progressive_resize == "24:0.5" and loaded.lr == 0.2 and loaded.epochs == 3
     assert load_yaml("{a: 0x10, b: .5, c: -3, d: true, e: null}") == {"a": 16, "b": 0.5, "c": -3, "d": True, "e": None}
+
+
+# ------------------------------------------------------------------------------------------------ SAM
+def _one_step(model, x, y, sam, lr=0.1):
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from classforge.training.module import ClassifierModule
+
+    module = ClassifierModule(model, [(list(model.parameters()), lr)], weight_decay=0.0, total_steps=1,
+                              optimizer="sgd", momentum=0.0, schedule="constant", num_classes=3, sam=sam)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, precision="32-true")
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=len(y)))
+    return trainer
+
+
+def test_sam_step_is_the_gradient_at_the_perturbed_weights():
+    """One SGD step (no momentum) with --sam rho must equal w - lr * grad L(w + rho * g / ||g||), g = grad L(w),
+    computed here by hand; BatchNorm's running statistics move once (the first pass), not twice; the logged
+    train loss is the loss at w."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    rho, lr = 0.5, 0.1
+
+    ref = copy.deepcopy(net).train()
+    loss0 = torch.nn.functional.cross_entropy(ref(x), y)
+    g = torch.autograd.grad(loss0, list(ref.parameters()))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g]))
+    running_after_one = ref[1].running_mean.clone()
+    probe = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p, gi in zip(probe.parameters(), g):
+            p.add_(gi * rho / norm)
+    g2 = torch.autograd.grad(torch.nn.functional.cross_entropy(probe(x), y), list(probe.parameters()))
+    expected = [p.detach() - lr * gi for p, gi in zip(ref.parameters(), g2)]
+
+    trainer = _one_step(net, x, y, sam=rho, lr=lr)
+    for p, e in zip(net.parameters(), expected):
+        assert torch.allclose(p.detach(), e, atol=1e-6)
+    assert torch.allclose(net[1].running_mean, running_after_one, atol=1e-7)
+    assert float(trainer.callback_metrics["train_loss"]) == pytest.approx(float(loss0), rel=1e-5)
+
+    torch.manual_seed(0)  # without SAM the same step is plain SGD: w - lr * g (so the test above can fail)
+    net2 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    w0 = [p.detach().clone() for p in net2.parameters()]
+    _one_step(net2, x, y, sam=0.0, lr=lr)
+    for p, w, gi in zip(net2.parameters(), w0, g):
+        assert torch.allclose(p.detach(), w - lr * gi, atol=1e-6)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(net.parameters(), net2.parameters()))
+
+
+def test_sam_through_train_and_its_errors(tiny, tmp_path):
+    """--sam trains (two passes per batch): images/s counts each image once, ops/s both passes; the summary
+    records rho; bad values are clear errors, through the CLI without a traceback."""
+    run = classforge.train(tiny, tmp_path / "s", backbone="cnn_small", strategy="scratch", epochs=2, batch_size=8,
+                           patience=1000, sam=0.05, schedule="onecycle", optimizer="sgd", lr="0.05")
+    rows = read_csv(run / "metrics.csv")[1:]
+    assert len(rows) == 2 and all(float(r["train_acc"]) >= 0 for r in rows)
+    model = Classifier(create_backbone("cnn_small", pretrained=False, num_classes=3), 3)
+    from classforge.models.anatomy import operations_per_sample
+
+    ops = operations_per_sample(model, (3, 32, 32))["ops"]
+    for r in rows:
+        assert float(r["ops_per_s"]) == pytest.approx(2 * ops * float(r["images_per_s"]), rel=0.02, abs=0.11 * ops)
+    assert json.loads((run / "summary.json").read_text())["trainer"]["sam"] == 0.05
+    with pytest.raises(ClassforgeError, match="SAM radius"):
+        classforge.train(tiny, tmp_path / "b", backbone="cnn_small", strategy="scratch", epochs=1, sam=-1)
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    r = subprocess.run([sys.executable, "-m", "classforge.cli", "train", str(tiny), "--backbone", "cnn_small",
+                        "--strategy", "scratch", "--epochs", "1", "--out", str(tmp_path / "c"), "--set", "sam=big"],
+                       capture_output=True, text=True, timeout=300)
+    said = " ".join((r.stderr + r.stdout).split())
+    assert r.returncode != 0 and "SAM radius" in said and "Traceback" not in said

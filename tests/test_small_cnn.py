@@ -287,6 +287,34 @@ def test_one_block_type_per_stage():
         create_backbone("cnn", pretrained=False, block="pooled,dense,plain")
 
 
+def test_plainres_stage_is_plain_with_identity_residual_units():
+    """block=plainres: the same convs, parameters and map sizes as plain, but convs 2..depth of a stage are
+    ReLU(x + BN(Conv(x))) units whose BN scale starts at zero, so at init each unit passes its input through
+    unchanged; the anatomy counts one residual addition per output value of each unit."""
+    from classforge.models.anatomy import describe
+    from classforge.models.small_cnn import ResUnit
+
+    kw = dict(widths=[8, 16, 24], depth=[3, 2, 1], stem="whiten", global_pool="max")
+    plain = create_backbone("cnn", pretrained=False, block="plain", **kw)
+    res = create_backbone("cnn", pretrained=False, block="plainres", **kw)
+    assert total_params(res, 10) == total_params(plain, 10)
+    units = [m for m in res.modules() if isinstance(m, ResUnit)]
+    assert len(units) == 2 + 1 + 0  # depth - 1 per stage
+    x = torch.rand(4, 8, 9, 9)
+    assert torch.equal(units[0].eval()(x), x)  # zero-initialised BN scale: the identity on non-negative input
+    res.train()
+    out = res(torch.randn(4, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (4, 24) and all(u.conv.weight.grad is not None for u in units)
+    rows = describe(Classifier(res, 10), (3, 32, 32)).rows
+    adds = [r for r in rows if r.fn == "Add (residual)"]
+    assert [r.adds for r in adds] == [8 * 31 * 31, 8 * 31 * 31, 16 * 15 * 15]
+    macs = {n: describe(Classifier(b, 10), (3, 32, 32)).totals["macs"] for n, b in (("plain", plain), ("res", res))}
+    assert macs["res"] == macs["plain"]
+    with pytest.raises(ClassforgeError, match="same.*padding"):
+        create_backbone("cnn", pretrained=False, block="plainres", widths=[8, 16], depth=2, padding=0)
+
+
 def test_test_time_augmentation_modes():
     """tta=flip averages the image and its mirror; flip-shift adds one-pixel shifts (reflect-padded) and their
     mirrors; flip-shift8 averages all nine one-pixel positions, each with its mirror. Both only at eval time; a mirror-symmetric input gives the same features with flip as without."""

@@ -75,6 +75,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads while training (0 = torch's default, one per core)
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    sam: float = 0.0  # sharpness-aware minimisation radius rho (e.g. 0.05 with SGD; 0 = off): 2 forward-backward passes per step
     ema: float = 0.0  # decay of an exponential moving average of the weights used for validation and the result (0 = off)
     patience: int = 5
     time_budget: str | None = None  # "10m", "1h", "90s"

@@ -9,6 +9,9 @@ One family, `cnn`, covers the classic shapes:
   shape of Keller Jordan's fast CIFAR-10 nets, airbench). With ``stem="whiten"`` a frozen 2×2 patch-whitening
   conv (`PatchWhiten`, fitted on training images before training) comes first; ``global_pool="max"`` and
   ``feature_scale`` complete that recipe.
+- ``block="plainres"``: as ``plain``, but the stage's 2nd to ``depth``-th convs are one-conv residual units,
+  ReLU(x + BN(Conv(x))), each starting as the identity: the same parameters as ``plain``, and deeper stages train
+  as easily as shallow ones.
 - ``block="flat"``: per stage, ``depth`` × (Conv → [BN] → ReLU) and no pooling: the next stage runs at the same
   size.
 - ``block="pooled,pooled,plain"`` or ``"plain,flat,plain"``: one of the above per stage (e.g. the last stage's
@@ -182,10 +185,25 @@ class BasicBlock(nn.Module):
         return self.relu2(self.add(out, self.shortcut(x)))
 
 
+class ResUnit(nn.Module):
+    """One-conv residual unit at a fixed width: ReLU(x + BN(Conv3x3(x))). No parameters beyond the conv and its
+    BN; the BN's scale starts at zero, so the unit starts as the identity (Goyal et al. 2017)."""
+
+    def __init__(self, w: int, k: int, pad: int, bn: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(w, w, k, 1, pad, bias=not bn)
+        self.bn = nn.BatchNorm2d(w) if bn else nn.Identity()
+        self.add = Add()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.add(x, self.bn(self.conv(x))))
+
+
 # --------------------------------------------------------------------------------------------------------
 # The CNN family
 
-BLOCKS = ("plain", "pooled", "flat", "residual")
+BLOCKS = ("plain", "plainres", "pooled", "flat", "residual")
 
 
 def _per_stage(value: int | Sequence[int], n: int, what: str) -> list[int]:
@@ -234,12 +252,20 @@ def _parse_blocks(block: Any, n: int) -> list[str]:
 
 
 def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool, side: int):
-    """One plain, pooled or flat stage -> (module, channels out, side out).
+    """One plain, plainres, pooled or flat stage -> (module, channels out, side out).
 
-    plain: d x (Conv -> [BN] -> ReLU), then a 2x2 max-pool. pooled: Conv -> 2x2 max-pool -> [BN] -> ReLU, then
-    d - 1 x (Conv -> [BN] -> ReLU) at the pooled size. flat: d x (Conv -> [BN] -> ReLU), no pooling."""
+    plain: d x (Conv -> [BN] -> ReLU), then a 2x2 max-pool. plainres: the same, but convs 2..d are residual
+    units (ReLU(x + BN(Conv(x))), `ResUnit`): same parameters, one addition per output value more.
+    pooled: Conv -> 2x2 max-pool -> [BN] -> ReLU, then d - 1 x (Conv -> [BN] -> ReLU) at the pooled size.
+    flat: d x (Conv -> [BN] -> ReLU), no pooling."""
     layers: list[nn.Module] = []
     for j in range(d):
+        if kind == "plainres" and j > 0:
+            if pad * 2 != k - 1:
+                raise ClassforgeError(f"block=plainres needs 'same' padding (padding={(k - 1) // 2} for "
+                                      f"kernel_size={k}), got padding={pad}")
+            layers.append(ResUnit(w, k, pad, bn))
+            continue
         layers.append(nn.Conv2d(cin if j == 0 else w, w, k, 1, pad, bias=not bn))
         side = side + 2 * pad - k + 1
         if kind == "pooled" and j == 0:
@@ -248,7 +274,7 @@ def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool,
         if bn:
             layers.append(nn.BatchNorm2d(w))
         layers.append(nn.ReLU(inplace=True))
-    if kind == "plain":
+    if kind in ("plain", "plainres"):
         layers.append(nn.MaxPool2d(2))
         side //= 2
     return nn.Sequential(*layers), w, side
@@ -278,7 +304,7 @@ class SmallCNN(Backbone):
         if stem not in ("none", "whiten"):
             raise ClassforgeError(f"stem must be 'none' or 'whiten', got {stem!r}")
         if stem == "whiten" and blocks[0] == "residual":
-            raise ClassforgeError("stem=whiten is for the plain, pooled and flat blocks (residual nets have a conv stem)")
+            raise ClassforgeError("stem=whiten is for the plain, plainres, pooled and flat blocks (residual nets have a conv stem)")
         if whiten_bias not in ("train", "frozen"):
             raise ClassforgeError(f"whiten_bias must be 'train' or 'frozen', got {whiten_bias!r}")
         if tta not in TTA_MODES:
@@ -361,6 +387,8 @@ class SmallCNN(Backbone):
         for m in self.modules():
             if isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
+            elif isinstance(m, ResUnit) and isinstance(m.bn, nn.BatchNorm2d):
+                nn.init.zeros_(m.bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tta != "none" and not self.training:
@@ -689,7 +717,7 @@ _DESCRIPTIONS = {
 }
 
 
-@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|pooled|flat|residual "
+@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|plainres|pooled|flat|residual "
                    "(or one per stage: pooled,pooled,plain), "
                    "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)", budget_aware=True)
 def cnn(pretrained: bool = False, weights: str | None = None, **kwargs) -> SmallCNN:

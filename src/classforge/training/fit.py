@@ -104,7 +104,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                               label_smoothing=cfg.label_smoothing, channels_last=spec.task == "image",
                               optimizer=optimizer, schedule=cfg.schedule, budget_s=budget, momentum=cfg.momentum,
                               class_names=data.labels, ops_per_sample=ops.get("ops"), compile=cfg.compile,
-                              progressive=plan, ops_by_size=ops_by_size)
+                              progressive=plan, ops_by_size=ops_by_size, sam=cfg.sam)
     monitor = "val_loss" if val_dl else "train_loss"
     # Pretrained backbones (finetune, two-stage): keep BatchNorm statistics frozen while the weights adapt.
     # Measured on FSDD with the AudioSet mn04 (BN momentum 0.01): with BN in train mode the net fits its batch
@@ -132,6 +132,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "weight_decay": module.weight_decay, "time_budget_s": budget,
                         "data_path": data_path_desc(fast, cfg.cutout),
                         "progressive_resize": [{"until": u, "size": sz} for u, sz in plan] or None,
+                        "sam": cfg.sam or None,
                         "channels_last": module.channels_last, "compiled": bool(cfg.compile),
                         "threads": torch.get_num_threads(),
                         "forward_ops_per_sample": ops.get("ops"), "forward_macs_per_sample": ops.get("macs")}

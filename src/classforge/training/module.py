@@ -120,7 +120,8 @@ class ClassifierModule(L.LightningModule):
                  schedule: str = "cosine", budget_s: float | None = None, momentum: float = 0.9,
                  num_classes: int | None = None, class_names: list[str] | None = None,
                  ops_per_sample: int | None = None, compile: bool = False,
-                 progressive: list[tuple[float, int]] | None = None, ops_by_size: dict[int, int] | None = None):
+                 progressive: list[tuple[float, int]] | None = None, ops_by_size: dict[int, int] | None = None,
+                 sam: float = 0.0):
         super().__init__()
         self.model = model
         self.lr_groups = lr_groups
@@ -142,6 +143,11 @@ class ClassifierModule(L.LightningModule):
         self.ops_by_size = dict(ops_by_size or {})
         self.train_size: int | None = None  # the size of the last training batch (None: not yet, or no resizing)
         self.train_ops = 0  # forward operations of the training samples since the epoch started
+        # Sharpness-aware minimisation (Foret et al. 2021) with radius `sam` (0: off): each step computes the
+        # gradient at w, moves to w + sam * g / ||g|| and takes the optimiser step with the gradient found there.
+        # Two forward-backward passes per batch; the second one logs nothing and leaves BN statistics alone.
+        self.sam = float(sam)
+        self._sam_second = False
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
         self.lr = lr_groups[-1][1]  # the LR finder tunes this one (the head's); others keep their ratios
         self._base_lrs = [lr for _, lr in lr_groups]
@@ -166,6 +172,8 @@ class ClassifierModule(L.LightningModule):
                                label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         pred = logits.argmax(-1)
         acc = (pred == y).float().mean()
+        if stage == "train" and self._sam_second:
+            return loss  # SAM's second pass (at the perturbed weights): the step's numbers come from the first
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
         self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
         if stage == "val" and self.num_classes:
@@ -189,9 +197,43 @@ class ClassifierModule(L.LightningModule):
             # antialiased bilinear downscale of the augmented batch: the whole image, smaller (as a smaller photo)
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         self.train_size = x.shape[-1] if x.dim() == 4 else None
-        self.train_seen += len(y)
+        self.train_seen += 0 if self._sam_second else len(y)  # images/s counts images; ops/s counts both passes
         self.train_ops += len(y) * (self.ops_by_size.get(size, self.ops_per_sample) or 0)
         return self._step((x, y), "train")
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if not self.sam or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def sam_closure():
+            loss = optimizer_closure()  # forward + backward at w (logs the step's loss and accuracy)
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if not params:
+                return loss
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+                scale = self.sam / (norm + 1e-12)
+                eps = [p.grad * scale for p in params]
+                for p, e in zip(params, eps):
+                    p.add_(e)
+            bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+            momenta = [m.momentum for m in bns]
+            self._sam_second = True
+            try:
+                for m in bns:
+                    m.momentum = 0.0  # running statistics unchanged by the perturbed pass
+                optimizer.zero_grad(set_to_none=False)
+                optimizer_closure()  # forward + backward at w + eps: the gradient the optimiser uses
+            finally:
+                self._sam_second = False
+                for m, mom in zip(bns, momenta):
+                    m.momentum = mom
+                with torch.no_grad():
+                    for p, e in zip(params, eps):
+                        p.sub_(e)
+            return loss
+
+        optimizer.step(closure=sam_closure)
 
     def on_validation_epoch_start(self):
         if self.num_classes:

@@ -109,6 +109,7 @@ def train(cfg: TrainConfig) -> Path:
     check_budget(cfg, model)
     check_cutout(cfg, backbone.spec)  # before any stage: two-stage would otherwise fail after its embeddings
     check_progressive(cfg, backbone.spec)
+    check_sam(cfg)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
     extra: dict = {}
     history: list[dict] = []
@@ -131,6 +132,16 @@ def train(cfg: TrainConfig) -> Path:
 
         track_run(run, cfg.track, cfg.track_uri)
     return run
+
+
+def check_sam(cfg: TrainConfig) -> None:
+    try:
+        rho = float(cfg.sam)
+    except (TypeError, ValueError):
+        raise ClassforgeError(f"--sam is the SAM radius, a number such as 0.05 (0: off); got {cfg.sam!r}") from None
+    if not 0 <= rho <= 10 or math.isnan(rho):
+        raise ClassforgeError(f"--sam is the SAM radius, between 0 (off) and 10 (0.05 is usual with SGD); got {cfg.sam}")
+    cfg.sam = rho
 
 
 def check_cutout(cfg: TrainConfig, spec) -> None:

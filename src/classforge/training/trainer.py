@@ -35,7 +35,8 @@ class History(Callback):
     Timing columns: `epoch_time_s` (training + validation of the epoch, wall clock), `train_time_s`,
     `val_time_s`, `images_per_s` (training samples / train_time_s, forward + backward + optimizer step),
     and, when the module knows its forward cost, `ops_per_s` = operations of one forward pass per sample
-    (anatomy.operations_per_sample: adds + mults + max + other) x images_per_s. That is the issue's
+    (anatomy.operations_per_sample: adds + mults + max + other; at the size trained on, and x 2 with SAM's
+    two passes) x images_per_s. That is the issue's
     convention; the backward pass (about twice the forward) is not counted, so the machine really does
     roughly 3x `ops_per_s`."""
 
@@ -67,8 +68,11 @@ class History(Callback):
         seen = getattr(pl_module, "train_seen", 0) * max(1, trainer.world_size)
         if seen:
             ops = getattr(pl_module, "ops_per_sample", None)
-            if getattr(pl_module, "progressive", None):  # mixed image sizes: the mean forward cost of the epoch
-                ops = pl_module.train_ops / max(1, getattr(pl_module, "train_seen", 0)) or None
+            if getattr(pl_module, "train_ops", 0):
+                # the forward operations the epoch really ran per image: the mean over mixed image sizes
+                # (progressive resizing), twice the one-pass cost with SAM (two forward passes per batch)
+                ops = pl_module.train_ops / max(1, getattr(pl_module, "train_seen", 0)) or ops
+            if getattr(pl_module, "progressive", None):
                 row["train_size"] = pl_module.train_size
             row.update(speed_columns(seen, train_s, ops))
             row["val_time_s"] = round(self._val_s, 3)
