@@ -387,13 +387,17 @@ def _one_step(model, x, y, sam, lr=0.1):
     return trainer
 
 
+def _tiny_bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
 def test_sam_step_is_the_gradient_at_the_perturbed_weights():
     """One SGD step (no momentum) with --sam rho must equal w - lr * grad L(w + rho * g / ||g||), g = grad L(w),
     computed here by hand; BatchNorm's running statistics move once (the first pass), not twice; the logged
     train loss is the loss at w."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    net = _tiny_bn_net()
     x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     rho, lr = 0.5, 0.1
 
@@ -415,9 +419,7 @@ def test_sam_step_is_the_gradient_at_the_perturbed_weights():
     assert torch.allclose(net[1].running_mean, running_after_one, atol=1e-7)
     assert float(trainer.callback_metrics["train_loss"]) == pytest.approx(float(loss0), rel=1e-5)
 
-    torch.manual_seed(0)  # without SAM the same step is plain SGD: w - lr * g (so the test above can fail)
-    net2 = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    net2 = _tiny_bn_net()  # without SAM the same step is plain SGD: w - lr * g (so the test above can fail)
     w0 = [p.detach().clone() for p in net2.parameters()]
     _one_step(net2, x, y, sam=0.0, lr=lr)
     for p, w, gi in zip(net2.parameters(), w0, g):
@@ -442,6 +444,8 @@ def test_sam_through_train_and_its_errors(tiny, tmp_path):
     with pytest.raises(ClassforgeError, match="SAM radius"):
         classforge.train(tiny, tmp_path / "b", backbone="cnn_small", strategy="scratch", epochs=1, sam=-1)
     assert not (tmp_path / "b" / "model.safetensors").exists()
+    with pytest.raises(ClassforgeError, match="--strategy linear"):  # the head on cached embeddings has no SAM
+        classforge.train(tiny, tmp_path / "l", backbone="cnn_small", strategy="linear", epochs=1, sam=0.05)
     r = subprocess.run([sys.executable, "-m", "classforge.cli", "train", str(tiny), "--backbone", "cnn_small",
                         "--strategy", "scratch", "--epochs", "1", "--out", str(tmp_path / "c"), "--set", "sam=big"],
                        capture_output=True, text=True, timeout=300)

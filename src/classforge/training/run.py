@@ -141,6 +141,9 @@ def check_sam(cfg: TrainConfig) -> None:
         raise ClassforgeError(f"--sam is the SAM radius, a number such as 0.05 (0: off); got {cfg.sam!r}") from None
     if not 0 <= rho <= 10 or math.isnan(rho):
         raise ClassforgeError(f"--sam is the SAM radius, between 0 (off) and 10 (0.05 is usual with SGD); got {cfg.sam}")
+    if rho and cfg.strategy == "linear":
+        raise ClassforgeError("--sam changes how the network's weights are stepped; --strategy linear trains a head on "
+                              "cached embeddings without it: use --strategy scratch, finetune or two-stage, or drop --sam")
     cfg.sam = rho
 
 
