@@ -201,7 +201,8 @@ def report(args) -> None:
              f"- Network: `{s['backbone']}` — {s['params']['total']:,} parameters; forward pass "
              f"{tr.get('forward_ops_per_sample', 0) / 1e6:.1f} M operations per 32x32 image "
              f"({tr.get('forward_macs_per_sample', 0) / 1e6:.1f} M multiply-adds; `classforge describe "
-             f"{s['backbone']}`).",
+             f"{os.path.relpath(run.resolve(), ROOT)}` lists this run's layers; its totals count inference with "
+             f"the model's test-time views, e.g. 2x for tta=flip).",
              f"- Recipe: {meta.get('recipe', {})}",
              f"- **Test accuracy {t['accuracy']:.4f}** (95% CI {lo:.3f}-{hi:.3f}, n={t['n']}), macro F1 "
              f"{t['macro_f1']:.4f}; best validation accuracy "
