@@ -107,9 +107,10 @@ def train(cfg: TrainConfig) -> Path:
         attach_ops(backbone, cfg.preprocess)  # into the InputSpec: model.json, cache key, every preprocessor
     model = Classifier(backbone, len(data.labels), cfg.dropout)
     check_budget(cfg, model)
-    check_cutout(cfg, backbone.spec)  # before any stage: two-stage would otherwise fail after its embeddings
+    check_sam(cfg)  # all before any stage: two-stage would otherwise fail after its embeddings
+    check_network_only(cfg)
+    check_cutout(cfg, backbone.spec)
     check_progressive(cfg, backbone.spec)
-    check_sam(cfg)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
     extra: dict = {}
     history: list[dict] = []
@@ -141,10 +142,27 @@ def check_sam(cfg: TrainConfig) -> None:
         raise ClassforgeError(f"--sam is the SAM radius, a number such as 0.05 (0: off); got {cfg.sam!r}") from None
     if not 0 <= rho <= 10 or math.isnan(rho):
         raise ClassforgeError(f"--sam is the SAM radius, between 0 (off) and 10 (0.05 is usual with SGD); got {cfg.sam}")
-    if rho and cfg.strategy == "linear":
-        raise ClassforgeError("--sam changes how the network's weights are stepped; --strategy linear trains a head on "
-                              "cached embeddings without it: use --strategy scratch, finetune or two-stage, or drop --sam")
     cfg.sam = rho
+
+
+# Options that act while the network itself trains, so --strategy linear (a head on cached embeddings) has none of
+# them: (config key, flag, what it does, what to do instead).
+NETWORK_ONLY = (
+    ("cutout", "--cutout", "augments images while the network trains", "use --views K for augmented embeddings"),
+    ("progressive_resize", "--progressive-resize", "changes the images the network trains on",
+     "use --strategy scratch or finetune"),
+    ("sam", "--sam", "changes how the network's weights are stepped", "use --strategy scratch, finetune or two-stage"),
+)
+
+
+def check_network_only(cfg: TrainConfig) -> None:
+    if cfg.strategy != "linear":
+        return
+    for key, flag, what, instead in NETWORK_ONLY:
+        value = getattr(cfg, key)
+        if value and not (isinstance(value, str) and not value.strip()):
+            raise ClassforgeError(f"{flag} {what}; --strategy linear trains a head on cached embeddings: {instead}, "
+                                  f"or drop {flag}")
 
 
 def check_cutout(cfg: TrainConfig, spec) -> None:
@@ -153,9 +171,6 @@ def check_cutout(cfg: TrainConfig, spec) -> None:
     if spec.task != "image":
         raise ClassforgeError("--cutout blanks a square of an image; for audio, masking on the log-mel "
                               "spectrogram is the equivalent (-a spec_augment=true)")
-    if cfg.strategy == "linear":
-        raise ClassforgeError("--cutout augments images while the network trains; --strategy linear trains a head on "
-                              "cached embeddings (use --views K for augmented embeddings), or drop --cutout")
     if not 0 < cfg.cutout < spec.size:
         raise ClassforgeError(f"--cutout is the side of the blanked square in input pixels: between 1 and "
                               f"{spec.size - 1} for this {spec.size}x{spec.size} input, got {cfg.cutout}")
@@ -166,9 +181,6 @@ def check_progressive(cfg: TrainConfig, spec) -> None:
         return  # (not a string, e.g. the number 24: parse_progressive below says what it takes)
     if spec.task != "image":
         raise ClassforgeError("--progressive-resize downscales training images; audio inputs have no such option")
-    if cfg.strategy == "linear":
-        raise ClassforgeError("--progressive-resize changes the images the network trains on; --strategy linear "
-                              "trains a head on cached embeddings: use --strategy scratch or finetune, or drop it")
     parse_progressive(cfg.progressive_resize, spec.size)  # raises the clear error
 
 
