@@ -68,7 +68,8 @@ class TrainConfig:
     lr: str = "default"  # "default" | "auto" (LR finder) | float
     backbone_lr_mult: float | None = None  # backbone LR = lr x this when fine-tuning; None: 0.1 (0.3 for audio)
     weight_decay: float = 0.05  # AdamW's; with SGD the default becomes 5e-4 (classic L2 strength)
-    optimizer: str = "auto"  # auto (sgd for the step schedule, else adamw) | adamw | sgd (momentum, Nesterov)
+    optimizer: str = "auto"  # auto (sgd for the step schedule, else adamw) | adamw | sgd (momentum, Nesterov) | muon
+    muon_lr: float = 0.015  # --optimizer muon: peak step of the backbone's weight matrices relative to their norm
     momentum: float = 0.9  # SGD momentum
     schedule: str = "cosine"  # cosine (warm-up + cosine) | step (1, 1/10, 1/100 over 50/25/25%) | onecycle | constant
     compile: bool = False  # torch.compile the network for training

@@ -104,7 +104,7 @@ def add_commands(app: typer.Typer) -> None:
         backbone: str = typer.Option("cnn_small", "--backbone", "-b", help="Backbone trained from scratch"),
         strategy: str = typer.Option("scratch", "--strategy", "-s", help="scratch | finetune"),
         schedule: str = typer.Option("cosine", "--schedule", help="cosine | step | onecycle | constant"),
-        optimizer: str = typer.Option("auto", "--optimizer", help="auto | adamw | sgd"),
+        optimizer: str = typer.Option("auto", "--optimizer", help="auto | adamw | sgd | muon"),
         lr: str = typer.Option("default", "--lr", help="Learning rate (same for every batch size unless --scale-lr)"),
         scale_lr: bool = typer.Option(False, "--scale-lr", help="Scale the LR linearly: lr x batch size / 256 (Goyal et al. 2017)"),
         split: str = typer.Option("0.7,0.2,0.1", "--split", help="train,val,test fractions (val is carved "

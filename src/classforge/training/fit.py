@@ -50,8 +50,8 @@ BUDGET_MAX_EPOCHS = 100_000  # with --time-budget and no --epochs the budget alo
 
 def resolve_optimizer(cfg: TrainConfig) -> str:
     opt = cfg.optimizer if cfg.optimizer != "auto" else ("sgd" if cfg.schedule == "step" else "adamw")
-    if opt not in ("sgd", "adamw"):
-        raise ClassforgeError(f"--optimizer must be auto, adamw or sgd, not {cfg.optimizer!r}")
+    if opt not in ("sgd", "adamw", "muon"):
+        raise ClassforgeError(f"--optimizer must be auto, adamw, sgd or muon, not {cfg.optimizer!r}")
     return opt
 
 
@@ -63,12 +63,12 @@ def resolve_lr(cfg: TrainConfig, stage: str, optimizer: str) -> float:
         return float(cfg.lr)
     if cfg.schedule == "step":
         return 0.01
-    return 0.05 if optimizer == "sgd" else DEFAULT_LR[stage]
+    return 0.05 if optimizer in ("sgd", "muon") else DEFAULT_LR[stage]
 
 
 def resolve_weight_decay(cfg: TrainConfig, optimizer: str) -> float:
     # 0.05 is AdamW's decoupled default; as SGD's L2 term it would swamp the gradient: 5e-4 instead.
-    return 5e-4 if optimizer == "sgd" and cfg.weight_decay == TrainConfig.weight_decay else cfg.weight_decay
+    return 5e-4 if optimizer in ("sgd", "muon") and cfg.weight_decay == TrainConfig.weight_decay else cfg.weight_decay
 
 
 def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: str, extra: dict) -> list[dict]:
@@ -104,7 +104,8 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                               label_smoothing=cfg.label_smoothing, channels_last=spec.task == "image",
                               optimizer=optimizer, schedule=cfg.schedule, budget_s=budget, momentum=cfg.momentum,
                               class_names=data.labels, ops_per_sample=ops.get("ops"), compile=cfg.compile,
-                              progressive=plan, ops_by_size=ops_by_size, sam=cfg.sam)
+                              progressive=plan, ops_by_size=ops_by_size, sam=cfg.sam,
+                              muon_lr=cfg.muon_lr)
     monitor = "val_loss" if val_dl else "train_loss"
     # Pretrained backbones (finetune, two-stage): keep BatchNorm statistics frozen while the weights adapt.
     # Measured on FSDD with the AudioSet mn04 (BN momentum 0.01): with BN in train mode the net fits its batch
@@ -129,6 +130,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "accelerator": type(trainer.accelerator).__name__, "precision": str(trainer.precision),
                         "epochs_run": trainer.current_epoch, "stopped_by": stop_reason(trainer),
                         "optimizer": optimizer, "lr": module.lr, "schedule": cfg.schedule,
+                        "muon_lr": cfg.muon_lr if optimizer == "muon" else None,
                         "weight_decay": module.weight_decay, "time_budget_s": budget,
                         "data_path": data_path_desc(fast, cfg.cutout),
                         "progressive_resize": [{"until": u, "size": sz} for u, sz in plan] or None,

@@ -121,7 +121,7 @@ class ClassifierModule(L.LightningModule):
                  num_classes: int | None = None, class_names: list[str] | None = None,
                  ops_per_sample: int | None = None, compile: bool = False,
                  progressive: list[tuple[float, int]] | None = None, ops_by_size: dict[int, int] | None = None,
-                 sam: float = 0.0):
+                 sam: float = 0.0, muon_lr: float = 0.015):
         super().__init__()
         self.model = model
         self.lr_groups = lr_groups
@@ -148,6 +148,9 @@ class ClassifierModule(L.LightningModule):
         # Two forward-backward passes per batch; the second one logs nothing and leaves BN statistics alone.
         self.sam = float(sam)
         self._sam_second = False
+        # optimizer "muon" (training.optim.OrthoSGD): the backbone's weight matrices take orthogonalised steps
+        # of this size relative to their norm (times each group's share of the head's LR); the rest is SGD.
+        self.muon_lr = float(muon_lr)
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
         self.lr = lr_groups[-1][1]  # the LR finder tunes this one (the head's); others keep their ratios
         self._base_lrs = [lr for _, lr in lr_groups]
@@ -253,15 +256,27 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         scale = self.lr / self._base_lrs[-1]
-        groups = []
-        for (ps, _), lr in zip(self.lr_groups, self._base_lrs):
+        groups, ortho = [], []
+        last = len(self.lr_groups) - 1
+        for i, ((ps, _), lr) in enumerate(zip(self.lr_groups, self._base_lrs)):
             ps = [p for p in ps if p.requires_grad]
+            mats = [p for p in ps if p.ndim > 1]
+            if self.optimizer_name == "muon" and i < last:  # the head (last group) stays SGD
+                ortho.append({"params": mats, "lr": self.muon_lr * lr / self._base_lrs[-1], "orthogonal": True,
+                              "weight_decay": 0.0})
+            else:
+                groups.append({"params": mats, "lr": lr * scale})
             # No weight decay on biases and normalisation weights (1-D tensors): decaying them only shrinks the
             # scale BatchNorm re-learns at every step (the usual practice: timm, fast CIFAR recipes).
-            groups.append({"params": [p for p in ps if p.ndim > 1], "lr": lr * scale})
             groups.append({"params": [p for p in ps if p.ndim <= 1], "lr": lr * scale, "weight_decay": 0.0})
-        groups = [g for g in groups if g["params"]]
-        if self.optimizer_name == "sgd":
+        # orthogonal groups first: the last group is the head's, whose LR the progress bar shows
+        groups = [g for g in ortho + groups if g["params"]]
+        if self.optimizer_name == "muon":
+            from classforge.training.optim import OrthoSGD
+
+            opt = OrthoSGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.momentum > 0,
+                           weight_decay=self.weight_decay)
+        elif self.optimizer_name == "sgd":
             opt = torch.optim.SGD(groups, momentum=self.momentum, nesterov=self.momentum > 0,
                                   weight_decay=self.weight_decay)
         else:

@@ -152,7 +152,10 @@ NETWORK_ONLY = (
     ("progressive_resize", "--progressive-resize", "changes the images the network trains on",
      "use --strategy scratch or finetune"),
     ("sam", "--sam", "changes how the network's weights are stepped", "use --strategy scratch, finetune or two-stage"),
+    ("optimizer", "--optimizer muon", "orthogonalises the network's weight updates",
+     "use --strategy scratch, finetune or two-stage"),
 )
+NETWORK_ONLY_VALUE = {"optimizer": "muon"}  # options that only matter with this value
 
 
 def check_network_only(cfg: TrainConfig) -> None:
@@ -160,6 +163,8 @@ def check_network_only(cfg: TrainConfig) -> None:
         return
     for key, flag, what, instead in NETWORK_ONLY:
         value = getattr(cfg, key)
+        if key in NETWORK_ONLY_VALUE and value != NETWORK_ONLY_VALUE[key]:
+            continue
         if value and not (isinstance(value, str) and not value.strip()):
             raise ClassforgeError(f"{flag} {what}; --strategy linear trains a head on cached embeddings: {instead}, "
                                   f"or drop {flag}")
