@@ -2,13 +2,16 @@
 
     python benchmarks/train_step_profile.py --backbone cnn_fast_256k --threads 2
     python benchmarks/train_step_profile.py --backbone cnn_plain_256k --batch-size 128 --rounds 5
+    python benchmarks/train_step_profile.py --backbone cnn_plain_256k --bf16 --compare optimizer   # SGD vs muon
 
 A plain PyTorch step (forward, label-smoothed cross-entropy, backward, SGD Nesterov; channels_last, fp32 or
 --bf16 autocast), no Lightning and no data loading, so only the network's own cost is measured. For each
 `whiten_bias` setting ("train": the stem's bias learns; "frozen": it does not, so backpropagation stops at the
 first trained conv) it prints training images/s over alternating rounds (the two settings take turns, so drift in
 a shared machine's speed hits both alike), then one torch.profiler step breakdown: time per operator and input
-shape, largest first. Random inputs: the cost does not depend on the pixel values.
+shape, largest first. Random inputs: the cost does not depend on the pixel values. `--compare optimizer` instead
+compares SGD Nesterov with `--optimizer muon` (classforge.training.optim.OrthoSGD: the conv weights orthogonalised,
+the rest SGD) on the preset's frozen stem, in the same alternating rounds.
 """
 
 from __future__ import annotations
@@ -38,15 +41,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="alternating timed rounds per setting")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs with native bf16)")
     ap.add_argument("--top", type=int, default=12, help="profiler rows to print")
+    ap.add_argument("--compare", choices=("whiten", "optimizer"), default="whiten",
+                    help="whiten: the stem's bias trained vs frozen (SGD); optimizer: SGD vs muon (frozen stem)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     x = torch.randn(a.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (a.batch_size,))
     runs = {}
-    for wb in ("train", "frozen"):
+    settings = ({f"whiten_bias={wb}": (wb, "sgd") for wb in ("train", "frozen")} if a.compare == "whiten"
+                else {f"optimizer={o}": ("frozen", o) for o in ("sgd", "muon")})
+    for label, (wb, optimizer) in settings.items():
         m = build(a.backbone, wb)
         m.backbone.init_from_data(x[:64].contiguous())
-        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        else:
+            from classforge.training.optim import OrthoSGD
+
+            body = [q for q in m.backbone.parameters() if q.ndim > 1]
+            rest = [q for q in m.parameters() if q.ndim <= 1] + [q for q in m.head.parameters() if q.ndim > 1]
+            opt = OrthoSGD([{"params": body, "lr": 0.015, "orthogonal": True}, {"params": rest}], lr=0.01)
 
         def step(m=m, opt=opt) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
@@ -57,7 +71,7 @@ def main() -> None:
 
         for _ in range(3):
             step()
-        runs[wb] = (step, [])
+        runs[label] = (step, [])
     for _ in range(a.rounds):
         for step, rates in runs.values():
             t = time.perf_counter()
@@ -66,18 +80,18 @@ def main() -> None:
             rates.append(a.steps * a.batch_size / (time.perf_counter() - t))
     print(f"{a.backbone}, batch {a.batch_size}, {a.threads} threads, {'bf16 autocast' if a.bf16 else 'fp32'}, "
           f"channels_last: training images/s per round ({a.steps} steps each)")
-    for wb, (_, rates) in runs.items():
-        print(f"  whiten_bias={wb:<6}  median {statistics.median(rates):7.1f}   rounds "
+    for label, (_, rates) in runs.items():
+        print(f"  {label:<18}  median {statistics.median(rates):7.1f}   rounds "
               + " ".join(f"{r:.0f}" for r in rates))
     from torch.profiler import ProfilerActivity, profile
 
-    for wb, (step, _) in runs.items():
+    for label, (step, _) in runs.items():
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
             for _ in range(3):
                 step()
         rows = sorted(p.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
         total = sum(e.self_cpu_time_total for e in rows)
-        print(f"\nwhiten_bias={wb}: {total / 3 / 1000:.0f} ms per step (profiled); largest operators per step:")
+        print(f"\n{label}: {total / 3 / 1000:.0f} ms per step (profiled); largest operators per step:")
         for e in rows[:a.top]:
             shapes = ", ".join("x".join(map(str, s)) for s in e.input_shapes if s)[:70]
             print(f"  {e.self_cpu_time_total / 3 / 1000:7.1f} ms  {100 * e.self_cpu_time_total / total:5.1f}%  "

@@ -518,3 +518,35 @@ def test_muon_through_train_and_its_errors(tiny, tmp_path):
                        capture_output=True, text=True, timeout=300)
     said = " ".join((r.stderr + r.stdout).split())
     assert r.returncode != 0 and "sgd or muon" in said and "Traceback" not in said
+
+
+# ------------------------------------------------------------------------------------------------ allocator
+_MMAP_PROBE = """
+import ctypes, json, sys, torch
+from classforge.sysalloc import keep_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+kept = keep_freed_memory()
+t = torch.empty(20 * 1024 * 1024, dtype=torch.uint8)  # 20 MB, the size of a CIFAR batch's activation
+print(json.dumps({"kept": kept, "mmapped": libc.mallinfo2().hblkhd}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings are Linux-only")
+def test_training_keeps_big_tensors_off_fresh_mmap_pages():
+    """With classforge's allocator settings a 20 MB tensor comes from the heap (reused after free), not from a
+    fresh mmap() that is unmapped again at every training step; CLASSFORGE_MALLOC=system leaves glibc's default."""
+    def probe(env):
+        r = subprocess.run([sys.executable, "-c", _MMAP_PROBE], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **env})
+        if "mallinfo2" in r.stderr:
+            pytest.skip("this libc has no mallinfo2 (glibc < 2.33)")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    tuned, default = probe({"CLASSFORGE_MALLOC": ""}), probe({"CLASSFORGE_MALLOC": "system"})
+    assert tuned["kept"] is True and tuned["mmapped"] < 20 * 1024 * 1024
+    assert default["kept"] is False and default["mmapped"] >= 20 * 1024 * 1024

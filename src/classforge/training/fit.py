@@ -80,6 +80,9 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
     budget = parse_duration(cfg.time_budget)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from classforge.sysalloc import keep_freed_memory
+
+    malloc_kept = keep_freed_memory()  # no mmap/munmap of the step's big tensors at every step (glibc)
     train_dl, val_dl, fast = make_loaders(model, data, cfg)
     resuming = cfg.resume and (run / "checkpoints" / "last.ckpt").exists()
     if stage == "scratch" and not resuming and not cfg.weights and hasattr(model.backbone, "init_from_data"):
@@ -136,7 +139,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "progressive_resize": [{"until": u, "size": sz} for u, sz in plan] or None,
                         "sam": cfg.sam or None,
                         "channels_last": module.channels_last, "compiled": bool(cfg.compile),
-                        "threads": torch.get_num_threads(),
+                        "threads": torch.get_num_threads(), "malloc_keeps_freed_memory": malloc_kept,
                         "forward_ops_per_sample": ops.get("ops"), "forward_macs_per_sample": ops.get("macs")}
     return rows
 
