@@ -513,6 +513,11 @@ def test_muon_through_train_and_its_errors(tiny, tmp_path):
     assert trainer["optimizer"] == "muon" and trainer["muon_lr"] == 0.1
     with pytest.raises(ClassforgeError, match="--strategy linear"):
         classforge.train(tiny, tmp_path / "l", backbone="cnn_small", strategy="linear", epochs=1, optimizer="muon")
+    for bad in (0, -0.1, 2, "fast"):
+        with pytest.raises(ClassforgeError, match="--muon-lr"):
+            classforge.train(tiny, tmp_path / "b", backbone="cnn_small", strategy="scratch", epochs=1,
+                             optimizer="muon", muon_lr=bad)
+    assert not (tmp_path / "b" / "model.safetensors").exists()
     r = subprocess.run([sys.executable, "-m", "classforge.cli", "train", str(tiny), "--backbone", "cnn_small",
                         "--strategy", "scratch", "--epochs", "1", "--out", str(tmp_path / "c"), "--optimizer", "lion"],
                        capture_output=True, text=True, timeout=300)

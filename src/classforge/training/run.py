@@ -143,6 +143,14 @@ def check_sam(cfg: TrainConfig) -> None:
     if not 0 <= rho <= 10 or math.isnan(rho):
         raise ClassforgeError(f"--sam is the SAM radius, between 0 (off) and 10 (0.05 is usual with SGD); got {cfg.sam}")
     cfg.sam = rho
+    try:
+        step = float(cfg.muon_lr)
+    except (TypeError, ValueError):
+        step = float("nan")
+    if not 0 < step <= 1:  # also NaN
+        raise ClassforgeError(f"--muon-lr is each weight's step as a fraction of its norm, above 0 and at most 1 "
+                              f"(0.015 is the default); got {cfg.muon_lr!r}")
+    cfg.muon_lr = step
 
 
 # Options that act while the network itself trains, so --strategy linear (a head on cached embeddings) has none of
