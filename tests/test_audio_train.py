@@ -15,6 +15,7 @@ import soundfile as sf
 from conftest import SHARED, tree_checksums
 
 import classforge
+from classforge.models.registry import ClassforgeError
 
 MN04 = SHARED / "weights" / "mn04_as_mAP_432.pt"
 
@@ -145,3 +146,11 @@ def test_audio_finetune_uses_the_audio_recipe_unless_told_otherwise(sounds):
     for other in (cfg.replace(strategy="linear"), cfg.replace(strategy="scratch", backbone="audio_cnn")):
         o = resolve_for_data(other, data)
         assert (o.epochs, o.lr, o.backbone_lr_mult) == (0, "default", None)
+
+
+def test_audio_mixup_trains_and_cutmix_is_refused(sounds, tmp_path):
+    run = classforge.train(sounds, tmp_path / "mix", backbone="audio_cnn", strategy="scratch", epochs=2,
+                           batch_size=8, mixup=0.4, patience=1000)
+    assert json.loads((run / "summary.json").read_text())["trainer"]["mix"]["mixup"] == 0.4
+    with pytest.raises(ClassforgeError, match="--cutmix pastes a box"):
+        classforge.train(sounds, tmp_path / "cm", backbone="audio_cnn", strategy="scratch", epochs=1, cutmix=1.0)

@@ -17,7 +17,8 @@ from conftest import make_image_folder
 
 import classforge
 from classforge.models.registry import ClassforgeError, Classifier, create_backbone
-from classforge.training.module import FileDataset, TensorBatchDataset, batch_crop_flip, batch_cutout
+from classforge.training.module import (ClassifierModule, FileDataset, TensorBatchDataset, batch_crop_flip,
+                                       batch_cutout, batch_mix)
 from classforge.training.schedules import Progress, lr_factor, make_lambda, parse_progressive, size_at
 
 
@@ -452,6 +453,92 @@ def test_sam_through_train_and_its_errors(tiny, tmp_path):
                        capture_output=True, text=True, timeout=300)
     said = " ".join((r.stderr + r.stdout).split())
     assert r.returncode != 0 and "SAM radius" in said and "Traceback" not in said
+
+
+# ------------------------------------------------------------------------------------------------ Mixup / CutMix
+def test_mixup_blends_pairs_and_cutmix_pastes_one_box():
+    import numpy as np
+
+    x = torch.randn(64, 3, 16, 16)
+    x0 = x.clone()
+    y = torch.arange(64)  # distinct labels: y[perm] reveals the pairing
+    xm, ya, yb, lam = batch_mix(x, y, mixup=0.4, cutmix=0.0, prob=1.0, rng=np.random.default_rng(0))
+    assert torch.equal(ya, y) and sorted(yb.tolist()) == list(range(64)) and 0 <= lam <= 1
+    assert torch.allclose(xm, lam * x + (1 - lam) * x[yb], atol=1e-6)
+    assert torch.equal(x, x0)  # the batch itself is left alone
+    seen = []
+    for seed in range(20):
+        xc, ya, yb, lam = batch_mix(x, y, mixup=0.0, cutmix=1.0, prob=1.0, rng=np.random.default_rng(seed))
+        moved = yb != y  # samples paired with another one (a permutation may keep some in place)
+        own, other = (xc == x).all(1), (xc == x[yb]).all(1)  # (B, H, W) pixel from itself / from its partner
+        assert (own | other).all() and torch.equal(x, x0)
+        box = ~own[moved]  # pixels that came from the partner, the same box in every image
+        assert (box == box[0]).all()
+        rows, cols = box[0].any(1), box[0].any(0)
+        assert torch.equal(box[0], rows[:, None] & cols[None, :])  # one rectangle
+        assert 1 - lam == pytest.approx(box[0].float().mean().item())  # lam = share of own pixels kept
+        seen.append(lam)
+    assert min(seen) < 0.5 < max(seen)  # Beta(1, 1) draws: boxes of many sizes
+    rng = np.random.default_rng(1)
+    kinds = []
+    for _ in range(400):
+        out = batch_mix(x, y, mixup=0.4, cutmix=1.0, prob=0.5, rng=rng)
+        if out is None:
+            kinds.append("none")
+            continue
+        blend = out[3] * x + (1 - out[3]) * x[out[2]]  # what mixup gives for this pairing and lam
+        kinds.append("mixup" if torch.allclose(out[0], blend, atol=1e-6) else "cutmix")
+    assert 150 < kinds.count("none") < 250 and kinds.count("mixup") > 50 and kinds.count("cutmix") > 50
+    assert batch_mix(x, y, 0.0, 0.0, 1.0, np.random.default_rng(0)) is None
+    a = batch_mix(x, y, 0.0, 1.0, 1.0, np.random.default_rng(7))
+    b = batch_mix(x, y, 0.0, 1.0, 1.0, np.random.default_rng(7))
+    assert torch.equal(a[0], b[0]) and a[3] == b[3]  # seeded: the run is reproducible
+
+
+def test_mixed_loss_blends_both_labels_and_sam_reuses_the_mixed_batch():
+    """The training loss of a mixed batch is lam * CE(y) + (1 - lam) * CE(partner); SAM's second pass gets the
+    same mixed inputs as its first (a fresh mix would take the step for another batch's gradient)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    module = ClassifierModule(net, [(list(net.parameters()), 0.1)], optimizer="sgd", num_classes=4, sam=0.05,
+                              cutmix=1.0, seed=3)
+    module.log = lambda *a, **k: None  # no Trainer here: the loss is what is checked
+    inputs = []
+    net.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach().clone()))
+    x, y = torch.randn(16, 3, 8, 8), torch.arange(16) % 4
+    loss = module.training_step((x, y), 0)
+    xm, (y2, lam) = module._mixed
+    assert not torch.equal(inputs[0], x) and torch.equal(inputs[0], xm)
+    logits = net(xm)
+    want = lam * torch.nn.functional.cross_entropy(logits, y) + (1 - lam) * torch.nn.functional.cross_entropy(logits, y2)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    module._sam_second = True
+    module.training_step((x, y), 0)
+    assert torch.equal(inputs[-1], inputs[0])
+    module._sam_second = False
+    module.training_step((x, y), 1)  # the next batch is mixed anew
+    assert not torch.equal(inputs[-1], inputs[0])
+
+
+def test_mix_through_train_and_its_errors(tiny, tmp_path):
+    run = classforge.train(tiny, tmp_path / "m", backbone="cnn_small", strategy="scratch", epochs=2, batch_size=8,
+                           patience=1000, mixup=0.2, cutmix=1.0, mix_prob=0.5)
+    rows = read_csv(run / "metrics.csv")[1:]
+    assert len(rows) == 2 and all(0 <= float(r["train_acc"]) <= 1 and float(r["train_loss"]) > 0 for r in rows)
+    trainer = json.loads((run / "summary.json").read_text())["trainer"]
+    assert trainer["mix"] == {"mixup": 0.2, "cutmix": 1.0, "prob": 0.5}
+    for kw, flag in (({"cutmix": -1}, "--cutmix"), ({"mixup": "lots"}, "--mixup"), ({"mixup": 0.2, "mix_prob": 0},
+                                                                                     "--mix-prob")):
+        with pytest.raises(ClassforgeError, match=flag):
+            classforge.train(tiny, tmp_path / "b", backbone="cnn_small", strategy="scratch", epochs=1, **kw)
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    with pytest.raises(ClassforgeError, match="--strategy linear"):
+        classforge.train(tiny, tmp_path / "l", backbone="cnn_small", strategy="linear", epochs=1, mixup=0.2)
+    r = subprocess.run([sys.executable, "-m", "classforge.cli", "train", str(tiny), "--backbone", "cnn_small",
+                        "--strategy", "scratch", "--epochs", "1", "--out", str(tmp_path / "c"), "--cutmix", "1",
+                        "--mix-prob", "2"], capture_output=True, text=True, timeout=300)
+    said = " ".join((r.stderr + r.stdout).split())
+    assert r.returncode != 0 and "--mix-prob" in said and "Traceback" not in said
 
 
 # ------------------------------------------------------------------------------------------------ Muon

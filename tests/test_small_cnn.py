@@ -332,7 +332,13 @@ def test_test_time_augmentation_modes():
         nine = [xp[..., i:i + 32, j:j + 32] for i in range(3) for j in range(3)]
         ref_shift8 = torch.stack([plain(u) for v in nine for u in (v, v.flip(3))]).mean(0)
         assert torch.equal(nine[4], x)
-        for mode, ref in (("flip", ref_flip), ("flip-shift", ref_shift), ("flip-shift8", ref_shift8)):
+        # flip-shift24: every position up to two pixels away (5 x 5, reflect-padded), each with its mirror
+        xp2 = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+        grid = [xp2[..., i:i + 32, j:j + 32] for i in range(5) for j in range(5)]
+        assert torch.equal(grid[12], x) and torch.equal(grid[6], nine[0])  # (-1, -1) is in both
+        ref_shift24 = torch.stack([plain(u) for v in grid for u in (v, v.flip(3))]).mean(0)
+        for mode, ref in (("flip", ref_flip), ("flip-shift", ref_shift), ("flip-shift8", ref_shift8),
+                          ("flip-shift24", ref_shift24)):
             plain.tta = mode
             out = plain(x)
             assert torch.allclose(out, ref, atol=1e-5), mode

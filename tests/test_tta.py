@@ -12,6 +12,7 @@ from conftest import tree_checksums
 from typer.testing import CliRunner
 
 from classforge.cli import app
+from classforge.models.registry import ClassforgeError
 
 runner = CliRunner()
 
@@ -51,7 +52,7 @@ def test_auto_chooses_on_validation_and_predict_uses_it(cnn_run, shapes_dir):
     out = runner.invoke(app, ["tta", str(cnn_run), "--test"], terminal_width=200)
     assert out.exit_code == 0, out.output
     res = json.loads((cnn_run / "tta.json").read_text())
-    assert set(res["modes"]) == {"none", "flip", "flip-shift", "flip-shift8"}
+    assert set(res["modes"]) == {"none", "flip", "flip-shift", "flip-shift8", "flip-shift24"}
     for mode, v in res["modes"].items():  # the figures are the model's accuracy with that mode on that split
         acc, n = _accuracy(cnn_run, "val", mode)
         assert v["val"]["n"] == n and v["val"]["accuracy"] == pytest.approx(acc, abs=1e-4), mode
@@ -108,3 +109,15 @@ def test_errors_are_messages(cnn_run, linear_run, tmp_path):
     assert out.exit_code != 0 and "not found" in _flat(out)
     out = runner.invoke(app, ["tta", str(tmp_path)])
     assert out.exit_code != 0 and "not a classforge run directory" in _flat(out)
+
+
+def test_score_modes_scores_only_the_modes_asked_and_refuses_unknown_ones(cnn_run):
+    from classforge.tta import score_modes
+
+    res = score_modes(cnn_run, ("val",), modes=("none", "flip-shift24"))
+    assert list(res["modes"]) == ["none", "flip-shift24"]
+    acc, n = _accuracy(cnn_run, "val", "flip-shift24")
+    got = res["modes"]["flip-shift24"]["val"]
+    assert got["n"] == n and got["accuracy"] == pytest.approx(acc, abs=1e-4)
+    with pytest.raises(ClassforgeError, match="unknown test-time augmentation mode.*crops"):
+        score_modes(cnn_run, ("val",), modes=("flip", "crops"))

@@ -84,6 +84,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     augment: str = "light"  # none | light | strong
     cutout: int = 0  # images, full-fit training: zero (= the mean pixel) a random square of this side in each training image
+    mixup: float = 0.0  # full-fit training: blend pairs of training inputs, lam ~ Beta(a, a) (Zhang et al. 2018; 0 = off)
+    cutmix: float = 0.0  # images, full-fit training: paste a box from another image, lam ~ Beta(a, a) (Yun et al. 2019; 0 = off)
+    mix_prob: float = 1.0  # share of training batches mixed when mixup or cutmix is on
     progressive_resize: str = ""  # images, full-fit training: "24:0.5" = train on images downscaled to 24 px until 50% of training
     views: int = 1  # augmented views per image for cached embeddings (linear)
     extract_engine: str = "auto"  # frozen-backbone forward for cached embeddings: auto | torch | onnx

@@ -44,7 +44,11 @@ def score_modes(run_dir: str | Path, splits: tuple[str, ...] = ("val",), data: s
 
     run = Path(run_dir)
     model, _, labels = load_run_model(run)
-    modes = modes or _modes_of(model)
+    known = _modes_of(model)
+    if modes and set(modes) - set(known):
+        raise ClassforgeError(f"unknown test-time augmentation mode(s) {', '.join(sorted(set(modes) - set(known)))}; "
+                              f"the modes are {', '.join(known)}")
+    modes = modes or known
     bb = model.backbone
     pred = Predictor(model, bb.spec, labels, fast=False)
     samples, root = split_samples(run, data, splits, hint=", or set a mode without scoring (--mode flip)")
@@ -124,7 +128,7 @@ def add_commands(app) -> None:
     def tta_cmd(
         run_dir: str = typer.Argument(..., help="A run directory of a cnn* image backbone"),
         mode: str = typer.Option("auto", "--mode", help="auto (the most accurate on the run's validation split) "
-                                 "| none | flip | flip-shift | flip-shift8"),
+                                 "| none | flip | flip-shift | flip-shift8 | flip-shift24"),
         data: str = typer.Option(None, "--data", help="The run's data folder, if it moved since training"),
         test: bool = typer.Option(False, "--test", help="Also score the test split (reported only, not used "
                                   "to choose)"),
@@ -133,7 +137,8 @@ def add_commands(app) -> None:
         """Choose the test-time augmentation of a trained small CNN and make predict/evaluate/serve/export use it.
 
         The modes average the logits over views of each image: none (1 view), flip (+ mirror, 2), flip-shift
-        (+ two one-pixel shifts and their mirrors, 6), flip-shift8 (all nine one-pixel positions x mirror, 18).
+        (+ two one-pixel shifts and their mirrors, 6), flip-shift8 (all nine one-pixel positions x mirror, 18),
+        flip-shift24 (all 25 positions up to two pixels away x mirror, 50).
         More views cost proportionally more inference time. `auto` scores each on the run's validation split
         and keeps the best; RUN/model.onnx is re-exported when present. Figures go to RUN/tta.json."""
         from rich.table import Table

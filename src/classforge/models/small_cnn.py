@@ -233,7 +233,8 @@ def _parse_ints(value: Any, what: str) -> list[int]:
     return out
 
 
-TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6, "flip-shift8": 18}  # test-time modes: forward passes per image
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6, "flip-shift8": 18, "flip-shift24": 50}  # forward passes per image
+SHIFT_RADIUS = {"flip-shift8": 1, "flip-shift24": 2}  # modes that average every shift up to this many pixels
 TTA_MODES = tuple(TTA_VIEWS)
 
 
@@ -398,12 +399,14 @@ class SmallCNN(Backbone):
             # each with its mirror: 0.5 x the mean of the two unshifted views + 0.5 x the mean of the four shifted.
             # "flip-shift8": the plain mean over the image moved to each of its 8 one-pixel neighbours and itself,
             # each with its mirror (18 views, 9x the cost of "flip"; about +0.15 test points over "flip-shift" on
-            # three 60-minute CIFAR-10 runs, benchmarks/RESULTS.md).
+            # three 60-minute CIFAR-10 runs, benchmarks/RESULTS.md). "flip-shift24": the same over the 5 x 5 positions
+            # up to two pixels away (50 views).
             b = x.shape[0]
             h, w = x.shape[-2:]
-            if self.tta == "flip-shift8":
-                xp = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, C, H+2, W+2)
-                views = [xp[..., i:i + h, j:j + w] for i in range(3) for j in range(3)]
+            r = SHIFT_RADIUS.get(self.tta, 0)
+            if r:
+                xp = F.pad(x, (r, r, r, r), mode="reflect")  # (B, C, H+2r, W+2r)
+                views = [xp[..., i:i + h, j:j + w] for i in range(2 * r + 1) for j in range(2 * r + 1)]
             else:
                 views = [x]
                 if self.tta == "flip-shift":

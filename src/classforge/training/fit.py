@@ -108,7 +108,8 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                               optimizer=optimizer, schedule=cfg.schedule, budget_s=budget, momentum=cfg.momentum,
                               class_names=data.labels, ops_per_sample=ops.get("ops"), compile=cfg.compile,
                               progressive=plan, ops_by_size=ops_by_size, sam=cfg.sam,
-                              muon_lr=cfg.muon_lr)
+                              muon_lr=cfg.muon_lr, mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob,
+                              seed=cfg.seed)
     monitor = "val_loss" if val_dl else "train_loss"
     # Pretrained backbones (finetune, two-stage): keep BatchNorm statistics frozen while the weights adapt.
     # Measured on FSDD with the AudioSet mn04 (BN momentum 0.01): with BN in train mode the net fits its batch
@@ -138,6 +139,8 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "data_path": data_path_desc(fast, cfg.cutout),
                         "progressive_resize": [{"until": u, "size": sz} for u, sz in plan] or None,
                         "sam": cfg.sam or None,
+                        "mix": ({"mixup": cfg.mixup, "cutmix": cfg.cutmix, "prob": cfg.mix_prob}
+                                if cfg.mixup or cfg.cutmix else None),
                         "channels_last": module.channels_last, "compiled": bool(cfg.compile),
                         "threads": torch.get_num_threads(), "malloc_keeps_freed_memory": malloc_kept,
                         "forward_ops_per_sample": ops.get("ops"), "forward_macs_per_sample": ops.get("macs")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,6 +96,37 @@ def batch_cutout(x: torch.Tensor, size: int, gen: torch.Generator | None = None)
     return x * keep[:, None].to(x.dtype)
 
 
+def batch_mix(x: torch.Tensor, y: torch.Tensor, mixup: float, cutmix: float, prob: float,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) on a training batch, or None (this batch is not
+    mixed: probability 1 - `prob`, or both alphas 0).
+
+    Each sample is paired with another of the batch (a random permutation); lam ~ Beta(alpha, alpha). Mixup
+    blends the whole inputs: lam * x + (1 - lam) * x[perm] (any shape: images, log-mels, waveforms). CutMix
+    pastes a box covering about 1 - lam of the image (B, C, H, W) from the partner, its centre uniform and the
+    box clipped at the border; lam is then the share of pixels actually kept. With both alphas > 0 each mixed
+    batch picks one of the two at even odds. Returns (mixed x, y, y[perm], lam): the loss is
+    lam * CE(y) + (1 - lam) * CE(y[perm]). x is not modified."""
+    if (mixup <= 0 and cutmix <= 0) or rng.random() >= prob:
+        return None
+    mode = "mixup" if cutmix <= 0 else "cutmix" if mixup <= 0 else ("mixup", "cutmix")[int(rng.integers(2))]
+    alpha = mixup if mode == "mixup" else cutmix
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.as_tensor(rng.permutation(len(y)), dtype=torch.long, device=y.device)
+    if mode == "mixup":
+        return x * lam + x[perm] * (1.0 - lam), y, y[perm], lam
+    h, w = x.shape[-2:]
+    r = math.sqrt(1.0 - lam)
+    ch, cw = int(round(h * r)), int(round(w * r))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - ch // 2, 0), min(cy - ch // 2 + ch, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx - cw // 2 + cw, w)
+    out = x.clone()
+    if y1 > y0 and x1 > x0:
+        out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    return out, y, y[perm], 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -121,7 +153,8 @@ class ClassifierModule(L.LightningModule):
                  num_classes: int | None = None, class_names: list[str] | None = None,
                  ops_per_sample: int | None = None, compile: bool = False,
                  progressive: list[tuple[float, int]] | None = None, ops_by_size: dict[int, int] | None = None,
-                 sam: float = 0.0, muon_lr: float = 0.015):
+                 sam: float = 0.0, muon_lr: float = 0.015, mixup: float = 0.0, cutmix: float = 0.0,
+                 mix_prob: float = 1.0, seed: int = 0):
         super().__init__()
         self.model = model
         self.lr_groups = lr_groups
@@ -151,6 +184,10 @@ class ClassifierModule(L.LightningModule):
         # optimizer "muon" (training.optim.OrthoSGD): the backbone's weight matrices take orthogonalised steps
         # of this size relative to their norm (times each group's share of the head's LR); the rest is SGD.
         self.muon_lr = float(muon_lr)
+        # Mixup / CutMix (batch_mix) on training batches; SAM's second pass re-uses the first pass's mixed batch.
+        self.mixup, self.cutmix, self.mix_prob = float(mixup), float(cutmix), float(mix_prob)
+        self._mix_rng = np.random.default_rng(seed)
+        self._mixed = None
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
         self.lr = lr_groups[-1][1]  # the LR finder tunes this one (the head's); others keep their ratios
         self._base_lrs = [lr for _, lr in lr_groups]
@@ -167,14 +204,20 @@ class ClassifierModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self._fwd(x) if self.training else self.model(x)
 
-    def _step(self, batch, stage: str):
+    def _step(self, batch, stage: str, mix: tuple[torch.Tensor, float] | None = None):
+        """Loss and accuracy of a batch; `mix` = (partner labels, lam) for a mixed training batch, whose loss
+        is lam * CE(y) + (1 - lam) * CE(partner) and accuracy the same blend of the two hit rates."""
         x, y = batch
         logits = self(x)
         w = self.class_weights if self.class_weights.numel() else None
-        loss = F.cross_entropy(logits.float(), y, weight=w,
-                               label_smoothing=self.label_smoothing if stage == "train" else 0.0)
+        smooth = self.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits.float(), y, weight=w, label_smoothing=smooth)
         pred = logits.argmax(-1)
         acc = (pred == y).float().mean()
+        if mix is not None:
+            y2, lam = mix
+            loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y2, weight=w, label_smoothing=smooth)
+            acc = lam * acc + (1.0 - lam) * (pred == y2).float().mean()
         if stage == "train" and self._sam_second:
             return loss  # SAM's second pass (at the perturbed weights): the step's numbers come from the first
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
@@ -202,7 +245,13 @@ class ClassifierModule(L.LightningModule):
         self.train_size = x.shape[-1] if x.dim() == 4 else None
         self.train_seen += 0 if self._sam_second else len(y)  # images/s counts images; ops/s counts both passes
         self.train_ops += len(y) * (self.ops_by_size.get(size, self.ops_per_sample) or 0)
-        return self._step((x, y), "train")
+        if self._sam_second and self._mixed is not None:
+            x, mix = self._mixed  # SAM's second pass: the gradient of the same mixed batch at w + eps
+        else:
+            mixed = batch_mix(x, y, self.mixup, self.cutmix, self.mix_prob, self._mix_rng)
+            x, mix = (x, None) if mixed is None else (mixed[0], (mixed[2], mixed[3]))
+            self._mixed = (x, mix) if self.sam else None
+        return self._step((x, y), "train", mix)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         if not self.sam or optimizer_closure is None:

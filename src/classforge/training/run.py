@@ -110,6 +110,7 @@ def train(cfg: TrainConfig) -> Path:
     check_sam(cfg)  # all before any stage: two-stage would otherwise fail after its embeddings
     check_network_only(cfg)
     check_cutout(cfg, backbone.spec)
+    check_mix(cfg, backbone.spec)
     check_progressive(cfg, backbone.spec)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
     extra: dict = {}
@@ -143,10 +144,7 @@ def check_sam(cfg: TrainConfig) -> None:
     if not 0 <= rho <= 10 or math.isnan(rho):
         raise ClassforgeError(f"--sam is the SAM radius, between 0 (off) and 10 (0.05 is usual with SGD); got {cfg.sam}")
     cfg.sam = rho
-    try:
-        step = float(cfg.muon_lr)
-    except (TypeError, ValueError):
-        step = float("nan")
+    step = _number(cfg.muon_lr)
     if not 0 < step <= 1:  # also NaN
         raise ClassforgeError(f"--muon-lr is each weight's step as a fraction of its norm, above 0 and at most 1 "
                               f"(0.015 is the default); got {cfg.muon_lr!r}")
@@ -160,6 +158,8 @@ NETWORK_ONLY = (
     ("progressive_resize", "--progressive-resize", "changes the images the network trains on",
      "use --strategy scratch or finetune"),
     ("sam", "--sam", "changes how the network's weights are stepped", "use --strategy scratch, finetune or two-stage"),
+    ("mixup", "--mixup", "mixes the inputs the network trains on", "use --strategy scratch, finetune or two-stage"),
+    ("cutmix", "--cutmix", "mixes the images the network trains on", "use --strategy scratch, finetune or two-stage"),
     ("optimizer", "--optimizer muon", "orthogonalises the network's weight updates",
      "use --strategy scratch, finetune or two-stage"),
 )
@@ -187,6 +187,30 @@ def check_cutout(cfg: TrainConfig, spec) -> None:
     if not 0 < cfg.cutout < spec.size:
         raise ClassforgeError(f"--cutout is the side of the blanked square in input pixels: between 1 and "
                               f"{spec.size - 1} for this {spec.size}x{spec.size} input, got {cfg.cutout}")
+
+
+def check_mix(cfg: TrainConfig, spec) -> None:
+    """--mixup / --cutmix alphas (Beta(a, a); 0 = off) and --mix-prob; CutMix pastes boxes, so images only."""
+    for key, flag in (("mixup", "--mixup"), ("cutmix", "--cutmix")):
+        a = _number(getattr(cfg, key))
+        if not 0 <= a <= 100:  # also NaN
+            raise ClassforgeError(f"{flag} is the alpha of the Beta(alpha, alpha) mixing weight, from 0 (off) to 100 "
+                                  f"(0.2-1 is usual); got {getattr(cfg, key)!r}")
+        setattr(cfg, key, a)
+    p = _number(cfg.mix_prob)
+    if not 0 < p <= 1:
+        raise ClassforgeError(f"--mix-prob is the share of training batches that are mixed, above 0 and at most 1; "
+                              f"got {cfg.mix_prob!r}")
+    cfg.mix_prob = p
+    if cfg.cutmix and spec.task != "image":
+        raise ClassforgeError("--cutmix pastes a box from another image; for audio use --mixup (blends whole clips)")
+
+
+def _number(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def check_progressive(cfg: TrainConfig, spec) -> None:
