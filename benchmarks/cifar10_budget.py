@@ -265,6 +265,14 @@ def tta(args) -> None:
         for mode, v in res["modes"].items():
             print(f"{sp:5s} tta={mode:11s} accuracy {v[sp]['accuracy']:.4f} (n={v[sp]['n']})", flush=True)
     res["chosen_on_val"] = choose(res)
+    if args.fixed:  # fixed before the run: the result is this mode's test score, whatever validation prefers
+        if args.fixed not in res["modes"]:
+            raise SystemExit(f"--fixed {args.fixed} is not among the scored modes ({', '.join(res['modes'])})")
+        res["fixed_before_run"] = args.fixed
+        res["result"] = {"mode": args.fixed, **res["modes"][args.fixed]["test"]}
+        print(f"result (mode fixed before the run): tta={args.fixed} test accuracy "
+              f"{res['result']['accuracy']:.4f} (n={res['result']['n']}); validation would have chosen "
+              f"{res['chosen_on_val']}", flush=True)
     res["date"] = dt.datetime.now().isoformat(timespec="minutes")
     (run / "tta.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
@@ -338,6 +346,8 @@ def main() -> None:
     p.add_argument("--data", default=None, help="the run's data folder, if it moved since training")
     p.add_argument("--modes", default=None, help="comma-separated TTA modes to score (default: all; flip-shift24's "
                    "50 views take about half of the time)")
+    p.add_argument("--fixed", default=None, help="the mode fixed before the run (the recipe's: flip-shift8): its test "
+                   "accuracy is the result; validation's choice is recorded beside it")
     p.set_defaults(fn=tta)
     args = ap.parse_args()
     args.fn(args)
