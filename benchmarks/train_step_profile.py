@@ -3,6 +3,7 @@
     python benchmarks/train_step_profile.py --backbone cnn_fast_256k --threads 2
     python benchmarks/train_step_profile.py --backbone cnn_plain_256k --batch-size 128 --rounds 5
     python benchmarks/train_step_profile.py --backbone cnn_plain_256k --bf16 --compare optimizer   # SGD vs muon
+    python benchmarks/train_step_profile.py --backbone cnn_plain_256k --bf16 --compare block   # plain vs plainpool
 
 A plain PyTorch step (forward, label-smoothed cross-entropy, backward, SGD Nesterov; channels_last, fp32 or
 --bf16 autocast), no Lightning and no data loading, so only the network's own cost is measured. For each
@@ -11,7 +12,8 @@ first trained conv) it prints training images/s over alternating rounds (the two
 a shared machine's speed hits both alike), then one torch.profiler step breakdown: time per operator and input
 shape, largest first. Random inputs: the cost does not depend on the pixel values. `--compare optimizer` instead
 compares SGD Nesterov with `--optimizer muon` (classforge.training.optim.OrthoSGD: the conv weights orthogonalised,
-the rest SGD) on the preset's frozen stem, in the same alternating rounds.
+the rest SGD) on the preset's frozen stem, in the same alternating rounds. `--compare block` compares the preset's
+own block order with `block=plainpool` (each stage's max-pool moved before its last BN and ReLU; SGD, frozen stem).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch.nn.functional as F
 from classforge.models.registry import Classifier, create_backbone
 
 
-def build(name: str, whiten_bias: str) -> Classifier:
+def build(name: str, whiten_bias: str, block: str | None = None) -> Classifier:
     torch.manual_seed(0)
-    m = Classifier(create_backbone(name, pretrained=False, whiten_bias=whiten_bias), 10)
+    kw = {"block": block} if block else {}
+    m = Classifier(create_backbone(name, pretrained=False, whiten_bias=whiten_bias, **kw), 10)
     return m.to(memory_format=torch.channels_last)
 
 
@@ -41,17 +44,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="alternating timed rounds per setting")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs with native bf16)")
     ap.add_argument("--top", type=int, default=12, help="profiler rows to print")
-    ap.add_argument("--compare", choices=("whiten", "optimizer"), default="whiten",
-                    help="whiten: the stem's bias trained vs frozen (SGD); optimizer: SGD vs muon (frozen stem)")
+    ap.add_argument("--compare", choices=("whiten", "optimizer", "block"), default="whiten",
+                    help="whiten: the stem's bias trained vs frozen (SGD); optimizer: SGD vs muon (frozen stem); "
+                         "block: the preset's blocks vs block=plainpool (SGD, frozen stem)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     x = torch.randn(a.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (a.batch_size,))
     runs = {}
-    settings = ({f"whiten_bias={wb}": (wb, "sgd") for wb in ("train", "frozen")} if a.compare == "whiten"
-                else {f"optimizer={o}": ("frozen", o) for o in ("sgd", "muon")})
-    for label, (wb, optimizer) in settings.items():
-        m = build(a.backbone, wb)
+    if a.compare == "whiten":
+        settings = {f"whiten_bias={wb}": (wb, "sgd", None) for wb in ("train", "frozen")}
+    elif a.compare == "optimizer":
+        settings = {f"optimizer={o}": ("frozen", o, None) for o in ("sgd", "muon")}
+    else:
+        settings = {"block=preset": ("frozen", "sgd", None), "block=plainpool": ("frozen", "sgd", "plainpool")}
+    for label, (wb, optimizer, block) in settings.items():
+        m = build(a.backbone, wb, block)
         m.backbone.init_from_data(x[:64].contiguous())
         if optimizer == "sgd":
             opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)

@@ -287,6 +287,47 @@ def test_one_block_type_per_stage():
         create_backbone("cnn", pretrained=False, block="pooled,dense,plain")
 
 
+def test_plainpool_pools_before_the_last_bn_and_computes_what_plain_computes():
+    """block=plainpool: the stage's max-pool moves from after its last ReLU to straight after its last conv. Same
+    parameters, same convs at the same sizes; with the same weights and BN statistics and positive BN scales the
+    eval-mode output is exactly plain's (max-pool commutes with a monotone BN and with ReLU), while a negative
+    scale breaks the equality (the test can tell the orders apart). The last BN and ReLU of each stage run on a
+    quarter of the values, so the anatomy counts fewer element-wise operations and the same MACs."""
+    from classforge.models.anatomy import describe
+
+    plain = create_backbone("cnn_plain_256k", pretrained=False, num_classes=10)
+    pp = create_backbone("cnn_plain_256k", pretrained=False, num_classes=10, block="plainpool")
+    assert pp.config["block"] == "plainpool"
+    assert total_params(pp, 10) == total_params(plain, 10)
+    assert [type(m).__name__ for m in pp.stages[1]] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "MaxPool2d",
+                                                          "BatchNorm2d", "ReLU"]
+    g = torch.Generator().manual_seed(0)
+    sd = plain.state_dict()
+    for k, v in sd.items():  # non-trivial BN statistics and positive scales
+        if k.endswith("running_mean") or k.endswith(".bias"):
+            v.copy_(torch.randn(v.shape, generator=g) * 0.3)
+        elif k.endswith("running_var") or (k.endswith(".weight") and v.dim() == 1):
+            v.copy_(torch.rand(v.shape, generator=g) + 0.5)
+    plain.load_state_dict(sd)
+    pk = pp.state_dict()
+    assert [tuple(v.shape) for v in pk.values()] == [tuple(v.shape) for v in sd.values()]
+    pp.load_state_dict(dict(zip(pk, sd.values())))
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    plain.eval(), pp.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pp(x), plain(x), rtol=1e-5, atol=1e-5)
+        pp.stages[2][5].weight.mul_(-1)  # a negative BN scale turns the max into a min: the orders now differ
+        assert not torch.allclose(pp(x), plain(x), atol=1e-3)
+    a_plain = describe(Classifier(plain, 10), (3, 32, 32)).totals
+    a_pp = describe(Classifier(pp, 10), (3, 32, 32)).totals
+    assert a_pp["macs"] == a_plain["macs"]
+    assert a_pp["ops"] < a_plain["ops"]
+    pp.train()
+    out = pp(torch.randn(8, 3, 32, 32, generator=g))
+    out.sum().backward()
+    assert all(p.grad is not None for n, p in pp.named_parameters() if "stages.0" not in n)
+
+
 def test_plainres_stage_is_plain_with_identity_residual_units():
     """block=plainres: the same convs, parameters and map sizes as plain, but convs 2..depth of a stage are
     ReLU(x + BN(Conv(x))) units whose BN scale starts at zero, so at init each unit passes its input through

@@ -9,6 +9,12 @@ One family, `cnn`, covers the classic shapes:
   shape of Keller Jordan's fast CIFAR-10 nets, airbench). With ``stem="whiten"`` a frozen 2×2 patch-whitening
   conv (`PatchWhiten`, fitted on training images before training) comes first; ``global_pool="max"`` and
   ``feature_scale`` complete that recipe.
+- ``block="plainpool"``: as ``plain``, but the stage's 2×2 max-pool comes straight after its last conv, before
+  that conv's BN and ReLU (the order airbench uses after its convs). A max-pool commutes with a ReLU and with a
+  BatchNorm whose scale is positive, so the layers compute the same family of functions as ``plain`` (the BN's
+  statistics are taken over the pooled map), with the same parameters and convolutions, while the last BN and
+  ReLU of each stage, and their backward passes, run on a quarter of the values: on a CPU, where that
+  element-wise work costs more than the convolutions, a training step of ``cnn_plain_256k`` is about a fifth faster.
 - ``block="plainres"``: as ``plain``, but the stage's 2nd to ``depth``-th convs are one-conv residual units,
   ReLU(x + BN(Conv(x))), each starting as the identity: the same parameters as ``plain``, and deeper stages train
   as easily as shallow ones.
@@ -203,7 +209,7 @@ class ResUnit(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 # The CNN family
 
-BLOCKS = ("plain", "plainres", "pooled", "flat", "residual")
+BLOCKS = ("plain", "plainpool", "plainres", "pooled", "flat", "residual")
 
 
 def _per_stage(value: int | Sequence[int], n: int, what: str) -> list[int]:
@@ -253,9 +259,10 @@ def _parse_blocks(block: Any, n: int) -> list[str]:
 
 
 def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool, side: int):
-    """One plain, plainres, pooled or flat stage -> (module, channels out, side out).
+    """One plain, plainpool, plainres, pooled or flat stage -> (module, channels out, side out).
 
-    plain: d x (Conv -> [BN] -> ReLU), then a 2x2 max-pool. plainres: the same, but convs 2..d are residual
+    plain: d x (Conv -> [BN] -> ReLU), then a 2x2 max-pool. plainpool: (d - 1) x (Conv -> [BN] -> ReLU), then
+    Conv -> 2x2 max-pool -> [BN] -> ReLU. plainres: the same, but convs 2..d are residual
     units (ReLU(x + BN(Conv(x))), `ResUnit`): same parameters, one addition per output value more.
     pooled: Conv -> 2x2 max-pool -> [BN] -> ReLU, then d - 1 x (Conv -> [BN] -> ReLU) at the pooled size.
     flat: d x (Conv -> [BN] -> ReLU), no pooling."""
@@ -269,13 +276,13 @@ def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool,
             continue
         layers.append(nn.Conv2d(cin if j == 0 else w, w, k, 1, pad, bias=not bn))
         side = side + 2 * pad - k + 1
-        if kind == "pooled" and j == 0:
+        if (kind == "pooled" and j == 0) or (kind == "plainpool" and j == d - 1):
             layers.append(nn.MaxPool2d(2))
             side //= 2
         if bn:
             layers.append(nn.BatchNorm2d(w))
         layers.append(nn.ReLU(inplace=True))
-    if kind in ("plain", "plainres"):
+    if kind in ("plain", "plainres"):  # plainpool has pooled before its last BN
         layers.append(nn.MaxPool2d(2))
         side //= 2
     return nn.Sequential(*layers), w, side
@@ -305,7 +312,7 @@ class SmallCNN(Backbone):
         if stem not in ("none", "whiten"):
             raise ClassforgeError(f"stem must be 'none' or 'whiten', got {stem!r}")
         if stem == "whiten" and blocks[0] == "residual":
-            raise ClassforgeError("stem=whiten is for the plain, plainres, pooled and flat blocks (residual nets have a conv stem)")
+            raise ClassforgeError("stem=whiten is for the plain, plainpool, plainres, pooled and flat blocks (residual nets have a conv stem)")
         if whiten_bias not in ("train", "frozen"):
             raise ClassforgeError(f"whiten_bias must be 'train' or 'frozen', got {whiten_bias!r}")
         if tta not in TTA_MODES:
@@ -720,7 +727,7 @@ _DESCRIPTIONS = {
 }
 
 
-@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|plainres|pooled|flat|residual "
+@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|plainpool|plainres|pooled|flat|residual "
                    "(or one per stage: pooled,pooled,plain), "
                    "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)", budget_aware=True)
 def cnn(pretrained: bool = False, weights: str | None = None, **kwargs) -> SmallCNN:
