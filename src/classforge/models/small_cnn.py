@@ -14,7 +14,8 @@ One family, `cnn`, covers the classic shapes:
   BatchNorm whose scale is positive, so the layers compute the same family of functions as ``plain`` (the BN's
   statistics are taken over the pooled map), with the same parameters and convolutions, while the last BN and
   ReLU of each stage, and their backward passes, run on a quarter of the values: on a CPU, where that
-  element-wise work costs more than the convolutions, a training step of ``cnn_plain_256k`` is about a fifth faster.
+  element-wise work costs more than the convolutions, a bf16 training step of ``cnn_plain_256k`` on 2 cores
+  ran 27% more images/s, and two 60-minute CIFAR-10 runs reached the same test accuracy as ``plain``.
 - ``block="plainres"``: as ``plain``, but the stage's 2nd to ``depth``-th convs are one-conv residual units,
   ReLU(x + BN(Conv(x))), each starting as the identity: the same parameters as ``plain``, and deeper stages train
   as easily as shallow ones.
@@ -262,7 +263,7 @@ def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool,
     """One plain, plainpool, plainres, pooled or flat stage -> (module, channels out, side out).
 
     plain: d x (Conv -> [BN] -> ReLU), then a 2x2 max-pool. plainpool: (d - 1) x (Conv -> [BN] -> ReLU), then
-    Conv -> 2x2 max-pool -> [BN] -> ReLU. plainres: the same, but convs 2..d are residual
+    Conv -> 2x2 max-pool -> [BN] -> ReLU. plainres: as plain, but convs 2..d are residual
     units (ReLU(x + BN(Conv(x))), `ResUnit`): same parameters, one addition per output value more.
     pooled: Conv -> 2x2 max-pool -> [BN] -> ReLU, then d - 1 x (Conv -> [BN] -> ReLU) at the pooled size.
     flat: d x (Conv -> [BN] -> ReLU), no pooling."""
