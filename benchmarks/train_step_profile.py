@@ -4,6 +4,8 @@
     python benchmarks/train_step_profile.py --backbone cnn_plain_256k --batch-size 128 --rounds 5
     python benchmarks/train_step_profile.py --backbone cnn_plain_256k --bf16 --compare optimizer   # SGD vs muon
     python benchmarks/train_step_profile.py --backbone cnn_plain_256k --bf16 --compare block   # plain vs plainpool
+    python benchmarks/train_step_profile.py --backbone cnn_plain_256k --bf16 --compare variants \
+        --variant "block=plainpool" --variant "block=plainpool se=8"   # any backbone arguments, side by side
 
 A plain PyTorch step (forward, label-smoothed cross-entropy, backward, SGD Nesterov; channels_last, fp32 or
 --bf16 autocast), no Lightning and no data loading, so only the network's own cost is measured. For each
@@ -13,7 +15,8 @@ a shared machine's speed hits both alike), then one torch.profiler step breakdow
 shape, largest first. Random inputs: the cost does not depend on the pixel values. `--compare optimizer` instead
 compares SGD Nesterov with `--optimizer muon` (classforge.training.optim.OrthoSGD: the conv weights orthogonalised,
 the rest SGD) on the preset's frozen stem, in the same alternating rounds. `--compare block` compares the preset's
-own block order with `block=plainpool` (each stage's max-pool moved before its last BN and ReLU; SGD, frozen stem).
+own block order with `block=plainpool` (each stage's max-pool moved before its last BN and ReLU; SGD, frozen stem);
+`--compare variants` compares any backbone arguments given by `--variant` (SGD, frozen stem).
 """
 
 from __future__ import annotations
@@ -28,9 +31,20 @@ import torch.nn.functional as F
 from classforge.models.registry import Classifier, create_backbone
 
 
-def build(name: str, whiten_bias: str, block: str | None = None) -> Classifier:
+def parse_variant(text: str) -> dict:
+    """ "block=plainpool se=8 act=gelu" -> {"block": "plainpool", "se": 8, "act": "gelu"}."""
+    out = {}
+    for part in text.split():
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant takes key=value pairs separated by spaces, got {text!r}")
+        out[key] = int(value) if value.isdigit() else value
+    return out
+
+
+def build(name: str, whiten_bias: str, block: str | dict | None = None) -> Classifier:
     torch.manual_seed(0)
-    kw = {"block": block} if block else {}
+    kw = dict(block) if isinstance(block, dict) else ({"block": block} if block else {})
     m = Classifier(create_backbone(name, pretrained=False, whiten_bias=whiten_bias, **kw), 10)
     return m.to(memory_format=torch.channels_last)
 
@@ -44,9 +58,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="alternating timed rounds per setting")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs with native bf16)")
     ap.add_argument("--top", type=int, default=12, help="profiler rows to print")
-    ap.add_argument("--compare", choices=("whiten", "optimizer", "block"), default="whiten",
+    ap.add_argument("--variant", action="append", default=[],
+                    help="with --compare variants: backbone arguments of one setting, e.g. \"block=plainpool se=8\" "
+                         "(repeat the option; an empty string is the preset as it is)")
+    ap.add_argument("--compare", choices=("whiten", "optimizer", "block", "variants"), default="whiten",
                     help="whiten: the stem's bias trained vs frozen (SGD); optimizer: SGD vs muon (frozen stem); "
-                         "block: the preset's blocks vs block=plainpool (SGD, frozen stem)")
+                         "block: the preset's blocks vs block=plainpool (SGD, frozen stem); variants: the --variant "
+                         "settings")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     x = torch.randn(a.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -56,8 +74,12 @@ def main() -> None:
         settings = {f"whiten_bias={wb}": (wb, "sgd", None) for wb in ("train", "frozen")}
     elif a.compare == "optimizer":
         settings = {f"optimizer={o}": ("frozen", o, None) for o in ("sgd", "muon")}
-    else:
+    elif a.compare == "block":
         settings = {"block=preset": ("frozen", "sgd", None), "block=plainpool": ("frozen", "sgd", "plainpool")}
+    else:
+        if len(a.variant) < 2:
+            raise SystemExit("--compare variants needs two or more --variant options")
+        settings = {(v or "preset"): ("frozen", "sgd", parse_variant(v)) for v in a.variant}
     for label, (wb, optimizer, block) in settings.items():
         m = build(a.backbone, wb, block)
         m.backbone.init_from_data(x[:64].contiguous())
@@ -89,7 +111,7 @@ def main() -> None:
     print(f"{a.backbone}, batch {a.batch_size}, {a.threads} threads, {'bf16 autocast' if a.bf16 else 'fp32'}, "
           f"channels_last: training images/s per round ({a.steps} steps each)")
     for label, (_, rates) in runs.items():
-        print(f"  {label:<18}  median {statistics.median(rates):7.1f}   rounds "
+        print(f"  {label:<30}  median {statistics.median(rates):7.1f}   rounds "
               + " ".join(f"{r:.0f}" for r in rates))
     from torch.profiler import ProfilerActivity, profile
 

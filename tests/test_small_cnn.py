@@ -328,6 +328,45 @@ def test_plainpool_pools_before_the_last_bn_and_computes_what_plain_computes():
     assert all(p.grad is not None for n, p in pp.named_parameters() if "stages.0" not in n)
 
 
+def test_squeeze_excite_and_gelu_options_fit_the_budget_start_neutral_and_are_counted():
+    """se=8 ends every stage with a squeeze-and-excitation gate (2*C*C/8 + C/8 + C parameters per stage: 4,650 on
+    cnn_plain_256k, still under 256K with the head): each image's channels are scaled by weights in (0, 1) computed
+    from that image's channel means, and the loss reaches both of its convs. act=gelu replaces every ReLU. The anatomy lists
+    the gate's multiplications and the GELUs; bad values are refused with the allowed ones."""
+    from classforge.models.anatomy import describe
+    from classforge.models.small_cnn import SqueezeExcite
+
+    base = create_backbone("cnn_plain_256k", pretrained=False, num_classes=10, block="plainpool")
+    net = create_backbone("cnn_plain_256k", pretrained=False, num_classes=10, max_params=256_000, block="plainpool",
+                          act="gelu", se=8)
+    assert net.config["act"] == "gelu" and net.config["se"] == 8
+    assert total_params(net, 10) - total_params(base, 10) == sum(2 * c * (c // 8) + c // 8 + c for c in (32, 64, 112))
+    assert total_params(net, 10) == 255_756
+    ses = [m for m in net.modules() if isinstance(m, SqueezeExcite)]
+    assert len(ses) == 3 and not any(isinstance(m, nn.ReLU) for s in net.stages for m in s)
+    assert sum(isinstance(m, nn.GELU) for m in net.modules()) == 1 + 2 * 3  # stem + two convs per stage
+    x = torch.randn(4, 32, 7, 7)
+    se0 = ses[0].eval()
+    with torch.no_grad():
+        w = torch.sigmoid(se0.expand(torch.relu(se0.reduce(x.mean((2, 3), keepdim=True)))))  # (4, 32, 1, 1)
+        torch.testing.assert_close(se0(x), x * w)  # each image's channels scaled by its own weights in (0, 1)
+    assert w.std(0).max() > 1e-3 and 0 < w.min() and w.max() < 1
+    rows = describe(Classifier(net, 10), (3, 32, 32)).rows
+    gates = [r for r in rows if r.fn.startswith("Gate")]
+    assert [r.mults for r in gates] == [32 * 15 * 15, 64 * 7 * 7, 112 * 3 * 3]  # one multiplication per gated value
+    assert sum(r.fn.startswith("GELU") for r in rows) == 7
+    net.train()
+    loss = torch.nn.functional.cross_entropy(Classifier(net, 10)(torch.randn(8, 3, 32, 32)), torch.arange(8))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for s in ses for p in s.parameters())
+    with pytest.raises(ClassforgeError, match="act must be one of relu, gelu, silu"):
+        create_backbone("cnn_plain_256k", pretrained=False, act="tanh")
+    with pytest.raises(ClassforgeError, match="se is the squeeze-and-excitation reduction"):
+        create_backbone("cnn_plain_256k", pretrained=False, se=-1)
+    with pytest.raises(ClassforgeError, match="not residual"):
+        create_backbone("cnn_resnet20", pretrained=False, se=8)
+
+
 def test_plainres_stage_is_plain_with_identity_residual_units():
     """block=plainres: the same convs, parameters and map sizes as plain, but convs 2..depth of a stage are
     ReLU(x + BN(Conv(x))) units whose BN scale starts at zero, so at init each unit passes its input through

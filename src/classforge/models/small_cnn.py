@@ -207,6 +207,46 @@ class ResUnit(nn.Module):
         return self.relu(self.add(x, self.bn(self.conv(x))))
 
 
+class Gate(nn.Module):
+    """x * g with g of shape (B, C, 1, 1): the channel gating of squeeze-and-excitation, as a module so the
+    anatomy counts its multiplications."""
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x * g
+
+    def anatomy_fn(self) -> str:
+        return "Gate (x * channel weights)"
+
+    def anatomy_ops(self, inputs, output) -> dict[str, int]:
+        return {"mults": output.numel()}
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): the channel means of the map -> 1x1 conv to C/r -> ReLU -> 1x1
+    conv to C -> sigmoid, and the map's channels multiplied by those weights, one weight per image and channel.
+    2*C*C/r + C/r + C parameters. Both convs get the He initialisation of the other convs, biases zero."""
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+        self.sigmoid = nn.Sigmoid()
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        return self.gate(x, self.sigmoid(self.expand(self.relu(self.reduce(self.squeeze(x))))))
+
+
+ACTIVATIONS = ("relu", "gelu", "silu")
+
+
+def _activation(name: str) -> nn.Module:
+    return {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": lambda: nn.SiLU(inplace=True)}[name]()
+
+
 # --------------------------------------------------------------------------------------------------------
 # The CNN family
 
@@ -259,14 +299,18 @@ def _parse_blocks(block: Any, n: int) -> list[str]:
     return kinds
 
 
-def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool, side: int):
+def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool, side: int, act: str = "relu",
+                se: int = 0):
     """One plain, plainpool, plainres, pooled or flat stage -> (module, channels out, side out).
 
     plain: d x (Conv -> [BN] -> ReLU), then a 2x2 max-pool. plainpool: (d - 1) x (Conv -> [BN] -> ReLU), then
     Conv -> 2x2 max-pool -> [BN] -> ReLU. plainres: as plain, but convs 2..d are residual
     units (ReLU(x + BN(Conv(x))), `ResUnit`): same parameters, one addition per output value more.
     pooled: Conv -> 2x2 max-pool -> [BN] -> ReLU, then d - 1 x (Conv -> [BN] -> ReLU) at the pooled size.
-    flat: d x (Conv -> [BN] -> ReLU), no pooling."""
+    flat: d x (Conv -> [BN] -> ReLU), no pooling. `act` replaces every ReLU (gelu, silu); `se` > 0 ends the stage
+    with a squeeze-and-excitation gate of reduction `se` (on the pooled map)."""
+    if act != "relu" and kind == "plainres":
+        raise ClassforgeError(f"act={act} is for the plain, plainpool, pooled and flat blocks, not plainres")
     layers: list[nn.Module] = []
     for j in range(d):
         if kind == "plainres" and j > 0:
@@ -282,10 +326,12 @@ def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool,
             side //= 2
         if bn:
             layers.append(nn.BatchNorm2d(w))
-        layers.append(nn.ReLU(inplace=True))
+        layers.append(_activation(act))
     if kind in ("plain", "plainres"):  # plainpool has pooled before its last BN
         layers.append(nn.MaxPool2d(2))
         side //= 2
+    if se:
+        layers.append(SqueezeExcite(w, se))
     return nn.Sequential(*layers), w, side
 
 
@@ -300,7 +346,8 @@ class SmallCNN(Backbone):
                  block: str = "plain", kernel_size: int = 3, padding: int | None = None,
                  batch_norm: bool = True, global_pool: bool | str = True, hidden: Sequence[int] = (),
                  dropout: float = 0.0, input_size: int = 32, in_channels: int = 3, stem: str = "none",
-                 feature_scale: float = 1.0, tta: str = "none", whiten_bias: str = "frozen"):
+                 feature_scale: float = 1.0, tta: str = "none", whiten_bias: str = "frozen", act: str = "relu",
+                 se: int = 0):
         super().__init__()
         widths = _parse_ints(widths, "widths")
         hidden = _parse_ints(hidden, "hidden")
@@ -318,6 +365,13 @@ class SmallCNN(Backbone):
             raise ClassforgeError(f"whiten_bias must be 'train' or 'frozen', got {whiten_bias!r}")
         if tta not in TTA_MODES:
             raise ClassforgeError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        if act not in ACTIVATIONS:
+            raise ClassforgeError(f"act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+        se = int(se)
+        if se < 0:
+            raise ClassforgeError(f"se is the squeeze-and-excitation reduction (0 = none, e.g. 8), got {se}")
+        if (act != "relu" or se) and "residual" in blocks:
+            raise ClassforgeError("act= and se= are for the plain, plainpool, pooled and flat blocks, not residual")
         if global_pool not in (True, False, "avg", "max"):
             raise ClassforgeError(f"global_pool must be true/false, 'avg' or 'max', got {global_pool!r}")
         depths = _per_stage(depth, len(widths), "depth")
@@ -327,7 +381,7 @@ class SmallCNN(Backbone):
         self.config = {"widths": widths, "depth": depths, "block": block, "kernel_size": kernel_size,
                        "padding": padding, "batch_norm": batch_norm, "global_pool": global_pool, "hidden": hidden,
                        "dropout": dropout, "input_size": input_size, "in_channels": in_channels, "stem": stem,
-                       "feature_scale": feature_scale, "tta": tta, "whiten_bias": whiten_bias}
+                       "feature_scale": feature_scale, "tta": tta, "whiten_bias": whiten_bias, "act": act, "se": se}
         self.tta = tta
         pad = kernel_size // 2 if padding is None else int(padding)
         side = int(input_size)
@@ -336,11 +390,11 @@ class SmallCNN(Backbone):
         cin = in_channels
         if stem == "whiten":
             whiten = PatchWhiten(in_channels, 2, train_bias=whiten_bias == "train")
-            stages.append(nn.Sequential(whiten, nn.ReLU(inplace=True)))
+            stages.append(nn.Sequential(whiten, _activation(act)))
             cin, side = whiten.out_channels, side - 1
         if blocks[0] != "residual":
             for w, d, kind in zip(widths, depths, blocks):
-                stage, cin, side = _conv_stage(kind, cin, w, d, kernel_size, pad, batch_norm, side)
+                stage, cin, side = _conv_stage(kind, cin, w, d, kernel_size, pad, batch_norm, side, act, se)
                 if side < 1:
                     raise ClassforgeError(f"input_size {input_size} is too small for {len(widths)} stages "
                                           f"of {kernel_size}x{kernel_size} convs and 2x2 pooling")
@@ -668,7 +722,7 @@ def load_backbone_weights(backbone: Backbone, path: str) -> None:
 
 
 _CNN_KEYS = ("widths", "depth", "block", "kernel_size", "padding", "batch_norm", "global_pool", "hidden",
-             "dropout", "input_size", "in_channels", "stem", "feature_scale", "tta", "whiten_bias")
+             "dropout", "input_size", "in_channels", "stem", "feature_scale", "tta", "whiten_bias", "act", "se")
 _BUDGET_KEYS = ("fit_budget", "max_params", "num_classes")
 
 
