@@ -212,3 +212,29 @@ def test_export_parity_32_real_clips_mn04(tmp_path):
     r = export_run(run, model_card=False)
     check_onnx_file(run, r)
     assert r["task"] == "audio" and r["input"]["shape"][0] == "batch"
+
+
+def test_export_parity_gelu_squeeze_excite_cnn_on_cifar10_images(tmp_path):
+    """The CIFAR-10 recipe's net (cnn_plain_256k with block=plainpool, act=gelu, se=8 and flip TTA inside the model)
+    exports to ONNX (GELU as Erf, the gates as GlobalAveragePool + 1x1 convs + Sigmoid + Mul) and ONNX Runtime gives
+    PyTorch's logits on 32 real CIFAR-10 test images, after its BN statistics and gates moved away from their
+    initial values."""
+    root = shared_path("datasets", "cifar10")
+    files = [p for c in sorted((root / "test").iterdir()) for p in sorted(c.glob("*"))[:4]][:32]
+    args = dict(block="plainpool", act="gelu", se=8, tta="flip")
+    torch.manual_seed(0)
+    model = Classifier(create_backbone("cnn_plain_256k", pretrained=False, **args), 10)
+    model.train()
+    with torch.no_grad():  # a few batches in train mode: non-trivial running BN statistics
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.normal_(0, 0.5)  # the gates' biases: per-channel weights away from sigmoid(0)
+    model.eval()
+    labels = sorted(c.name for c in (root / "test").iterdir())
+    run = make_run(tmp_path / "run", model, "cnn_plain_256k", labels, root, files, **args)
+    r = export_run(run, model_card=False)
+    check_onnx_file(run, r)
+    ops = {n.op_type for n in onnx.load(str(run / "model.onnx")).graph.node}
+    assert {"Erf", "Sigmoid", "GlobalAveragePool", "Mul"} <= ops, ops
