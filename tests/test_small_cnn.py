@@ -328,7 +328,7 @@ def test_plainpool_pools_before_the_last_bn_and_computes_what_plain_computes():
     assert all(p.grad is not None for n, p in pp.named_parameters() if "stages.0" not in n)
 
 
-def test_squeeze_excite_and_gelu_options_fit_the_budget_start_neutral_and_are_counted():
+def test_squeeze_excite_and_gelu_options_fit_the_budget_gate_each_image_and_are_counted():
     """se=8 ends every stage with a squeeze-and-excitation gate (2*C*C/8 + C/8 + C parameters per stage: 4,650 on
     cnn_plain_256k, still under 256K with the head): each image's channels are scaled by weights in (0, 1) computed
     from that image's channel means, and the loss reaches both of its convs. act=gelu replaces every ReLU. The anatomy lists
@@ -363,6 +363,8 @@ def test_squeeze_excite_and_gelu_options_fit_the_budget_start_neutral_and_are_co
         create_backbone("cnn_plain_256k", pretrained=False, act="tanh")
     with pytest.raises(ClassforgeError, match="se is the squeeze-and-excitation reduction"):
         create_backbone("cnn_plain_256k", pretrained=False, se=-1)
+    with pytest.raises(ClassforgeError, match="se is the squeeze-and-excitation reduction"):
+        create_backbone("cnn_plain_256k", pretrained=False, se="big")
     with pytest.raises(ClassforgeError, match="not residual"):
         create_backbone("cnn_resnet20", pretrained=False, se=8)
 

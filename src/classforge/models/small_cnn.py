@@ -372,7 +372,10 @@ class SmallCNN(Backbone):
             raise ClassforgeError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
         if act not in ACTIVATIONS:
             raise ClassforgeError(f"act must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
-        se = int(se)
+        try:
+            se = int(se)
+        except (TypeError, ValueError):
+            raise ClassforgeError(f"se is the squeeze-and-excitation reduction (0 = none, e.g. 8), got {se!r}") from None
         if se < 0:
             raise ClassforgeError(f"se is the squeeze-and-excitation reduction (0 = none, e.g. 8), got {se}")
         if (act != "relu" or se) and "residual" in blocks:
