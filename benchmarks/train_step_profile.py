@@ -28,24 +28,25 @@ import time
 import torch
 import torch.nn.functional as F
 
+from classforge.config import load_yaml
 from classforge.models.registry import Classifier, create_backbone
 
 
 def parse_variant(text: str) -> dict:
-    """ "block=plainpool se=8 act=gelu" -> {"block": "plainpool", "se": 8, "act": "gelu"}."""
+    """ "block=plainpool se=8 act=gelu" -> {"block": "plainpool", "se": 8, "act": "gelu"} (values read as YAML,
+    as `classforge train -a` reads them)."""
     out = {}
     for part in text.split():
         key, sep, value = part.partition("=")
         if not sep:
             raise SystemExit(f"--variant takes key=value pairs separated by spaces, got {text!r}")
-        out[key] = int(value) if value.isdigit() else value
+        out[key] = load_yaml(value)
     return out
 
 
-def build(name: str, whiten_bias: str, block: str | dict | None = None) -> Classifier:
+def build(name: str, whiten_bias: str, backbone_args: dict) -> Classifier:
     torch.manual_seed(0)
-    kw = dict(block) if isinstance(block, dict) else ({"block": block} if block else {})
-    m = Classifier(create_backbone(name, pretrained=False, whiten_bias=whiten_bias, **kw), 10)
+    m = Classifier(create_backbone(name, pretrained=False, whiten_bias=whiten_bias, **backbone_args), 10)
     return m.to(memory_format=torch.channels_last)
 
 
@@ -71,17 +72,17 @@ def main() -> None:
     y = torch.randint(0, 10, (a.batch_size,))
     runs = {}
     if a.compare == "whiten":
-        settings = {f"whiten_bias={wb}": (wb, "sgd", None) for wb in ("train", "frozen")}
+        settings = {f"whiten_bias={wb}": (wb, "sgd", {}) for wb in ("train", "frozen")}
     elif a.compare == "optimizer":
-        settings = {f"optimizer={o}": ("frozen", o, None) for o in ("sgd", "muon")}
+        settings = {f"optimizer={o}": ("frozen", o, {}) for o in ("sgd", "muon")}
     elif a.compare == "block":
-        settings = {"block=preset": ("frozen", "sgd", None), "block=plainpool": ("frozen", "sgd", "plainpool")}
+        settings = {"block=preset": ("frozen", "sgd", {}), "block=plainpool": ("frozen", "sgd", {"block": "plainpool"})}
     else:
         if len(a.variant) < 2:
             raise SystemExit("--compare variants needs two or more --variant options")
         settings = {(v or "preset"): ("frozen", "sgd", parse_variant(v)) for v in a.variant}
-    for label, (wb, optimizer, block) in settings.items():
-        m = build(a.backbone, wb, block)
+    for label, (wb, optimizer, backbone_args) in settings.items():
+        m = build(a.backbone, wb, backbone_args)
         m.backbone.init_from_data(x[:64].contiguous())
         if optimizer == "sgd":
             opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)

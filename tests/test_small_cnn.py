@@ -367,6 +367,12 @@ def test_squeeze_excite_and_gelu_options_fit_the_budget_gate_each_image_and_are_
         create_backbone("cnn_plain_256k", pretrained=False, se="big")
     with pytest.raises(ClassforgeError, match="not residual"):
         create_backbone("cnn_resnet20", pretrained=False, se=8)
+    from classforge.models.small_cnn import ResUnit
+
+    res = create_backbone("cnn", pretrained=False, widths=[8, 16], depth=2, block="plainres", act="silu", se=4)
+    units = [m for m in res.modules() if isinstance(m, ResUnit)]
+    assert len(units) == 2 and all(isinstance(u.act, nn.SiLU) for u in units)  # the residual units use act too
+    assert not any(isinstance(m, nn.ReLU) for s in res.stages for m in s)
 
 
 def test_plainres_stage_is_plain_with_identity_residual_units():

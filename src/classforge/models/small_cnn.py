@@ -198,18 +198,18 @@ class BasicBlock(nn.Module):
 
 
 class ResUnit(nn.Module):
-    """One-conv residual unit at a fixed width: ReLU(x + BN(Conv3x3(x))). No parameters beyond the conv and its
-    BN; the BN's scale starts at zero, so the unit starts as the identity (Goyal et al. 2017)."""
+    """One-conv residual unit at a fixed width: ReLU(x + BN(Conv3x3(x))) (or GELU/SiLU, `act`). No parameters
+    beyond the conv and its BN; the BN's scale starts at zero, so the unit starts as act(x) (Goyal et al. 2017)."""
 
-    def __init__(self, w: int, k: int, pad: int, bn: bool):
+    def __init__(self, w: int, k: int, pad: int, bn: bool, act: str = "relu"):
         super().__init__()
         self.conv = nn.Conv2d(w, w, k, 1, pad, bias=not bn)
         self.bn = nn.BatchNorm2d(w) if bn else nn.Identity()
         self.add = Add()
-        self.relu = nn.ReLU(inplace=True)
+        self.act = _activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.add(x, self.bn(self.conv(x))))
+        return self.act(self.add(x, self.bn(self.conv(x))))
 
 
 class Gate(nn.Module):
@@ -314,15 +314,13 @@ def _conv_stage(kind: str, cin: int, w: int, d: int, k: int, pad: int, bn: bool,
     pooled: Conv -> 2x2 max-pool -> [BN] -> ReLU, then d - 1 x (Conv -> [BN] -> ReLU) at the pooled size.
     flat: d x (Conv -> [BN] -> ReLU), no pooling. `act` replaces every ReLU (gelu, silu); `se` > 0 ends the stage
     with a squeeze-and-excitation gate of reduction `se` (on the pooled map)."""
-    if act != "relu" and kind == "plainres":
-        raise ClassforgeError(f"act={act} is for the plain, plainpool, pooled and flat blocks, not plainres")
     layers: list[nn.Module] = []
     for j in range(d):
         if kind == "plainres" and j > 0:
             if pad * 2 != k - 1:
                 raise ClassforgeError(f"block=plainres needs 'same' padding (padding={(k - 1) // 2} for "
                                       f"kernel_size={k}), got padding={pad}")
-            layers.append(ResUnit(w, k, pad, bn))
+            layers.append(ResUnit(w, k, pad, bn, act))
             continue
         layers.append(nn.Conv2d(cin if j == 0 else w, w, k, 1, pad, bias=not bn))
         side = side + 2 * pad - k + 1
