@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from classforge.models.anatomy import add_commands, describe, operations_per_sample
+from classforge.cli.describe import add_commands
+from classforge.models.anatomy import describe, operations_per_sample
 from classforge.models.registry import Classifier, create_backbone
 from classforge.models.small_cnn import Add
 

@@ -18,8 +18,8 @@ from classforge.data.audio import (
     inspect_audio,
     load_audio,
 )
-from classforge.data.image import BadFile
-from classforge.models.registry import InputSpec
+from classforge.core.errors import BadFile
+from classforge.core.spec import InputSpec
 
 
 def tone(sr: int, seconds: float, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:

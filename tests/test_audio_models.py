@@ -15,8 +15,9 @@ import torch
 
 from classforge.data.audio import load_audio
 from classforge.models import audio as A
-from classforge.models.image import sha256_file
-from classforge.models.registry import ClassforgeError, create_backbone, registered
+from classforge.models.weights import sha256_file
+from classforge.models.registry import create_backbone, registered
+from classforge.core.errors import ClassforgeError
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 MN04 = SHARED / "weights" / "mn04_as_mAP_432.pt"

@@ -15,7 +15,7 @@ import soundfile as sf
 from conftest import SHARED, tree_checksums
 
 import classforge
-from classforge.models.registry import ClassforgeError
+from classforge.core.errors import ClassforgeError
 
 MN04 = SHARED / "weights" / "mn04_as_mAP_432.pt"
 
@@ -80,7 +80,7 @@ def test_audio_cnn_run_saves_its_clip_norm(audio_run):
     """audio_cnn trains with per-clip level normalisation by default, and says so in model.json: a run saved
     without the key (before the default) rebuilds without it, so old runs keep their own front end."""
     from classforge.models.audio import ClipMeanNorm
-    from classforge.serve.predictor import build_model, load_run_model
+    from classforge.runtime.predictor import build_model, load_run_model
 
     model, meta, _ = load_run_model(audio_run)
     assert meta["backbone_kwargs"]["clip_norm"] == "level"
@@ -133,7 +133,7 @@ def test_mn04_linear_default_on_tones(sounds, tmp_path, monkeypatch):
 def test_audio_finetune_uses_the_audio_recipe_unless_told_otherwise(sounds):
     """A pretrained audio backbone fine-tunes longer and harder than an image one (measured under-fitting with the
     image recipe); options the user gives win; from-scratch audio_cnn and linear are unaffected."""
-    from classforge.config import TrainConfig
+    from classforge.core.config import TrainConfig
     from classforge.training.run import prepare_data, resolve_for_data
 
     cfg = TrainConfig().replace(data=str(sounds), strategy="finetune")

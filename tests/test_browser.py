@@ -11,7 +11,7 @@ from conftest import shared_path
 from test_export import exported_run  # noqa: F401 - session fixture
 from test_serve import ServerThread
 
-from classforge.export import run_files
+from classforge.data.rundata import run_files
 from classforge.serve.api import create_app
 
 pytestmark = pytest.mark.browser

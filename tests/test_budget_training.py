@@ -16,7 +16,8 @@ import torch
 from conftest import make_image_folder
 
 import classforge
-from classforge.models.registry import ClassforgeError, Classifier, create_backbone
+from classforge.models.registry import Classifier, create_backbone
+from classforge.core.errors import ClassforgeError
 from classforge.training.module import (ClassifierModule, FileDataset, TensorBatchDataset, batch_crop_flip,
                                        batch_cutout, batch_mix)
 from classforge.training.schedules import Progress, lr_factor, make_lambda, parse_progressive, size_at
@@ -226,7 +227,7 @@ def test_progressive_resize_trains_small_then_full_size(tiny, tmp_path):
     """`--progressive-resize 16:0.5`: the first half of the steps sees 16x16 batches (cheaper: fewer ops per
     image), the second half full-size 32x32 ones; validation and the saved model stay at 32x32."""
     from classforge.models.anatomy import operations_per_sample
-    from classforge.serve.predictor import Predictor
+    from classforge.runtime.predictor import Predictor
 
     run = classforge.train(tiny, tmp_path / "p", backbone="cnn_small", strategy="scratch", epochs=4, batch_size=8,
                            patience=1000, progressive_resize="16:0.5", schedule="onecycle", optimizer="sgd", lr="0.05")
@@ -358,8 +359,8 @@ def test_colon_values_stay_text_in_set_and_config_files(tmp_path):
     numbers 1440.5 and 90); numbers, lists and mappings are still parsed."""
     import yaml
 
-    from classforge.cli import build_config
-    from classforge.config import TrainConfig, load_yaml
+    from classforge.cli.train import build_config
+    from classforge.core.config import TrainConfig, load_yaml
 
     assert yaml.safe_load("24:0.5") == 1440.5  # the trap
     cfg = build_config({"data": "d", "set_": ["progressive_resize=24:0.5", "label_smoothing=0.1", "time_budget=1:30"],

@@ -11,9 +11,9 @@ import pytest
 from conftest import tree_checksums
 from typer.testing import CliRunner
 
-from classforge.calibrate import fit_temperature
+from classforge.evaluation.calibrate import fit_temperature
 from classforge.cli import app
-from classforge.serve.predictor import Predictor, softmax
+from classforge.runtime.predictor import Predictor, softmax
 
 runner = CliRunner()
 
@@ -107,7 +107,7 @@ def test_calibrate_errors_are_messages(small_run, tmp_path):
 
 
 def test_model_card_states_the_temperature(small_run):
-    from classforge.modelcard import write_model_card
+    from classforge.deploy.modelcard import write_model_card
 
     write_model_card(small_run, license="mit")
     out = runner.invoke(app, ["calibrate", str(small_run), "--temperature", "0.5"])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from classforge.compare import compare, mcnemar_p, plan
-from classforge.config import TrainConfig
-from classforge.models.registry import ClassforgeError
+from classforge.training.compare import compare, mcnemar_p, plan
+from classforge.core.config import TrainConfig
+from classforge.core.errors import ClassforgeError
 
 
 def _rows(path: Path) -> list[dict]:

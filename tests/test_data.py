@@ -14,11 +14,11 @@ import pytest
 from conftest import draw_sample, make_image_folder, tree_checksums
 from PIL import Image
 
-from classforge.config import TrainConfig
+from classforge.core.config import TrainConfig
 from classforge.data.discover import discover
 from classforge.data.split import make_split, read_split, write_split
 from classforge.data.validate import validate
-from classforge.models.registry import ClassforgeError
+from classforge.core.errors import ClassforgeError
 from classforge.training.run import prepare_data
 
 
@@ -189,7 +189,7 @@ def test_fast_eval_view_is_bitwise_the_torchvision_pipeline(tmp_path, size):
     import torch
 
     from classforge.data.image import ImagePreprocessor
-    from classforge.models.registry import InputSpec
+    from classforge.core.spec import InputSpec
 
     rng = np.random.default_rng(sum(size))
     arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)

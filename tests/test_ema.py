@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from classforge.config import TrainConfig
-from classforge.models.registry import ClassforgeError
+from classforge.core.config import TrainConfig
+from classforge.core.errors import ClassforgeError
 from classforge.training.module import ClassifierModule
 from classforge.training.trainer import EMAWeights, make_trainer
 

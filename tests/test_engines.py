@@ -13,9 +13,10 @@ import torch
 import classforge
 from classforge.data.discover import Sample
 from classforge.data.preprocess import make_preprocessor
-from classforge.models.registry import ClassforgeError, create_backbone
-from classforge.training import embeddings as emb
-from classforge.training.engines import Engine, engine_for, fast_cpu_bf16, resolve_engine
+from classforge.models.registry import create_backbone
+from classforge.core.errors import ClassforgeError
+from classforge.runtime import embeddings as emb
+from classforge.runtime.engines import Engine, engine_for, fast_cpu_bf16, resolve_engine
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "cnn_small"])
@@ -90,14 +91,14 @@ def test_torch_engine_frozen_bf16_graph_matches_fp32_features(shapes_dir, tmp_pa
     """On native-bf16 CPUs the torch engine runs a frozen TorchScript graph under bf16 autocast: its features
     stay within bf16 noise of eager fp32 (cosine >= 0.99 per image, for any batch size), and it has its own
     cache key, apart from eager bf16 (CLASSFORGE_NO_JIT=1)."""
-    from classforge.training import engines
+    from classforge.runtime import engines
 
     bb = create_backbone("efficientnet_lite0", pretrained=True).eval()
     pre = make_preprocessor(bb.spec)
     x = torch.stack([pre.eval(pre.load(p)) for p in sorted(shapes_dir.rglob("*.png"))[:9]])
     with torch.no_grad():
         ref = bb(x)
-    frozen = engines._freeze_bf16(emb.prepare_fast(bb, "image"), x[:2].contiguous(memory_format=torch.channels_last))
+    frozen = engines._freeze_bf16(engines.prepare_fast(bb, "image"), x[:2].contiguous(memory_format=torch.channels_last))
     assert isinstance(frozen, torch.jit.ScriptModule)
     run = Engine("torch").build(bb, tmp_path)
     for batch in (x, x[:5], x[:1]):
@@ -115,7 +116,7 @@ def test_final_evaluation_through_onnx_runtime(shapes_dir, tmp_path, monkeypatch
     `predict` then uses the same file. --eval-engine torch keeps PyTorch."""
     import csv
 
-    from classforge.serve.predictor import Predictor
+    from classforge.runtime.predictor import Predictor
 
     monkeypatch.setenv("CLASSFORGE_NO_BF16", "1")
     run = classforge.train(shapes_dir, tmp_path / "ort", epochs=10)
@@ -131,8 +132,8 @@ def test_final_evaluation_through_onnx_runtime(shapes_dir, tmp_path, monkeypatch
     np.testing.assert_allclose(probs.max(1), [float(r["probability"]) for r in rows], atol=1e-4)
     assert classforge.load(run).backend == "onnxruntime"
     # new weights (a resumed run) make the exported files stale: saving the model removes them
-    from classforge.config import TrainConfig
-    from classforge.serve.predictor import load_run_model
+    from classforge.core.config import TrainConfig
+    from classforge.runtime.predictor import load_run_model
     from classforge.training.run import save_model
 
     model, _, labels = load_run_model(run)
@@ -147,7 +148,7 @@ def test_final_evaluation_through_onnx_runtime(shapes_dir, tmp_path, monkeypatch
 
 
 def test_eval_engine_resolution(monkeypatch):
-    from classforge.training.engines import resolve_eval_engine
+    from classforge.runtime.engines import resolve_eval_engine
 
     assert resolve_eval_engine("torch") == "torch" and resolve_eval_engine("onnx", "torch") == "onnx"
     assert resolve_eval_engine("auto", "onnx") == "onnx" and resolve_eval_engine("auto", "torch") == "torch"

@@ -13,11 +13,14 @@ import torch
 from conftest import shared_path
 
 import classforge
-import classforge.serve.predictor
-from classforge.export import TOLERANCE, export_run, run_files
-from classforge.modelcard import push, write_model_card
-from classforge.models.registry import ClassforgeError, Classifier, create_backbone
-from classforge.serve.predictor import load_run_model
+import classforge.runtime.predictor
+from classforge.data.rundata import run_files
+from classforge.deploy.onnx import export_run
+from classforge.runtime.onnx import TOLERANCE
+from classforge.deploy.modelcard import push, write_model_card
+from classforge.models.registry import Classifier, create_backbone
+from classforge.core.errors import ClassforgeError
+from classforge.runtime.predictor import load_run_model
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -38,7 +41,7 @@ def sane_run(linear_run, tmp_path_factory) -> Path:
     backbone's features: a trained model whose logits have ordinary size, exported with int8."""
     from sklearn.linear_model import LogisticRegression
 
-    from classforge.config import TrainConfig
+    from classforge.core.config import TrainConfig
     from classforge.training.run import save_model
 
     run = tmp_path_factory.mktemp("sane") / "run"
@@ -48,7 +51,7 @@ def sane_run(linear_run, tmp_path_factory) -> Path:
     labels = json.loads((linear_run / "labels.json").read_text())
     torch.manual_seed(0)
     model = Classifier(create_backbone("efficientnet_lite0", pretrained=True), len(labels)).eval()
-    p = classforge.serve.predictor.Predictor(model, model.backbone.spec, labels, fast=False)
+    p = classforge.runtime.predictor.Predictor(model, model.backbone.spec, labels, fast=False)
     train = run_files(run, ("train",))
     with torch.inference_mode():
         feats = model.backbone(torch.stack([p.preprocess(f) for f, _, _ in train])).numpy()
@@ -64,7 +67,7 @@ def sane_run(linear_run, tmp_path_factory) -> Path:
 def make_run(run: Path, model: Classifier, backbone: str, labels: list[str], root: Path, files: list[Path],
              **backbone_args) -> Path:
     """A run directory around an untrained head: enough for export (model files + split.csv over real files)."""
-    from classforge.config import TrainConfig
+    from classforge.core.config import TrainConfig
     from classforge.training.run import save_model
 
     run.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classforge.models.registry import ClassforgeError, InputSpec
-from classforge.preprocess_ops import apply_ops, ops_label, parse_ops
+from classforge.core.errors import ClassforgeError
+from classforge.core.spec import InputSpec
+from classforge.data.ops import apply_ops, ops_label, parse_ops
 
 
 def _noisy_step(seed: int = 0, size: int = 64, sigma: float = 20.0) -> tuple[Image.Image, np.ndarray]:
@@ -126,8 +127,8 @@ def test_saved_run_replays_ops_at_predict_time(shapes_dir, tmp_path):
     """Train with ops, then the Predictor built from the run directory alone gives, for a test file, the
     probability the evaluation wrote; without the ops the same model gives something else."""
     import classforge
-    from classforge.config import TrainConfig
-    from classforge.serve.predictor import Predictor
+    from classforge.core.config import TrainConfig
+    from classforge.runtime.predictor import Predictor
 
     ops = "autocontrast,gamma=0.8,blur=1.0" + (",nlmeans" if _has_cv2() else "")
     run = classforge.train(shapes_dir, tmp_path / "run", backbone="cnn_small", strategy="scratch", epochs=2,
@@ -153,7 +154,7 @@ def test_saved_run_replays_ops_at_predict_time(shapes_dir, tmp_path):
 
 
 def test_audio_backbone_rejects_image_ops():
-    from classforge.preprocess_ops import attach_ops
+    from classforge.data.ops import attach_ops
 
     class Fake:
         spec = InputSpec("audio", 0, sample_rate=16000, clip_seconds=1.0)
@@ -172,7 +173,7 @@ def _has_cv2() -> bool:
 
 
 def test_audio_ops_band_limit_and_quantise():
-    from classforge.preprocess_ops import apply_audio_ops
+    from classforge.data.ops import apply_audio_ops
 
     sr = 32000
     t = np.arange(sr) / sr
@@ -192,7 +193,7 @@ def test_audio_ops_band_limit_and_quantise():
 def test_audio_loudness_op_levels_recordings():
     """loudness: a quiet and a loud take of the same word come out at the same level (the sounding part's RMS
     at the target, padding silence ignored); peaks never exceed full scale; silence stays silent."""
-    from classforge.preprocess_ops import apply_audio_ops
+    from classforge.data.ops import apply_audio_ops
 
     sr = 16000
     rng = np.random.default_rng(0)
@@ -220,7 +221,7 @@ def test_audio_ops_travel_with_an_audio_backbone_only():
 
     from classforge.data.preprocess import make_preprocessor
     from classforge.models.registry import create_backbone
-    from classforge.preprocess_ops import attach_ops
+    from classforge.data.ops import attach_ops
 
     bb = create_backbone("audio_cnn")
     assert attach_ops(bb, "lowpass=4000,bits=8") == ("lowpass=4000", "bits=8")

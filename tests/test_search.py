@@ -14,9 +14,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from classforge.config import TrainConfig
-from classforge.models.registry import ClassforgeError
-from classforge.search import (
+from classforge.core.config import TrainConfig
+from classforge.core.errors import ClassforgeError
+from classforge.training.search import (
     SPACE,
     config_for,
     grouped_median_pruner,

@@ -11,7 +11,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from classforge.models.registry import ClassforgeError
+from classforge.core.errors import ClassforgeError
 
 
 def test_train_with_track_mlflow_logs_params_epoch_metrics_figures_and_model(shapes_dir, tmp_path, monkeypatch):
@@ -76,7 +76,7 @@ def test_unknown_tracker_fails_before_training(shapes_dir, tmp_path):
 
 
 def test_track_rejects_a_folder_that_is_not_a_run(tmp_path):
-    from classforge.tracking import track_run
+    from classforge.training.tracking import track_run
 
     with pytest.raises(ClassforgeError, match="not a finished classforge run"):
         track_run(tmp_path, "mlflow", f"sqlite:///{tmp_path / 'm.db'}")

@@ -15,7 +15,7 @@ from conftest import make_image_folder, tree_checksums
 from test_data import _bad_folder
 
 import classforge
-from classforge.models.registry import ClassforgeError
+from classforge.core.errors import ClassforgeError
 
 RUN_FILES = ["config.yaml", "labels.json", "split.csv", "model.safetensors", "model.json", "metrics.csv",
              "summary.json", "predictions.csv", "per_class.csv", "confusion_matrix.png", "curves.png", "report.html"]

@@ -12,7 +12,7 @@ from conftest import tree_checksums
 from typer.testing import CliRunner
 
 from classforge.cli import app
-from classforge.models.registry import ClassforgeError
+from classforge.core.errors import ClassforgeError
 
 runner = CliRunner()
 
@@ -35,7 +35,7 @@ def _accuracy(run, split: str, mode: str) -> tuple[float, int]:
     """Accuracy of the run's model with `mode` on its `split` files, computed here independently."""
     import csv
 
-    from classforge.serve.predictor import Predictor
+    from classforge.runtime.predictor import Predictor
 
     p = Predictor.from_run(run, backend="torch")
     p.model.backbone.tta = mode
@@ -65,15 +65,15 @@ def test_auto_chooses_on_validation_and_predict_uses_it(cnn_run, shapes_dir):
     assert res["chosen_on"] == "val" and res["before"] == "flip"
     meta = json.loads((cnn_run / "model.json").read_text())
     assert meta["backbone_kwargs"]["tta"] == res["chosen"]
-    from classforge.serve.predictor import Predictor
+    from classforge.runtime.predictor import Predictor
 
     assert Predictor.from_run(cnn_run, backend="torch").model.backbone.tta == res["chosen"]
     assert tree_checksums(shapes_dir) == before  # the data folder is read-only
 
 
 def test_given_mode_reexports_onnx(cnn_run):
-    from classforge.export import export_run
-    from classforge.serve.predictor import Predictor
+    from classforge.deploy.onnx import export_run
+    from classforge.runtime.predictor import Predictor
 
     runner.invoke(app, ["tta", str(cnn_run), "--mode", "none"])
     export_run(cnn_run, n_parity=8, model_card=False, quantize="int8-dynamic")

@@ -1,24 +1,29 @@
-"""The public Python API (also re-exported from `classforge`)."""
+"""The public Python API (also `classforge.train`, `classforge.load`, ...). Each function loads the layers it
+needs when called: `import classforge` and the command line's `--help` stay fast, and a linear run never pays
+for Lightning."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from classforge.data.image import BadFile
-from classforge.models.registry import ClassforgeError
-
 
 def train(data: str, out: str | None = None, **options) -> Path:
     """Train on DATA; options are TrainConfig keys (backbone, strategy, epochs, ...). Returns the run directory."""
-    from classforge.config import TrainConfig
+    from classforge.core.config import TrainConfig
+
+    return train_config(TrainConfig().replace(data=str(data), out=str(out or ""), **options))
+
+
+def train_config(cfg) -> Path:
+    """Train, evaluate and write the run that a TrainConfig describes."""
     from classforge.training.run import train as run_train
 
-    return run_train(TrainConfig().replace(data=str(data), out=str(out or ""), **options))
+    return run_train(cfg)
 
 
 def load(run_dir: str | Path, backend: str = "auto"):
     """A Predictor for a run directory: `.predict(paths, top_k=3)`, `.predict_proba(paths)`, `.labels`."""
-    from classforge.serve.predictor import Predictor
+    from classforge.runtime.predictor import Predictor
 
     return Predictor.from_run(run_dir, backend=backend)
 
@@ -29,6 +34,8 @@ def predict(run_dir: str | Path, paths, top_k: int = 3) -> list[dict]:
 
 def predict_files(run_dir: str | Path, files: list[str], top_k: int = 3, backend: str = "auto") -> list[dict]:
     """Per-file results; a bad file gets an error entry instead of stopping the others."""
+    from classforge.core.errors import BadFile
+
     p = load(run_dir, backend)
     out = []
     for f in files:
@@ -45,14 +52,35 @@ def predict_files(run_dir: str | Path, files: list[str], top_k: int = 3, backend
 
 
 def evaluate(run_dir: str | Path, data: str | None = None, out: str | None = None) -> dict:
+    """Re-score a run on a labelled folder (or its own test split); writes metrics, predictions and a report."""
     from classforge.evaluation.evaluate import evaluate as ev
 
     return ev(run_dir, data, out)
 
 
-def export(run_dir: str | Path, format: str = "onnx", quantize: str | None = None) -> dict:
-    try:
-        from classforge.export import export_run
-    except ImportError as e:  # pragma: no cover
-        raise ClassforgeError(f"export is not available: {e}") from e
-    return export_run(run_dir, format=format, quantize=quantize)
+def export(run_dir: str | Path, format: str = "onnx", quantize: str | None = None, **options) -> dict:
+    """RUN/model.onnx, parity-checked against PyTorch (and model.int8.onnx with quantize="int8")."""
+    from classforge.deploy.onnx import export_run
+
+    return export_run(run_dir, format=format, quantize=quantize, **options)
+
+
+def inspect_data(data: str, **options) -> dict:
+    """What DATA holds (classes, counts, sizes, bad files, duplicates) and the split a run would make."""
+    from classforge.data.inspect import inspect_data as inspect_folder
+
+    return inspect_folder(data, **options)
+
+
+def backbones() -> dict:
+    """The registered backbones by name (each declares its task, input, weights and recipes)."""
+    from classforge.models.registry import registered
+
+    return registered()
+
+
+def demo(out: str = "runs/demo", backbone: str = "efficientnet_lite0") -> Path:
+    """Train on scikit-learn's digits (no download) and return the run directory."""
+    from classforge.demo import run_demo
+
+    return run_demo(out, backbone)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from classforge.data.discover import cache_dir
+from classforge.core.cache import cache_dir
 
 
 def write_digits(dest: Path | None = None, size: int = 32) -> Path:
@@ -29,7 +29,7 @@ def write_digits(dest: Path | None = None, size: int = 32) -> Path:
 
 
 def run_demo(out: str = "runs/demo", backbone: str = "efficientnet_lite0") -> Path:
-    from classforge.config import TrainConfig
+    from classforge.core.config import TrainConfig
     from classforge.training.run import train
 
     data = write_digits()

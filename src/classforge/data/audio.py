@@ -18,9 +18,9 @@ import soundfile as sf
 import soxr
 import torch
 
-from classforge.data.image import BadFile
+from classforge.core.errors import BadFile, ClassforgeError
+from classforge.core.spec import InputSpec
 from classforge.models.audio import SpecAugment  # noqa: F401 - masking of log-mels lives with the front ends
-from classforge.models.registry import ClassforgeError, InputSpec
 
 SILENCE_PEAK = 1e-4  # below this peak amplitude (about -80 dBFS) a clip holds nothing to learn from
 
@@ -112,7 +112,8 @@ def fit_clip(wave: np.ndarray, n_samples: int, mode: str = "center",
 def prepare_background(background_dir: str | Path, sample_rate: int) -> Path:
     """Decoded, mono, resampled copies of the background sounds in the cache: AddBackgroundNoise then reads
     plain WAVs at the target rate (no resampling on every call), and the user's folder is never written."""
-    from classforge.data.discover import AUDIO_EXT, cache_dir
+    from classforge.core.cache import cache_dir
+    from classforge.data.discover import AUDIO_EXT
 
     src = Path(background_dir).expanduser()
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in AUDIO_EXT and not p.name.startswith("."))
@@ -191,7 +192,7 @@ def augment_to_variants(samples_waves: Sequence[tuple[str, np.ndarray]], n: int,
     """Offline `--augment-to N`: N augmented variants of every (source path, decoded wave) pair, written as WAV
     into the cache (never into the data folder). Returns the variant paths per source, in input order, so the
     caller gives each variant its source's split and group (no recording on both sides of a split)."""
-    from classforge.data.discover import cache_dir
+    from classforge.core.cache import cache_dir
 
     h = hashlib.sha1(f"{n}|{sample_rate}|{level}|{background_dir}|{snr_db}|{seed}".encode())
     for path, wave in samples_waves:
@@ -242,7 +243,7 @@ class AudioPreprocessor:
     def load(self, src) -> np.ndarray:
         wave = load_audio(src, self.spec.sample_rate)
         if self.spec.preprocess:  # --preprocess ops (lowpass=, bits=): here, so training, evaluation and predict
-            from classforge.preprocess_ops import apply_audio_ops  # all apply them
+            from classforge.data.ops import apply_audio_ops  # all apply them
 
             wave = apply_audio_ops(wave, self.spec.sample_rate, self.spec.preprocess)
         return wave

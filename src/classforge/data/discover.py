@@ -12,7 +12,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from classforge.models.registry import ClassforgeError
+from classforge.core.cache import cache_dir
+from classforge.core.errors import ClassforgeError
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3"}
@@ -45,12 +46,6 @@ class Dataset:
 
 def _natural_key(s: str):
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("CLASSFORGE_CACHE", Path.home() / ".cache" / "classforge"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def resolve_root(data: str | os.PathLike) -> Path:

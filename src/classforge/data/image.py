@@ -11,11 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from classforge.models.registry import InputSpec
+from classforge.core.errors import BadFile
+from classforge.core.spec import InputSpec
 
-
-class BadFile(Exception):
-    """A data file that cannot be used; the message is the reason shown to the user."""
+__all__ = ["BadFile", "open_image"]
 
 
 _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -163,7 +162,7 @@ class ImagePreprocessor:
         target = int(round(self.spec.size / self.spec.crop_pct))
         img = resize_for_cache(open_image(src, self.max_pixels, draft=target), self.spec)
         if self.spec.preprocess:  # --preprocess ops: here, so training, evaluation and predict all apply them
-            from classforge.preprocess_ops import apply_ops
+            from classforge.data.ops import apply_ops
 
             img = apply_ops(img, self.spec.preprocess)
         return img

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from classforge.models.registry import InputSpec
+from classforge.core.spec import InputSpec
 
 
 def make_preprocessor(spec: InputSpec, augment: str = "none", **kwargs):

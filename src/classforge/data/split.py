@@ -8,9 +8,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from classforge.core.errors import ClassforgeError
 from classforge.data.discover import Sample
 from classforge.data.validate import FileInfo, duplicate_groups
-from classforge.models.registry import ClassforgeError
 
 SPLITS = ("train", "val", "test")
 

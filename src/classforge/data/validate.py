@@ -8,9 +8,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from classforge.data.discover import Dataset, Sample, cache_dir
-from classforge.data.image import BadFile, open_image, phash
-from classforge.progress import progress
+from classforge.core.cache import cache_dir
+from classforge.core.errors import BadFile
+from classforge.core.progress import progress
+from classforge.data.discover import Dataset, Sample
+from classforge.data.image import open_image, phash
 
 _VERSION = 4  # bump when the record format or the checks change
 
@@ -37,7 +39,7 @@ class Validation:
     info: dict[str, FileInfo]  # by absolute path
 
 
-def _sha1(path: str) -> str:
+def file_sha1(path: str) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
         while b := f.read(1 << 20):
@@ -59,7 +61,7 @@ def _check_image(s: Sample, min_size: int, max_pixels: int) -> FileInfo:
     w, h = img.size
     if min(w, h) < min_size:
         return FileInfo(s.rel, False, f"too small ({w}x{h} < --min-size {min_size})", width=w, height=h)
-    return FileInfo(s.rel, True, sha1=_sha1(s.path), phash=phash(img), width=w, height=h, format=fmt)
+    return FileInfo(s.rel, True, sha1=file_sha1(s.path), phash=phash(img), width=w, height=h, format=fmt)
 
 
 def _check_audio(s: Sample) -> FileInfo:
@@ -71,7 +73,7 @@ def _check_audio(s: Sample) -> FileInfo:
         return FileInfo(s.rel, False, str(e))
     except OSError as e:
         return FileInfo(s.rel, False, f"cannot read file: {e}")
-    return FileInfo(s.rel, True, sha1=_sha1(s.path), format=a.get("format", ""), duration_s=a["duration_s"],
+    return FileInfo(s.rel, True, sha1=file_sha1(s.path), format=a.get("format", ""), duration_s=a["duration_s"],
                     sample_rate=a["sample_rate"], channels=a["channels"])
 
 

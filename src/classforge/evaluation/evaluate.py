@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from classforge.core.environment import environment
+from classforge.core.errors import ClassforgeError
 from classforge.evaluation import report as rp
 from classforge.evaluation.metrics import summarize
-from classforge.models.registry import ClassforgeError, count_params
-from classforge.serve.predictor import Predictor
+from classforge.models.registry import count_params
+from classforge.runtime.predictor import Predictor
 
 
 def _public(m: dict) -> dict:
@@ -31,15 +33,15 @@ def eval_predictor(run: Path, model, labels: list[str], cfg) -> tuple[Predictor,
     where the extraction engine resolves to onnx: CPUs without native bf16) exports RUN/model.onnx through
     `classforge export`'s parity check first; any failure falls back to PyTorch fp32 with a note. Either way the
     run's `predict` and server then use the same path (they pick model.onnx when it exists)."""
-    from classforge.training.engines import resolve_eval_engine
+    from classforge.runtime.engines import resolve_eval_engine
 
     info: dict = {"engine": "torch-fp32"}
     if resolve_eval_engine(cfg.eval_engine, cfg.extract_engine) == "onnx":
-        from classforge.export import export_run
+        from classforge.runtime.export import export_checked
 
         t = time.time()
         try:
-            rep = export_run(run, n_parity=16, model_card=False)
+            rep, *_ = export_checked(run, n_parity=16)
             predictor = Predictor.from_run(run, backend="onnx", max_pixels=cfg.max_pixels)
             return predictor, {"engine": "onnxruntime-fp32", "export_s": round(time.time() - t, 2),
                                "parity_max_abs_logit_diff": rep["parity"]["max_abs_diff"]}
@@ -50,8 +52,6 @@ def eval_predictor(run: Path, model, labels: list[str], cfg) -> tuple[Predictor,
 
 
 def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float, extra: dict | None = None) -> dict:
-    from classforge.training.run import environment
-
     t = time.time()
     predictor, eval_info = eval_predictor(run, model, data.labels, cfg)
     results = {}
@@ -111,7 +111,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, out: str | Path | Non
     labels = predictor.labels
     t0 = time.time()
     if data is None:
-        from classforge.config import TrainConfig
+        from classforge.core.config import TrainConfig
 
         cfg = TrainConfig.load(run / "config.yaml")
         data = cfg.data
@@ -156,7 +156,7 @@ def split_samples(run: Path, data: str | None, splits: tuple[str, ...],
                   hint: str = "") -> tuple[dict[str, list], str]:
     """The run's files of each split (split.csv), found again under its data folder (or `data`, if it moved),
     readable ones only; and the folder. `hint` ends the error messages (what else the command can do)."""
-    from classforge.config import TrainConfig
+    from classforge.core.config import TrainConfig
     from classforge.data.discover import discover
     from classforge.data.validate import validate
 

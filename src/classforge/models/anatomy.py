@@ -52,17 +52,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import typer
 from torch import nn
 
-from classforge.models.registry import ClassforgeError
+from classforge.core.errors import ClassforgeError
 
 OPS = ("adds", "mults", "max", "other")
 
@@ -438,7 +436,7 @@ def parse_input_shape(text: str, channels: int = 3) -> tuple[int, ...]:
 
 
 def _parse_args(pairs: Sequence[str]) -> dict[str, Any]:
-    from classforge.config import load_yaml
+    from classforge.core.config import load_yaml
 
     out = {}
     for p in pairs:
@@ -453,7 +451,7 @@ def _run_dir_model(path: Path) -> tuple[str, dict, int | None]:
     """(backbone name, backbone kwargs, classes) of a run directory: model.json when the run wrote one
     (the exact kwargs the model was built with), else config.yaml (`backbone`, `extra.backbone_kwargs`) and
     labels.json (a JSON list of class names)."""
-    from classforge.config import load_yaml
+    from classforge.core.config import load_yaml
 
     meta_file, cfg_file, labels_file = path / "model.json", path / "config.yaml", path / "labels.json"
     if meta_file.is_file():
@@ -504,51 +502,3 @@ def build_for_describe(target: str, num_classes: int | None = None, kwargs: dict
     else:
         default = (spec.channels, spec.size, spec.size)
     return model, f"{title}, {num_classes} classes", default
-
-
-def add_commands(app: typer.Typer) -> None:
-    """Register `describe` on a Typer app."""
-
-    @app.command("describe")
-    def describe_command(
-        target: Annotated[str, typer.Argument(
-            metavar="MODEL_OR_RUN_DIR",
-            help="A registered backbone name (see `classforge backbones`), any timm model name, or a run "
-                 "directory (model.json, or config.yaml + labels.json; model.safetensors, when present, "
-                 "must fit the rebuilt model).")],
-        input: Annotated[str | None, typer.Option(
-            "--input", "-i", help="Per-sample input shape, e.g. 3x32x32 (default: from the backbone's "
-                                  "input spec; audio: number of samples).")] = None,
-        num_classes: Annotated[int | None, typer.Option(
-            "--num-classes", "-c", help="Classes of the Linear head (default: the run's classes, else 10).",
-            min=1)] = None,
-        arg: Annotated[list[str] | None, typer.Option(
-            "--arg", "-a", help="Backbone argument KEY=VALUE (YAML value), repeatable, e.g. "
-                                "-a widths=[16,32,60] -a block=residual.")] = None,
-        csv_path: Annotated[Path | None, typer.Option("--csv", help="Also write the rows and totals as CSV.")] = None,
-        json_path: Annotated[Path | None, typer.Option("--json", help="Also write the anatomy as JSON.")] = None,
-        max_rows: Annotated[int | None, typer.Option(
-            "--max-rows", help="Show at most this many rows in the terminal (files get all).")] = None,
-    ) -> None:
-        """Layer-by-layer anatomy: shapes, weights, parameters and additions / multiplications /
-        comparisons / other operations per sample, with totals (conventions: classforge.models.anatomy)."""
-        from rich.console import Console
-
-        console = Console(width=None if sys.stdout.isatty() else 200)
-        try:
-            model, title, default = build_for_describe(target, num_classes, _parse_args(arg or []))
-            shape = parse_input_shape(input, default[0] if len(default) == 3 else 1) if input else default
-            try:
-                anatomy = describe(model, shape, title=title)
-            except RuntimeError as e:
-                raise ClassforgeError(f"{target} cannot run on input {_shape(shape)}: "
-                                      f"{str(e).splitlines()[0]}") from None
-        except ClassforgeError as e:
-            Console(stderr=True).print(f"[red]error:[/red] {e}")
-            raise typer.Exit(1) from None
-        console.print(anatomy.table(max_rows=max_rows))
-        console.print(anatomy.summary(), soft_wrap=True)
-        if csv_path:
-            console.print(f"wrote {anatomy.to_csv(csv_path)}")
-        if json_path:
-            console.print(f"wrote {anatomy.to_json(json_path)}")

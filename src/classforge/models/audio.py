@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from classforge.models.registry import Backbone, ClassforgeError, InputSpec, register_backbone
+from classforge.core.errors import ClassforgeError
+from classforge.core.spec import InputSpec
+from classforge.models.registry import Backbone, register_backbone
 
 # ----------------------------------------------------------------------------------------------------------------
 # Front end: conv-STFT power spectrum -> mel -> log
@@ -151,7 +153,7 @@ def _mel_augment(enabled: bool | dict) -> nn.Module:
 
 
 def _reachable(host: str, timeout: float = 1.5) -> bool:
-    from classforge.net import reachable
+    from classforge.core.net import reachable
 
     return reachable(host, 443, timeout)
 
@@ -161,6 +163,12 @@ def _reachable(host: str, timeout: float = 1.5) -> bool:
 # Distillation", ICASSP 2023); classforge's own code, following the structure of the reference implementation
 # (github.com/fschmid56/EfficientAT, MIT) so that its AudioSet checkpoint loads tensor for tensor.
 # ----------------------------------------------------------------------------------------------------------------
+
+# AudioSet -> a new sound task is a larger shift than ImageNet -> photos: the image fine-tune recipe (8 epochs,
+# lr 1e-3, backbone x0.1) leaves a pretrained audio tagger under-fitted, so these take longer and larger steps.
+AUDIO_FINETUNE = {"epochs": 15, "lr": "3e-3", "backbone_lr_mult": 0.3}
+# While the network trains (not for cached embeddings): SpecAugment masking on the log-mels, a no-op at eval time.
+TRAIN_ARGS = {"spec_augment": True}
 
 MN04_FILE = "mn04_as_mAP_432.pt"
 MN04_URL = f"https://github.com/fschmid56/EfficientAT/releases/download/v0.0.1/{MN04_FILE}"
@@ -287,7 +295,7 @@ class EfficientATBackbone(Backbone):
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load the official AudioSet state dict, or a fine-tuned one (e.g. a run's model.safetensors)."""
-        from classforge.models.image import load_state_file
+        from classforge.models.weights import load_state_file
 
         sd = load_state_file(path)
         # The reference nests SE in `conc_se_layers.0`; classforge runs prefix the backbone with `backbone.`.
@@ -317,7 +325,7 @@ class EfficientATBackbone(Backbone):
 def resolve_mn04_weights(weights: str | None) -> tuple[Path, bool]:
     """--weights PATH, else $CLASSFORGE_MN04_WEIGHTS, else the cache, else download from the official release.
     Returns the path and whether it came from the user (whose file may legitimately differ: fine-tuned)."""
-    from classforge.data.discover import cache_dir
+    from classforge.core.cache import cache_dir
 
     for given in (weights, os.environ.get("CLASSFORGE_MN04_WEIGHTS")):
         if given:
@@ -329,7 +337,7 @@ def resolve_mn04_weights(weights: str | None) -> tuple[Path, bool]:
 
 
 def download_verified(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> None:
-    from classforge.models.image import sha256_file
+    from classforge.models.weights import sha256_file
 
     if not _reachable("github.com"):
         raise ClassforgeError(
@@ -356,10 +364,12 @@ def download_verified(url: str, dest: Path, sha256: str, timeout: float = 30.0) 
 @register_backbone("efficientat_mn04", "audio",
                    description="EfficientAT MobileNetV3 width 0.4, AudioSet tagger (0.43 mAP), 0.98M params",
                    input_desc="mono 32 kHz waveform (log-mel front end inside)",
-                   weights_desc=f"AudioSet: {MN04_FILE} (cache, download, or --weights PATH)")
+                   weights_desc=f"AudioSet: {MN04_FILE} (cache, download, or --weights PATH)",
+                   pretrained=True, default_for="audio", recipes={"finetune": AUDIO_FINETUNE},
+                   train_args=TRAIN_ARGS)
 def efficientat_mn04(pretrained: bool = True, weights: str | None = None, clip_seconds: float = 1.0,
                      spec_augment: bool | dict = False, **kwargs) -> Backbone:
-    from classforge.models.image import sha256_file
+    from classforge.models.weights import sha256_file
 
     model = EfficientATBackbone(0.4, clip_seconds, spec_augment)
     if not pretrained and weights is None:
@@ -449,13 +459,16 @@ class AudioCNN(Backbone):
 
 
 @register_backbone("audio_cnn", "audio", description="Small log-mel CNN (4 conv blocks), from scratch",
-                   input_desc="mono 16 kHz waveform (64 log-mels inside)")
+                   input_desc="mono 16 kHz waveform (64 log-mels inside)", train_args=TRAIN_ARGS,
+                   # per-clip level normalisation: it lifts speakers recorded quieter than the rest (FSDD with a
+                   # speaker held out, benchmarks/results) and keeps steady spectra (a tone) intact
+                   default_args={"clip_norm": "level"})
 def audio_cnn(pretrained: bool = False, weights: str | None = None, clip_seconds: float = 1.0,
               widths: tuple[int, ...] = (16, 32, 64, 128), spec_augment: bool | dict = False,
               clip_norm: bool | str = False, **kwargs) -> Backbone:
     model = AudioCNN(clip_seconds, tuple(widths), spec_augment, clip_norm)
     if weights:
-        from classforge.models.image import load_state_file
+        from classforge.models.weights import load_state_file
 
         sd = {k.removeprefix("backbone."): v for k, v in load_state_file(weights).items()}
         model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")})
@@ -524,7 +537,7 @@ def _ast_from_source(source: str) -> tuple[nn.Module, float, float]:
     preprocessor_config.json when present."""
     from transformers import ASTModel
 
-    from classforge.models.image import hub_reachable
+    from classforge.models.weights import hub_reachable
 
     local = Path(source).expanduser()
     t0 = time.time()
@@ -548,7 +561,8 @@ def _ast_from_source(source: str) -> tuple[nn.Module, float, float]:
 
 @register_backbone("ast", "audio", description="Audio Spectrogram Transformer (Hugging Face transformers)",
                    input_desc="mono 16 kHz waveform (Kaldi fbank inside)",
-                   weights_desc=f"AudioSet: hub {AST_HUB_ID} (online) or --weights FOLDER")
+                   weights_desc=f"AudioSet: hub {AST_HUB_ID} (online) or --weights FOLDER",
+                   pretrained=True, recipes={"finetune": AUDIO_FINETUNE}, train_args=TRAIN_ARGS)
 def ast(pretrained: bool = True, weights: str | None = None, clip_seconds: float = 1.0, tiny: bool = False,
         spec_augment: bool | dict = False, **config) -> Backbone:
     try:

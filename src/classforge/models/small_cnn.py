@@ -57,7 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from classforge.models.registry import Backbone, ClassforgeError, InputSpec, register_backbone
+from classforge.core.errors import ClassforgeError
+from classforge.core.spec import InputSpec
+from classforge.models.registry import Backbone, register_backbone
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -715,7 +717,7 @@ def fit_widths(cfg: dict, budget: int, num_classes: int | None, name: str = "cnn
 def load_backbone_weights(backbone: Backbone, path: str) -> None:
     """Load a safetensors (or plain state-dict) file of the backbone; a Classifier's file works too
     (its `backbone.` prefix is stripped, its head ignored)."""
-    from classforge.models.image import load_state_file
+    from classforge.models.weights import load_state_file
 
     sd = load_state_file(path)
     if any(k.startswith("backbone.") for k in sd):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,8 +26,10 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from classforge.data.image import BadFile
-from classforge.serve.predictor import Predictor
+from classforge.core.errors import BadFile
+from classforge.runtime.predictor import Predictor
+from classforge.runtime.threads import one_torch_thread
+from classforge.serve.ui import create_ui
 
 log = logging.getLogger("classforge.serve")
 
@@ -264,24 +265,12 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
     if ui:
         import gradio as gr
 
-        from classforge.serve.ui import create_ui
+
 
         demo, allowed = create_ui(predictor, run, limits)
         app = gr.mount_gradio_app(app, demo, path="/", allowed_paths=allowed, max_file_size=limits.max_upload_bytes,
                                   footer_links=["api"])
     return app
-
-
-_thread_state = threading.local()
-
-
-def one_torch_thread() -> None:
-    """Decoding and resizing run one request per thread, many threads at once; intra-op threads on top of that
-    only fight for the cores (measured on 2 busy cores: preprocessing 33-68 ms with 2 torch threads, 1.2-2.3 ms
-    with 1). OpenMP's thread count is per thread, so the model's forward pass (batcher thread) keeps its own."""
-    if not getattr(_thread_state, "single", False):
-        torch.set_num_threads(1)
-        _thread_state.single = True
 
 
 def _infer(predictor: Predictor, items: list[tuple[str | None, bytes]], k: int, name: str) -> dict:

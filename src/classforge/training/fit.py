@@ -10,11 +10,20 @@ import lightning as L
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, WeightedRandomSampler
 
-from classforge.config import TrainConfig, parse_duration
+from classforge.core.config import (
+    DEFAULT_BACKBONE_LR_MULT,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    TrainConfig,
+    parse_duration,
+)
+from classforge.core.errors import ClassforgeError
 from classforge.data.image import small_image
 from classforge.data.preprocess import make_preprocessor
-from classforge.models.registry import ClassforgeError, Classifier
+from classforge.models.registry import Classifier
 from classforge.training.module import ClassifierModule, FileDataset, TensorBatchDataset
+from classforge.training.optimizers import get_optimizer
+from classforge.training.prepared import audio_kwargs, class_weights, load_raws
 from classforge.training.schedules import SCHEDULES, parse_progressive
 from classforge.training.trainer import make_trainer, per_class_columns
 
@@ -50,39 +59,34 @@ BUDGET_MAX_EPOCHS = 100_000  # with --time-budget and no --epochs the budget alo
 
 def resolve_optimizer(cfg: TrainConfig) -> str:
     opt = cfg.optimizer if cfg.optimizer != "auto" else ("sgd" if cfg.schedule == "step" else "adamw")
-    if opt not in ("sgd", "adamw", "muon"):
-        raise ClassforgeError(f"--optimizer must be auto, adamw, sgd or muon, not {cfg.optimizer!r}")
+    entry = get_optimizer(opt)
+    if entry.check:
+        entry.check(dict(cfg.optimizer_args))
     return opt
 
 
 def resolve_lr(cfg: TrainConfig, stage: str, optimizer: str) -> float:
-    """--lr, else the course's 0.01 for the step schedule, 0.05 for SGD, the strategy default for AdamW."""
-    from classforge.training.run import DEFAULT_LR
-
+    """--lr, else the course's 0.01 for the step schedule, 0.05 for SGD-like steps, the strategy default else."""
     if cfg.lr not in ("default", "auto"):
         return float(cfg.lr)
     if cfg.schedule == "step":
         return 0.01
-    return 0.05 if optimizer in ("sgd", "muon") else DEFAULT_LR[stage]
+    return 0.05 if get_optimizer(optimizer).sgd_like else DEFAULT_LR[stage]
 
 
 def resolve_weight_decay(cfg: TrainConfig, optimizer: str) -> float:
     # 0.05 is AdamW's decoupled default; as SGD's L2 term it would swamp the gradient: 5e-4 instead.
-    return 5e-4 if optimizer in ("sgd", "muon") and cfg.weight_decay == TrainConfig.weight_decay else cfg.weight_decay
+    sgd_like = get_optimizer(optimizer).sgd_like
+    return 5e-4 if sgd_like and cfg.weight_decay == TrainConfig.weight_decay else cfg.weight_decay
 
 
 def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: str, extra: dict) -> list[dict]:
-    from classforge.training.run import DEFAULT_BACKBONE_LR_MULT, DEFAULT_EPOCHS, class_weights
-
     spec = model.backbone.spec
     if cfg.schedule not in SCHEDULES:
         raise ClassforgeError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {cfg.schedule!r}")
     budget = parse_duration(cfg.time_budget)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from classforge.sysalloc import keep_freed_memory
-
-    malloc_kept = keep_freed_memory()  # no mmap/munmap of the step's big tensors at every step (glibc)
     train_dl, val_dl, fast = make_loaders(model, data, cfg)
     resuming = cfg.resume and (run / "checkpoints" / "last.ckpt").exists()
     if stage == "scratch" and not resuming and not cfg.weights and hasattr(model.backbone, "init_from_data"):
@@ -108,7 +112,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                               optimizer=optimizer, schedule=cfg.schedule, budget_s=budget, momentum=cfg.momentum,
                               class_names=data.labels, ops_per_sample=ops.get("ops"), compile=cfg.compile,
                               progressive=plan, ops_by_size=ops_by_size, sam=cfg.sam,
-                              muon_lr=cfg.muon_lr, mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob,
+                              optimizer_args=cfg.optimizer_args, mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob,
                               seed=cfg.seed)
     monitor = "val_loss" if val_dl else "train_loss"
     # Pretrained backbones (finetune, two-stage): keep BatchNorm statistics frozen while the weights adapt.
@@ -134,7 +138,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "accelerator": type(trainer.accelerator).__name__, "precision": str(trainer.precision),
                         "epochs_run": trainer.current_epoch, "stopped_by": stop_reason(trainer),
                         "optimizer": optimizer, "lr": module.lr, "schedule": cfg.schedule,
-                        "muon_lr": cfg.muon_lr if optimizer == "muon" else None,
+                        "optimizer_args": dict(cfg.optimizer_args) or None,
                         "weight_decay": module.weight_decay, "time_budget_s": budget,
                         "data_path": data_path_desc(fast, cfg.cutout),
                         "progressive_resize": [{"until": u, "size": sz} for u, sz in plan] or None,
@@ -142,7 +146,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "mix": ({"mixup": cfg.mixup, "cutmix": cfg.cutmix, "prob": cfg.mix_prob}
                                 if cfg.mixup or cfg.cutmix else None),
                         "channels_last": module.channels_last, "compiled": bool(cfg.compile),
-                        "threads": torch.get_num_threads(), "malloc_keeps_freed_memory": malloc_kept,
+                        "threads": torch.get_num_threads(),
                         "forward_ops_per_sample": ops.get("ops"), "forward_macs_per_sample": ops.get("macs")}
     return rows
 
@@ -201,11 +205,7 @@ def data_path_desc(fast: bool, cutout: int) -> str:
 def make_loaders(model: Classifier, data, cfg: TrainConfig):
     """(train_dl, val_dl, fast). Small images with the pad-crop-flip recipe go through TensorBatchDataset
     (whole batches augmented with tensor ops); everything else through per-sample transforms."""
-    from classforge.training.run import load_raws
-
     spec = model.backbone.spec
-    from classforge.training.run import audio_kwargs
-
     pre = make_preprocessor(spec, augment=cfg.augment, max_pixels=cfg.max_pixels, seed=cfg.seed, **audio_kwargs(cfg))
     tr, va = data.of("train"), data.of("val")
     ytr, yva = data.y("train"), data.y("val")

@@ -15,13 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from classforge.config import TrainConfig
+from classforge.core.config import DEFAULT_EPOCHS, DEFAULT_LR, TrainConfig
 
 
 def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray,
              cfg: TrainConfig, run: Path, class_weights: torch.Tensor | None = None) -> list[dict]:
-    from classforge.training.run import DEFAULT_EPOCHS, DEFAULT_LR
-
     # Standardise the features (embeddings come at very different scales per backbone), train on that, then
     # fold the scaling into the Linear layer so the saved model still maps raw backbone features to logits.
     mu = xtr.mean(axis=0)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from classforge.training.optimizers import OptimizerSettings, get_optimizer
 from classforge.training.schedules import Progress, make_lambda, size_at
 
 
@@ -153,7 +154,7 @@ class ClassifierModule(L.LightningModule):
                  num_classes: int | None = None, class_names: list[str] | None = None,
                  ops_per_sample: int | None = None, compile: bool = False,
                  progressive: list[tuple[float, int]] | None = None, ops_by_size: dict[int, int] | None = None,
-                 sam: float = 0.0, muon_lr: float = 0.015, mixup: float = 0.0, cutmix: float = 0.0,
+                 sam: float = 0.0, optimizer_args: dict | None = None, mixup: float = 0.0, cutmix: float = 0.0,
                  mix_prob: float = 1.0, seed: int = 0):
         super().__init__()
         self.model = model
@@ -181,9 +182,7 @@ class ClassifierModule(L.LightningModule):
         # Two forward-backward passes per batch; the second one logs nothing and leaves BN statistics alone.
         self.sam = float(sam)
         self._sam_second = False
-        # optimizer "muon" (training.optim.OrthoSGD): the backbone's weight matrices take orthogonalised steps
-        # of this size relative to their norm (times each group's share of the head's LR); the rest is SGD.
-        self.muon_lr = float(muon_lr)
+        self.optimizer_args = dict(optimizer_args or {})  # the optimizer entry's own options
         # Mixup / CutMix (batch_mix) on training batches; SAM's second pass re-uses the first pass's mixed batch.
         self.mixup, self.cutmix, self.mix_prob = float(mixup), float(cutmix), float(mix_prob)
         self._mix_rng = np.random.default_rng(seed)
@@ -304,32 +303,25 @@ class ClassifierModule(L.LightningModule):
         self.val_per_class_ = (c.cpu(), t.cpu())
 
     def configure_optimizers(self):
+        entry = get_optimizer(self.optimizer_name)
+        settings = OptimizerSettings(self.lr, self.momentum, self.weight_decay, self.optimizer_args)
         scale = self.lr / self._base_lrs[-1]
-        groups, ortho = [], []
+        special, groups = [], []
         last = len(self.lr_groups) - 1
         for i, ((ps, _), lr) in enumerate(zip(self.lr_groups, self._base_lrs)):
             ps = [p for p in ps if p.requires_grad]
             mats = [p for p in ps if p.ndim > 1]
-            if self.optimizer_name == "muon" and i < last:  # the head (last group) stays SGD
-                ortho.append({"params": mats, "lr": self.muon_lr * lr / self._base_lrs[-1], "orthogonal": True,
-                              "weight_decay": 0.0})
+            own = entry.matrix_groups(i, i == last, mats, lr / self._base_lrs[-1], settings) \
+                if entry.matrix_groups else None
+            if own is not None:
+                special += own
             else:
                 groups.append({"params": mats, "lr": lr * scale})
             # No weight decay on biases and normalisation weights (1-D tensors): decaying them only shrinks the
             # scale BatchNorm re-learns at every step (the usual practice: timm, fast CIFAR recipes).
             groups.append({"params": [p for p in ps if p.ndim <= 1], "lr": lr * scale, "weight_decay": 0.0})
-        # orthogonal groups first: the last group is the head's, whose LR the progress bar shows
-        groups = [g for g in ortho + groups if g["params"]]
-        if self.optimizer_name == "muon":
-            from classforge.training.optim import OrthoSGD
-
-            opt = OrthoSGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.momentum > 0,
-                           weight_decay=self.weight_decay)
-        elif self.optimizer_name == "sgd":
-            opt = torch.optim.SGD(groups, momentum=self.momentum, nesterov=self.momentum > 0,
-                                  weight_decay=self.weight_decay)
-        else:
-            opt = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
+        # an entry's own groups first: the last group is the head's, whose LR the progress bar shows
+        opt = entry.build([g for g in special + groups if g["params"]], settings)
         if self.schedule == "constant":
             return opt
         if self.schedule == "cosine" and not self.progress.budget_s:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 
-from classforge.models.registry import ClassforgeError
+from classforge.core.errors import ClassforgeError
 
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 

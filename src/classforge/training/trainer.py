@@ -13,8 +13,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from classforge.config import TrainConfig, parse_duration
-from classforge.training.embeddings import fast_cpu_bf16
+from classforge.core.config import TrainConfig, parse_duration
+from classforge.runtime.engines import fast_cpu_bf16
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -24,7 +24,7 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accele
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-# Callbacks added to every Trainer of the runs started while they are listed here: classforge.search puts its
+# Callbacks added to every Trainer of the runs started while they are listed here: classforge.training.search puts its
 # optuna pruning callback here around one train() call (train() builds its Trainers deep inside a strategy).
 RUN_CALLBACKS: list[Callback] = []
 
@@ -121,7 +121,7 @@ class EMAWeights(Callback):
 
     def __init__(self, decay: float):
         if not 0.0 < decay < 1.0:
-            from classforge.models.registry import ClassforgeError
+            from classforge.core.errors import ClassforgeError
 
             raise ClassforgeError(f"--ema must be a decay between 0 and 1 (e.g. 0.999), or 0 for off; got {decay}")
         self.decay, self.updates = float(decay), 0

@@ -1,0 +1,54 @@
+"""Command line: `classforge COMMAND`. Each command is a thin wrapper over the public API (classforge.api) that
+prints to the shared console. Heavy libraries load inside the commands, so `--help` and `--version` stay fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import typer  # noqa: E402
+
+from classforge.cli import basics, calibrate, card, compare, describe, export, search, serve, track, train  # noqa: E402
+from classforge.cli.console import console  # noqa: E402
+from classforge.core.errors import ClassforgeError  # noqa: E402
+
+app = typer.Typer(
+    help="classforge: turn a folder of labelled images or sounds into a trained, evaluated, exported and "
+         "served classifier.\n\nTypical flow: inspect DATA -> train DATA --out RUN -> open RUN/report.html -> "
+         "predict RUN file.jpg -> export RUN -> serve RUN.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"classforge {version('classforge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit")) -> None:
+    pass
+
+
+# the order of `classforge --help`: the flow first, then analysis, then integrations
+for _module in (basics, train, describe, export, card, serve, compare, search, calibrate, track):
+    _module.add_commands(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except ClassforgeError as e:  # raised outside run_cmd (e.g. while building a command's arguments)
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

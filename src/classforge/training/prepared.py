@@ -1,0 +1,93 @@
+"""The data every strategy starts from: discovered, validated and split, with the helpers that read it."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from classforge.core.config import TrainConfig, parse_fractions
+from classforge.core.errors import ClassforgeError
+from classforge.core.progress import progress
+from classforge.data.discover import Dataset, Sample, discover
+from classforge.data.split import SplitReport, make_split, read_split
+from classforge.data.validate import Validation, validate
+
+
+@dataclass
+class Prepared:
+    """Data after discovery, validation and splitting: what every strategy starts from."""
+
+    ds: Dataset
+    checked: Validation
+    split: SplitReport
+    labels: list[str]
+    samples: list[Sample]  # with split set; excluded ones dropped
+    notes: list[str] = field(default_factory=list)
+
+    def of(self, split: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == split]
+
+    def y(self, split: str) -> list[int]:
+        idx = {c: i for i, c in enumerate(self.labels)}
+        return [idx[s.label] for s in self.of(split)]
+
+
+def prepare_data(cfg: TrainConfig) -> Prepared:
+    ds = discover(cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes, cfg.group_by)
+    if cfg.resplit:
+        for s in ds.samples:
+            s.split = ""
+        ds.notes = [n for n in ds.notes if "val/" not in n and "test/" not in n]
+        ds.notes.append("--resplit: the folders' own train/val/test split was ignored")
+    checked = validate(ds, cfg.min_size, cfg.max_pixels)
+    if not checked.good:
+        raise ClassforgeError(f"No usable files in {ds.root}: all {len(ds.samples)} failed validation")
+    if cfg.split_file:
+        report = read_split(cfg.split_file, checked.good)
+    else:
+        report = make_split(checked.good, checked.info, parse_fractions(cfg.split), cfg.seed, cfg.test_groups,
+                            cfg.near_dup_distance)
+    samples = [s for s in checked.good if s.split]
+    labels = sorted({s.label for s in samples if s.split == "train"}, key=ds.classes.index)
+    notes = list(ds.notes) + list(report.notes)
+    unseen = {s.label for s in samples} - set(labels)
+    if unseen:
+        notes.append(f"classes with no training sample were dropped from evaluation: {sorted(unseen)}")
+        samples = [s for s in samples if s.label in set(labels)]
+    if len(labels) < 2:
+        raise ClassforgeError(f"Need at least 2 classes with training samples, found {labels}")
+    return Prepared(ds, checked, report, labels, samples, notes)
+
+
+def views_per_class(data: Prepared, cfg: TrainConfig) -> int:
+    """--views K, or enough augmented views that the smallest class reaches N (--balance augment-to N)."""
+    views = max(1, cfg.views)
+    if cfg.balance and cfg.balance.startswith("augment-to"):
+        target = int(cfg.balance.split()[-1] if " " in cfg.balance else cfg.balance.split("-")[-1].split("=")[-1])
+        counts = np.bincount(data.y("train"), minlength=len(data.labels))
+        views = max(views, min(16, math.ceil(target / max(1, counts[counts > 0].min()))))
+    return views
+
+
+def audio_kwargs(cfg: TrainConfig) -> dict:
+    if cfg.extra.get("background_dir"):
+        return {"background_dir": cfg.extra["background_dir"]}
+    return {}
+
+
+def class_weights(data: Prepared, cfg: TrainConfig) -> torch.Tensor | None:
+    if cfg.balance not in ("weights", "oversample"):
+        return None
+    counts = np.bincount(data.y("train"), minlength=len(data.labels)).astype(float)
+    w = counts.sum() / (len(counts) * np.maximum(counts, 1))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def load_raws(samples: list[Sample], pre, desc: str) -> list:
+    """Decode every file once into memory (shrunk to the model's size), in parallel."""
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        return list(progress(ex.map(lambda s: pre.load(s.path), samples), total=len(samples), desc=desc))
