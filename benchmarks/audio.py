@@ -50,7 +50,7 @@ def common(a) -> dict:
         kw["preprocess"] = a.preprocess
     if a.epochs:
         kw["epochs"] = a.epochs
-    from classforge.config import load_yaml
+    from classforge.core.config import load_yaml
 
     for item in a.set:
         k, _, v = item.partition("=")

@@ -41,7 +41,7 @@ def machine() -> str:
 
 
 def dataset_cfg(name: str):
-    from classforge.config import TrainConfig
+    from classforge.core.config import TrainConfig
 
     if name == "hymenoptera":
         return TrainConfig(data=str(SHARED / "hymenoptera"))
@@ -130,8 +130,8 @@ def run_b(data, cfg, backbone, epochs: int, bs: int = 32, engine_name: str = "au
     import torch.nn.functional as F
 
     from classforge.data.preprocess import make_preprocessor
-    from classforge.training import embeddings as emb
-    from classforge.training.engines import engine_for
+    from classforge.runtime import embeddings as emb
+    from classforge.runtime.engines import engine_for
     from classforge.training.head import fit_head
 
     pre = make_preprocessor(backbone.spec)
@@ -197,7 +197,7 @@ def forward_throughput(backbone, bs: int = 32, reps: int = 3) -> dict:
                 mm(xx)
         out[name] = round(bs * reps / (time.time() - t), 1)
     m.to(memory_format=torch.contiguous_format)
-    from classforge.training.engines import Engine, onnxruntime_available
+    from classforge.runtime.engines import Engine, onnxruntime_available
 
     if onnxruntime_available():
         with tempfile.TemporaryDirectory() as d:

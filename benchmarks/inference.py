@@ -56,7 +56,7 @@ def test_image(run: Path) -> tuple[Path, bytes]:
     """One of the run's test images as a 224x224 JPEG (what a client would typically send)."""
     from PIL import Image
 
-    from classforge.export import run_files
+    from classforge.deploy.onnx import run_files
 
     files = run_files(run, ("test", "val", "train"))
     if not files:
@@ -132,13 +132,13 @@ def main() -> None:
 
     import torch
 
-    from classforge.models.registry import InputSpec
-    from classforge.serve.predictor import Predictor, load_run_model
+    from classforge.core.spec import InputSpec
+    from classforge.runtime.predictor import Predictor, load_run_model
 
     torch.set_num_threads(a.threads[0])
     run = a.run
     if not (run / "model.onnx").is_file():
-        from classforge.export import export_run
+        from classforge.deploy.onnx import export_run
 
         print("exporting model.onnx first ...", flush=True)
         export_run(run, model_card=False)
@@ -149,7 +149,7 @@ def main() -> None:
     x = pre.preprocess(jpeg)[None]  # (1, 3, 224, 224)
 
     res: dict = {"run": str(run), "backbone": meta["backbone"], "threads": a.threads, "image": path.name}
-    from classforge.export import ort_session
+    from classforge.deploy.onnx import ort_session
 
     fast = Predictor(load_run_model(run)[0], spec, labels, fast=True)  # channels_last (+ bf16 where fast)
     xn = x.numpy()

@@ -29,7 +29,7 @@ def images(run: Path | None, image: Path | None, n: int = 16) -> list[bytes]:
 
     if image:
         return [image.read_bytes()]
-    from classforge.export import run_files
+    from classforge.deploy.onnx import run_files
 
     files = [p for p, _, _ in run_files(run, ("test", "val"))][:n]
     if not files:
