@@ -83,3 +83,9 @@ def linear_run(shapes_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "linear"
     return classforge.train(shapes_dir, out, epochs=30)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """12 images of each of three kinds: the smallest folder a from-scratch CNN learns something on."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny") / "d", 12, kinds=("circle", "stripes", "checker"))

@@ -65,6 +65,19 @@ def export(run_dir: str | Path, format: str = "onnx", quantize: str | None = Non
     return export_run(run_dir, format=format, quantize=quantize, **options)
 
 
+def calibrate(run_dir: str | Path, data: str | None = None, test: bool = False,
+              temperature: float | None = None) -> dict:
+    """Temperature scaling fitted on the run's validation split, written into the run (predict, serve and the
+    exported model use it); the model card, if there is one, is rewritten to state it."""
+    from classforge.deploy.modelcard import write_model_card
+    from classforge.evaluation.calibrate import calibrate_run
+
+    res = calibrate_run(run_dir, data=data, test=test, temperature=temperature)
+    if (Path(run_dir) / "README.md").is_file():
+        write_model_card(run_dir)
+    return res
+
+
 def inspect_data(data: str, **options) -> dict:
     """What DATA holds (classes, counts, sizes, bad files, duplicates) and the split a run would make."""
     from classforge.data.inspect import inspect_data as inspect_folder

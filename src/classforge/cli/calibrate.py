@@ -28,7 +28,7 @@ def add_commands(app) -> None:
 
         from classforge.cli.console import console
         from classforge.cli.console import run_cmd as _run
-        from classforge.evaluation.calibrate import calibrate_run
+        from classforge.api import calibrate as calibrate_run
 
         r = _run(calibrate_run, run_dir, data=data, test=test, temperature=temperature)
         splits = [sp for sp in ("val", "test") if sp in r]

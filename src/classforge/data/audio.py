@@ -20,7 +20,6 @@ import torch
 
 from classforge.core.errors import BadFile, ClassforgeError
 from classforge.core.spec import InputSpec
-from classforge.models.audio import SpecAugment  # noqa: F401 - masking of log-mels lives with the front ends
 
 SILENCE_PEAK = 1e-4  # below this peak amplitude (about -80 dBFS) a clip holds nothing to learn from
 

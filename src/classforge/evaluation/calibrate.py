@@ -94,8 +94,4 @@ def calibrate_run(run_dir: str | Path, data: str | None = None, test: bool = Fal
     update_run_meta(run, temperature=res["temperature"])
     res["date"] = dt.datetime.now().isoformat(timespec="seconds")
     (run / "calibration.json").write_text(json.dumps(res, indent=2))
-    if (run / "README.md").is_file():  # the model card states the temperature: refresh it
-        from classforge.deploy.modelcard import write_model_card
-
-        write_model_card(run)
     return res

@@ -347,6 +347,8 @@ class SmallCNN(Backbone):
     widths[-1] (global pooling) or the flattened map size (no pooling, no hidden).
     """
 
+    tta_modes = TTA_MODES
+
     def __init__(self, widths: Sequence[int] = (32, 64, 128), depth: int | Sequence[int] = 1,
                  block: str = "plain", kernel_size: int = 3, padding: int | None = None,
                  batch_norm: bool = True, global_pool: bool | str = True, hidden: Sequence[int] = (),

@@ -170,7 +170,7 @@ def _torch_runner(backbone, device: str):
     model = prepare_fast(backbone, backbone.spec.task, device)
     task = backbone.spec.task
     frozen = None
-    if task == "image" and device == "cpu" and jit_bf16() and getattr(backbone, "bf16_safe", True):
+    if task == "image" and device == "cpu" and jit_bf16() and backbone.bf16_safe:
         ex = torch.randn(2, *example_input(backbone).shape[1:]).contiguous(memory_format=torch.channels_last)
         frozen = _freeze_bf16(model, ex)
 
@@ -197,7 +197,7 @@ def prepare_fast(model: torch.nn.Module, task: str, device: str = "cpu") -> torc
 
 def fast_context(model: torch.nn.Module, device: str = "cpu"):
     """bf16 autocast where it is fast and the model says it is safe; fp32 otherwise."""
-    if device == "cpu" and fast_cpu_bf16() and getattr(getattr(model, "backbone", model), "bf16_safe", True):
+    if device == "cpu" and fast_cpu_bf16() and getattr(model, "backbone", model).bf16_safe:
         return torch.autocast("cpu", dtype=torch.bfloat16)
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.float16)

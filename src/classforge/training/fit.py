@@ -89,7 +89,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
         torch.set_num_threads(cfg.threads)
     train_dl, val_dl, fast = make_loaders(model, data, cfg)
     resuming = cfg.resume and (run / "checkpoints" / "last.ckpt").exists()
-    if stage == "scratch" and not resuming and not cfg.weights and hasattr(model.backbone, "init_from_data"):
+    if stage == "scratch" and not resuming and not cfg.weights:
         if model.backbone.init_from_data(init_batch(train_dl.dataset, seed=cfg.seed)):
             extra["data_init"] = "patch-whitening stem fitted on training images"
     epochs = cfg.epochs or (BUDGET_MAX_EPOCHS if budget else DEFAULT_EPOCHS[stage])
@@ -183,7 +183,7 @@ def forward_ops(model: Classifier, size: int | None = None) -> dict:
     spec = model.backbone.spec
     if spec.task != "image":
         return {}
-    tta = getattr(model.backbone, "tta", "none")
+    tta = model.backbone.tta
     if tta != "none":
         model.backbone.tta = "none"  # training runs one view per image; the test-time mirror view is extra
     try:

@@ -1,9 +1,10 @@
-"""`classforge tta RUN`: score each test-time augmentation mode on the run's validation split, keep the best, and
+"""benchmarks/cifar10/tta.py (`python benchmarks/cifar10/tta.py tta RUN`): score each test-time augmentation mode on the run's validation split, keep the best, and
 make predict / export / serve use it (model.onnx re-exported)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,21 @@ import pytest
 from conftest import tree_checksums
 from typer.testing import CliRunner
 
-from classforge.cli import app
+import typer
+
 from classforge.core.errors import ClassforgeError
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "cifar10"))
+import tta as tta_script  # noqa: E402 - benchmarks/cifar10/tta.py
+
 runner = CliRunner()
+app = typer.Typer()
+tta_script.add_commands(app)
+
+
+@app.callback()
+def _root() -> None:
+    pass
 
 
 def _flat(result) -> str:
@@ -112,7 +124,7 @@ def test_errors_are_messages(cnn_run, linear_run, tmp_path):
 
 
 def test_score_modes_scores_only_the_modes_asked_and_refuses_unknown_ones(cnn_run):
-    from classforge.tta import score_modes
+    from tta import score_modes
 
     res = score_modes(cnn_run, ("val",), modes=("none", "flip-shift24"))
     assert list(res["modes"]) == ["none", "flip-shift24"]

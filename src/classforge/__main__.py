@@ -1,0 +1,5 @@
+"""`python -m classforge`: the command line."""
+
+from classforge.cli import main
+
+main()
