@@ -23,10 +23,10 @@ def _modes_of(model) -> tuple[str, ...]:
     from classforge.models.small_cnn import TTA_MODES
 
     bb = model.backbone
-    if not hasattr(bb, "tta"):
+    if len(bb.tta_modes) <= 1:
         raise ClassforgeError(f"backbone {type(bb).__name__} has no test-time augmentation modes (the cnn* image "
                               f"backbones have: {', '.join(TTA_MODES)})")
-    return TTA_MODES
+    return bb.tta_modes
 
 
 def score_modes(run_dir: str | Path, splits: tuple[str, ...] = ("val",), data: str | None = None,
