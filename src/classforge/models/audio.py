@@ -562,7 +562,8 @@ def _ast_from_source(source: str) -> tuple[nn.Module, float, float]:
 @register_backbone("ast", "audio", description="Audio Spectrogram Transformer (Hugging Face transformers)",
                    input_desc="mono 16 kHz waveform (Kaldi fbank inside)",
                    weights_desc=f"AudioSet: hub {AST_HUB_ID} (online) or --weights FOLDER",
-                   pretrained=True, recipes={"finetune": AUDIO_FINETUNE}, train_args=TRAIN_ARGS)
+                   pretrained=True, recipes={"finetune": AUDIO_FINETUNE}, train_args=TRAIN_ARGS,
+                   small_args={"tiny": True})
 def ast(pretrained: bool = True, weights: str | None = None, clip_seconds: float = 1.0, tiny: bool = False,
         spec_augment: bool | dict = False, **config) -> Backbone:
     try:

@@ -89,7 +89,9 @@ class TimmBackbone(Backbone):
             spec["size"] = 224  # the hub cfg says 518 px; 224 with dynamic size is the practical CPU choice
         spec.update(spec_override or {})
         self.spec = InputSpec(**spec)
-        self.feature_dim = int(self.model.num_features)
+        # what forward() returns: after a pre-logits projection where the model has one (MobileNetV3's conv_head
+        # maps num_features 576 to 1024), num_features where not
+        self.feature_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
     def _from_hub(self, arch: str, extra: dict):
         import timm
