@@ -10,6 +10,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from classforge.core.errors import BadFile
+from classforge.core.spec import InputSpec
 from classforge.data.audio import (
     AudioPreprocessor,
     SpecAugment,
@@ -18,8 +20,6 @@ from classforge.data.audio import (
     inspect_audio,
     load_audio,
 )
-from classforge.core.errors import BadFile
-from classforge.core.spec import InputSpec
 
 
 def tone(sr: int, seconds: float, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:

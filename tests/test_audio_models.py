@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from classforge.core.errors import ClassforgeError
 from classforge.data.audio import load_audio
 from classforge.models import audio as A
-from classforge.models.weights import sha256_file
 from classforge.models.registry import create_backbone, registered
-from classforge.core.errors import ClassforgeError
+from classforge.models.weights import sha256_file
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 MN04 = SHARED / "weights" / "mn04_as_mAP_432.pt"

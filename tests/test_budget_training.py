@@ -14,10 +14,16 @@ import pytest
 import torch
 
 import classforge
-from classforge.models.registry import Classifier, create_backbone
 from classforge.core.errors import ClassforgeError
-from classforge.training.module import (ClassifierModule, FileDataset, TensorBatchDataset, batch_crop_flip,
-                                       batch_cutout, batch_mix)
+from classforge.models.registry import Classifier, create_backbone
+from classforge.training.module import (
+    ClassifierModule,
+    FileDataset,
+    TensorBatchDataset,
+    batch_crop_flip,
+    batch_cutout,
+    batch_mix,
+)
 from classforge.training.schedules import Progress, lr_factor, make_lambda, parse_progressive, size_at
 
 

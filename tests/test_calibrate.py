@@ -11,8 +11,8 @@ import pytest
 from conftest import tree_checksums
 from typer.testing import CliRunner
 
-from classforge.evaluation.calibrate import fit_temperature
 from classforge.cli import app
+from classforge.evaluation.calibrate import fit_temperature
 from classforge.runtime.predictor import Predictor, softmax
 
 runner = CliRunner()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from classforge.training.compare import compare, mcnemar_p, plan
 from classforge.core.config import TrainConfig
 from classforge.core.errors import ClassforgeError
+from classforge.training.compare import compare, mcnemar_p, plan
 
 
 def _rows(path: Path) -> list[dict]:

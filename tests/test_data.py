@@ -15,10 +15,10 @@ from conftest import draw_sample, make_image_folder, tree_checksums
 from PIL import Image
 
 from classforge.core.config import TrainConfig
+from classforge.core.errors import ClassforgeError
 from classforge.data.discover import discover
 from classforge.data.split import make_split, read_split, write_split
 from classforge.data.validate import validate
-from classforge.core.errors import ClassforgeError
 from classforge.training.run import prepare_data
 
 
@@ -188,8 +188,8 @@ def test_fast_eval_view_is_bitwise_the_torchvision_pipeline(tmp_path, size):
     it must give exactly what the torchvision eval transform gives (cached embeddings and predict rely on it)."""
     import torch
 
-    from classforge.data.image import ImagePreprocessor
     from classforge.core.spec import InputSpec
+    from classforge.data.image import ImagePreprocessor
 
     rng = np.random.default_rng(sum(size))
     arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import classforge
+from classforge.core.errors import ClassforgeError
 from classforge.data.discover import Sample
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.registry import create_backbone
-from classforge.core.errors import ClassforgeError
 from classforge.runtime import embeddings as emb
 from classforge.runtime.engines import Engine, engine_for, fast_cpu_bf16, resolve_engine
 

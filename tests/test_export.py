@@ -14,12 +14,12 @@ from conftest import shared_path
 
 import classforge
 import classforge.runtime.predictor
-from classforge.data.rundata import run_files
-from classforge.deploy.onnx import export_run
-from classforge.runtime.onnx import TOLERANCE
-from classforge.deploy.modelcard import push, write_model_card
-from classforge.models.registry import Classifier, create_backbone
 from classforge.core.errors import ClassforgeError
+from classforge.data.rundata import run_files
+from classforge.deploy.modelcard import push, write_model_card
+from classforge.deploy.onnx import export_run
+from classforge.models.registry import Classifier, create_backbone
+from classforge.runtime.onnx import TOLERANCE
 from classforge.runtime.predictor import load_run_model
 
 ort = pytest.importorskip("onnxruntime")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import shared_path
 
+from classforge.core.errors import ClassforgeError
 from classforge.data.image import eval_transform, open_image
 from classforge.models.registry import Classifier, create_backbone
-from classforge.core.errors import ClassforgeError
 
 DOG_BREEDS = range(151, 269)  # ImageNet-1k classes 151..268 are dog breeds
 KITE, BALD_EAGLE = 21, 22

@@ -219,9 +219,9 @@ def test_audio_loudness_op_levels_recordings():
 def test_audio_ops_travel_with_an_audio_backbone_only():
     import dataclasses
 
+    from classforge.data.ops import attach_ops
     from classforge.data.preprocess import make_preprocessor
     from classforge.models.registry import create_backbone
-    from classforge.data.ops import attach_ops
 
     bb = create_backbone("audio_cnn")
     assert attach_ops(bb, "lowpass=4000,bits=8") == ("lowpass=4000", "bits=8")

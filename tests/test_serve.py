@@ -27,8 +27,8 @@ requests = pytest.importorskip("requests")
 from test_export import exported_run  # noqa: F401 - session fixture shared with the export tests
 
 from classforge.data.rundata import run_files
-from classforge.serve.api import Limits, create_app
 from classforge.runtime.batching import MicroBatcher
+from classforge.serve.api import Limits, create_app
 
 
 # ------------------------------------------------------------------------------------------------ helpers

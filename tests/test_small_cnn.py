@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from classforge.models.registry import Classifier, count_params, create_backbone, registered
 from classforge.core.errors import ClassforgeError
+from classforge.models.registry import Classifier, count_params, create_backbone, registered
 from classforge.models.small_cnn import (
     CIFAR10_MEAN,
     CIFAR10_STD,

@@ -23,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from classforge.core.config import load_yaml
+import optim  # noqa: F401 - registers --optimizer muon (benchmarks/cifar10/optim.py)
 from sysalloc import keep_freed_memory  # benchmarks/cifar10/sysalloc.py
 
-import optim  # noqa: F401 - registers --optimizer muon (benchmarks/cifar10/optim.py)
+from classforge.core.config import load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "datasets" / "cifar10"
@@ -268,9 +268,9 @@ def tta(args) -> None:
     validation accuracy; test accuracy is printed beside it only to be reported, not to choose. Writes
     RUN_DIR/tta.json; unlike `classforge tta` it leaves the run's model.json as it is."""
     import torch
+    from tta import choose, score_modes  # benchmarks/cifar10/tta.py
 
     from classforge.models.small_cnn import TTA_MODES
-    from tta import choose, score_modes  # benchmarks/cifar10/tta.py
 
     modes = tuple(m.strip() for m in args.modes.split(",")) if args.modes else None
     if args.fixed and args.fixed not in (modes or TTA_MODES):  # before minutes of scoring, not after

@@ -37,9 +37,9 @@ def score_modes(run_dir: str | Path, splits: tuple[str, ...] = ("val",), data: s
     forward pass, so 18-view modes do not build 9,000-image activations."""
     import torch
 
+    from classforge.core.progress import progress
     from classforge.evaluation.evaluate import split_samples
     from classforge.models.small_cnn import TTA_VIEWS
-    from classforge.core.progress import progress
     from classforge.runtime.predictor import Predictor, load_run_model
 
     run = Path(run_dir)
@@ -143,7 +143,8 @@ def add_commands(app) -> None:
         and keeps the best; RUN/model.onnx is re-exported when present. Figures go to RUN/tta.json."""
         from rich.table import Table
 
-        from classforge.cli.console import console, run_cmd as _run
+        from classforge.cli.console import console
+        from classforge.cli.console import run_cmd as _run
 
         if threads:
             import torch

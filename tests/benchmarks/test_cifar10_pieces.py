@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the 
 
 from test_budget_training import _one_step, _tiny_bn_net, read_csv  # noqa: E402 - shared helpers
 
+
 def test_sweep_batch_cli_writes_its_table(tiny, tmp_path):
     out = tmp_path / "sweep"
     env = {**os.environ, "CLASSFORGE_QUIET": "1"}

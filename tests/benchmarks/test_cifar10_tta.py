@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from conftest import tree_checksums
 from typer.testing import CliRunner
-
-import typer
 
 from classforge.core.errors import ClassforgeError
 

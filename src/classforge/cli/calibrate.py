@@ -26,9 +26,9 @@ def add_commands(app) -> None:
         confidence before and after; the figures go to RUN/calibration.json."""
         from rich.table import Table
 
+        from classforge.api import calibrate as calibrate_run
         from classforge.cli.console import console
         from classforge.cli.console import run_cmd as _run
-        from classforge.api import calibrate as calibrate_run
 
         r = _run(calibrate_run, run_dir, data=data, test=test, temperature=temperature)
         splits = [sp for sp in ("val", "test") if sp in r]

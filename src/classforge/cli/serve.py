@@ -46,7 +46,8 @@ def add_commands(app) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
         import uvicorn
 
-        from classforge.cli.console import console, run_cmd as _run
+        from classforge.cli.console import console
+        from classforge.cli.console import run_cmd as _run
         from classforge.serve.api import Limits, create_app
 
         limits = Limits(max_upload_mb=max_upload_mb, max_files=max_files, max_pixels=max_pixels,
