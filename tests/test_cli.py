@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -94,19 +95,35 @@ def test_train_help_opens_with_at_most_15_everyday_options_and_groups_the_rest()
     assert "(default: 32)" in out.output  # defaults read from TrainConfig are shown, not eaten as markup
 
 
-def test_every_train_option_is_a_config_key_and_every_key_can_be_set():
+def test_train_options_are_the_config_fields():
+    """The options are generated from TrainConfig: each field with flags is an option showing the field's help in
+    its group's panel; every field has a group and a line of help; the rest are --set/--config keys."""
     import dataclasses
-    import inspect
 
-    from classforge.cli.train import CONFIG_ONLY, OPTION_KEYS, train_options
+    from classforge.cli.train import EVERYDAY, PANELS
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    options = set(inspect.signature(train_options).parameters)
-    keys = {OPTION_KEYS.get(o, o) for o in options} - {None}
-    assert keys <= fields, f"options without a config key: {sorted(keys - fields)}"
-    missing = fields - keys - set(CONFIG_ONLY)
-    assert not missing, f"config keys with no option (add one, or list them in CONFIG_ONLY): {sorted(missing)}"
-    assert set(CONFIG_ONLY) <= fields
+    out = runner.invoke(app, ["train", "--help"], terminal_width=250)
+    text = out.output
+    fields = dataclasses.fields(TrainConfig)
+    for f in fields:
+        assert f.metadata["group"] in PANELS and len(f.metadata["help"]) >= 8, f.name
+        for flag in f.metadata["flags"]:
+            assert flag in text, flag
+        if f.metadata["flags"] and f.name not in EVERYDAY and f.metadata["flags"][0].startswith("--"):
+            assert f.metadata["flags"][0] in _panel_options(text, PANELS[f.metadata["group"]]), f.name
+    assert set(EVERYDAY) <= {f.name for f in fields}
+    assert "Registered name (see `classforge backbones`)" in text  # a field's help, as written in config.py
+
+
+def test_build_config_from_flags_and_set(tmp_path):
+    from classforge.cli.train import build_config
+
+    cfg = build_config({"data": "d", "config": None, "batch_size": 8, "pretrained": True, "resplit": True,
+                        "backbone_args": ["widths=[8,16]"], "clip_seconds": "1.5", "set_": ["momentum=0.8"]})
+    assert (cfg.batch_size, cfg.pretrained, cfg.resplit, cfg.clip_seconds, cfg.momentum) == (8, False, True, 1.5, 0.8)
+    assert cfg.backbone_args == {"widths": [8, 16]}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.batch_size = 4  # a built config is never changed in place
 
 
 def test_version():

@@ -57,6 +57,7 @@ class BackboneEntry:
     weights_desc: str = "none (trained from scratch)"
     pretrained: bool = False  # has pretrained weights: --strategy auto picks linear, else scratch
     budget_aware: bool = False  # factory takes num_classes / max_params / fit_budget (from-scratch CNNs)
+    stage_args: bool = False  # takes widths= / depth= / block= per stage (searchable architecture)
     default_for: str | None = None  # the task ("image" / "audio") this backbone is the default of
     # config defaults per strategy (keys of TrainConfig), applied where the user left the key at its default
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -77,7 +78,7 @@ def register_backbone(name: str, task: str, description: str = "", input_desc: s
                       weights_desc: str = "none (trained from scratch)", **declared):
     """Decorator: `@register_backbone("cnn_lenet", "image")` over a factory
     `f(pretrained: bool, weights: str | None, **kwargs) -> Backbone`; `declared` sets BackboneEntry fields
-    (pretrained, budget_aware, default_for, recipes, default_args, train_args, small_args)."""
+    (pretrained, budget_aware, stage_args, default_for, recipes, default_args, train_args, small_args)."""
 
     def deco(fn):
         _REGISTRY[name] = BackboneEntry(name, task, fn, description, input_desc, weights_desc, **declared)

@@ -795,7 +795,8 @@ _DESCRIPTIONS = {
 
 @register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|plainpool|plainres|pooled|flat|residual "
                    "(or one per stage: pooled,pooled,plain), act=relu|gelu|silu, se= (squeeze-excite reduction), "
-                   "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)", budget_aware=True)
+                   "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)", budget_aware=True,
+                   stage_args=True)
 def cnn(pretrained: bool = False, weights: str | None = None, **kwargs) -> SmallCNN:
     # `pretrained` is accepted for the common factory signature; these nets have no published weights.
     return build_cnn("cnn", PRESETS["cnn_small"], weights=weights, **kwargs)
@@ -811,7 +812,8 @@ def _preset_factory(name: str):
 
 for _name in PRESETS:
     register_backbone(_name, "image", description=_DESCRIPTIONS[_name],
-                      input_desc="3x32x32 (input_size=, in_channels=)", budget_aware=True)(_preset_factory(_name))
+                      input_desc="3x32x32 (input_size=, in_channels=)", budget_aware=True,
+                      stage_args=True)(_preset_factory(_name))
 
 _CAPS_KEYS = ("input_size", "in_channels", "conv_channels", "kernel_size", "primary_types", "primary_dim",
               "num_capsules", "capsule_dim", "routing_iters")

@@ -40,6 +40,7 @@ import numpy as np
 
 from classforge.core.config import TrainConfig
 from classforge.core.errors import ClassforgeError
+from classforge.models.registry import entry as registry_entry
 from classforge.data.ops import ops_label, parse_ops
 
 
@@ -69,14 +70,12 @@ def split_list(s: str | None) -> list[str]:
 
 def from_scratch(backbone: str, base: TrainConfig) -> bool:
     """True when the backbone has no pretrained weights to start from in this configuration."""
-    from classforge.models.registry import registered
-
     if base.weights:
         return False
     if not base.pretrained:
         return True
-    e = registered().get(backbone)
-    return bool(e and (e.budget_aware or e.weights_desc.startswith("none")))
+    e = registry_entry(backbone)
+    return bool(e and not e.pretrained)
 
 
 def plan(backbones: list[str], strategies: list[str], preprocess_options: list[str], base: TrainConfig,

@@ -74,8 +74,8 @@ def views_per_class(data: Prepared, cfg: TrainConfig) -> int:
 
 
 def audio_kwargs(cfg: TrainConfig) -> dict:
-    if cfg.extra.get("background_dir"):
-        return {"background_dir": cfg.extra["background_dir"]}
+    if cfg.background_dir:
+        return {"background_dir": cfg.background_dir}
     return {}
 
 

@@ -99,10 +99,9 @@ def resolve_for_data(cfg: TrainConfig, data: Prepared) -> TrainConfig:
     if backbone_task(name) != data.ds.task:
         raise ClassforgeError(f"{name} is a {backbone_task(name)} backbone but {data.ds.root} holds {data.ds.task} "
                               f"files; try --backbone {default_backbone(data.ds.task)}")
-    extra = dict(cfg.extra)
-    if data.ds.task == "audio" and extra.get("clip_seconds") == "longest":
+    if data.ds.task == "audio" and cfg.clip_seconds == "longest":
         longest = max(data.checked.info[s.path].duration_s for s in data.of("train"))
-        extra["clip_seconds"] = round(longest, 3)
+        changes["clip_seconds"] = round(longest, 3)
         data.notes.append(f"--clip-seconds longest: {longest:.2f} s (the longest training recording)")
     if entry is not None:
         args = {**entry.default_args, **cfg.backbone_args}
@@ -112,7 +111,6 @@ def resolve_for_data(cfg: TrainConfig, data: Prepared) -> TrainConfig:
             changes["backbone_args"] = args
         defaults = TrainConfig()
         changes.update({k: v for k, v in entry.recipe(strategy).items() if getattr(cfg, k) == getattr(defaults, k)})
-    changes["extra"] = extra
     return cfg.replace(**changes)
 
 
@@ -126,7 +124,7 @@ def add_offline_variants(data: Prepared, cfg: TrainConfig) -> None:
     waves = [(s.path, load_audio(s.path, sr)) for s in progress(train, total=len(train), desc="Decoding sources")]
     level = cfg.augment if cfg.augment in ("light", "strong") else "strong"
     variants = augment_to_variants(waves, cfg.augment_to, sr, level=level,
-                                   background_dir=cfg.extra.get("background_dir"), seed=cfg.seed)
+                                   background_dir=cfg.background_dir, seed=cfg.seed)
     added = []
     for s, paths in zip(train, variants):
         for k, p in enumerate(paths):
@@ -148,8 +146,8 @@ def create_spec_rate(cfg: TrainConfig) -> int:
 def backbone_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
     """Architecture arguments saved in model.json, so that a run rebuilds exactly the trained network."""
     kw = dict(cfg.backbone_args)
-    if cfg.extra.get("clip_seconds"):
-        kw["clip_seconds"] = cfg.extra["clip_seconds"]
+    if cfg.clip_seconds:
+        kw["clip_seconds"] = float(cfg.clip_seconds)
     if is_budget_aware(cfg.backbone) and num_classes:
         kw["num_classes"] = num_classes
         if cfg.max_params:

@@ -41,6 +41,8 @@ from typing import Any
 
 from classforge.core.config import TrainConfig, parse_duration
 from classforge.core.errors import ClassforgeError
+from classforge.models.registry import default_backbone
+from classforge.models.registry import entry as registry_entry
 
 FULL_FIT = ["finetune", "two-stage", "scratch"]
 
@@ -91,9 +93,9 @@ def load_space(path: str | None) -> dict[str, dict]:
 
 
 def is_cnn(backbone: str) -> bool:
-    from classforge.models.registry import is_budget_aware
-
-    return backbone.startswith("cnn") and is_budget_aware(backbone)
+    """Whether the backbone takes per-stage widths / depth / block (the search's "cnn" parameters)."""
+    entry = registry_entry(backbone)
+    return bool(entry and entry.stage_args)
 
 
 def sample(trial, space: dict, backbones: list[str], strategies: dict[str, list[str]]) -> dict:
@@ -312,7 +314,7 @@ def search(data: str, trials: int = 20, time_budget: str | None = None, storage:
     if trials < 1 or workers < 1:
         raise ClassforgeError("--trials and --workers must be at least 1")
     base = (base or TrainConfig()).replace(data=str(Path(data).resolve()) if Path(data).exists() else str(data))
-    backbones = backbones or ["efficientnet_lite0" if base.backbone in ("auto", "") else base.backbone]
+    backbones = backbones or [default_backbone("image") if base.backbone in ("auto", "") else base.backbone]
     out = Path(out) if out else Path("runs") / f"search-{Path(str(data)).name}"
     out.mkdir(parents=True, exist_ok=True)
     per_backbone = {}
