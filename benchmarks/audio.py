@@ -5,7 +5,7 @@
   python benchmarks/audio.py cries      [--augment-to 0,25] [--strategy linear] [--preprocess lowpass=5000]
 
 Every run is an ordinary classforge run directory under --out; a JSON line per run is printed and appended to
---results (default benchmarks/audio_results.jsonl). Needs the mn04 AudioSet weights (CLASSFORGE_MN04_WEIGHTS or
+--results (default benchmarks/results/audio_results.jsonl). Needs the mn04 AudioSet weights (CLASSFORGE_MN04_WEIGHTS or
 ../shared/weights/mn04_as_mAP_432.pt).
 """
 
@@ -130,7 +130,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bench", choices=["fsdd", "speakers", "cries"])
     ap.add_argument("--out", default="/tmp/classforge-audio-bench")
-    ap.add_argument("--results", default=str(Path(__file__).parent / "audio_results.jsonl"))
+    ap.add_argument("--results", default=str(Path(__file__).parent / "results" / "audio_results.jsonl"))
     ap.add_argument("--strategies", default="linear,finetune,two-stage,scratch")
     ap.add_argument("--strategy", default="linear")
     ap.add_argument("--speakers", default="all")

@@ -1,7 +1,7 @@
 """Batch-1 inference latency: eager fp32 PyTorch vs ONNX Runtime for a run's model, and the p50 latency of
 POST /predict with one 224-px JPEG through `classforge serve` (ONNX Runtime and PyTorch backends).
 
-    python benchmarks/inference.py RUN_DIR [--threads 2] [--iters 200] [--requests 200] [--append benchmarks/RESULTS.md]
+    python benchmarks/inference.py RUN_DIR [--threads 2] [--iters 200] [--requests 200] [--append benchmarks/results/DATE-inference.md]
 
 Exports RUN/model.onnx first if it is missing. The server runs in a subprocess on 127.0.0.1 (no UI), so client
 and server do not share an interpreter; on a 2-core machine they do share the cores, as a real client would."""
@@ -127,7 +127,7 @@ def main() -> None:
                          "(the server uses the first)")
     ap.add_argument("--iters", type=int, default=200, help="timed forward passes per engine")
     ap.add_argument("--requests", type=int, default=200, help="timed sequential POST /predict per backend")
-    ap.add_argument("--append", type=Path, help="append a Markdown section with the figures to this file")
+    ap.add_argument("--append", type=Path, help="append a Markdown section with the figures to this file (a result file under benchmarks/results/; add its row to benchmarks/RESULTS.md)")
     a = ap.parse_args()
 
     import torch

@@ -1,7 +1,7 @@
 """Load test of `classforge serve` on loopback: N concurrent clients, each sending M requests (bounded), one
 224-px JPEG per request from the run's test split.
 
-    python benchmarks/serve_load.py RUN_DIR [--clients 8] [--requests 500] [--append benchmarks/RESULTS.md]
+    python benchmarks/serve_load.py RUN_DIR [--clients 8] [--requests 500] [--append benchmarks/results/DATE-serve-load.md]
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --image x.jpg     # an already running server
 
 Reports requests/s, p50/p95/p99 latency, counts per HTTP status, 5xx and dropped requests (connection errors or
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="server backend when starting one: auto | onnx | torch")
     ap.add_argument("--threads", type=int, default=2, help="server ONNX Runtime threads when starting one")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `classforge serve` flag (repeatable)")
-    ap.add_argument("--append", type=Path, help="append a Markdown section with the figures to this file")
+    ap.add_argument("--append", type=Path, help="append a Markdown section with the figures to this file (a result file under benchmarks/results/; add its row to benchmarks/RESULTS.md)")
     a = ap.parse_args()
     if not a.url and not a.run:
         ap.error("give RUN_DIR or --url")

@@ -14,12 +14,12 @@ from classforge.core.errors import BadFile
 from classforge.core.spec import InputSpec
 from classforge.data.audio import (
     AudioPreprocessor,
-    SpecAugment,
     augment_to_variants,
     fit_clip,
     inspect_audio,
     load_audio,
 )
+from classforge.models.audio import SpecAugment
 
 
 def tone(sr: int, seconds: float, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:

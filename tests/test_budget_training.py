@@ -22,9 +22,9 @@ from classforge.training.module import (
     TensorBatchDataset,
     batch_crop_flip,
     batch_cutout,
-    batch_mix,
 )
 from classforge.training.schedules import Progress, lr_factor, make_lambda, parse_progressive, size_at
+from classforge.training.tricks import MixBatches, SharpnessAware, batch_mix
 
 
 def read_csv(p):
@@ -346,7 +346,7 @@ def test_colon_values_stay_text_in_set_and_config_files(tmp_path):
 
     assert yaml.safe_load("24:0.5") == 1440.5  # the trap
     cfg = build_config({"data": "d", "set_": ["progressive_resize=24:0.5", "label_smoothing=0.1", "time_budget=1:30"],
-                        "backbone_arg": ["widths=[16, 32]", "tag=1:30"]})
+                        "backbone_args": ["widths=[16, 32]", "tag=1:30"]})
     assert cfg.progressive_resize == "24:0.5" and cfg.time_budget == "1:30"
     assert cfg.label_smoothing == 0.1 and cfg.backbone_args == {"widths": [16, 32], "tag": "1:30"}
     f = tmp_path / "c.yaml"
@@ -365,7 +365,8 @@ def _one_step(model, x, y, sam, lr=0.1, optimizer="sgd", groups=None, optimizer_
 
     groups = groups or [(list(model.parameters()), lr)]
     module = ClassifierModule(model, groups, weight_decay=0.0, total_steps=1, optimizer=optimizer, momentum=0.0,
-                              schedule="constant", num_classes=3, sam=sam, optimizer_args=optimizer_args)
+                              schedule="constant", num_classes=3, optimizer_args=optimizer_args,
+                              step_rule=SharpnessAware(sam) if sam else None)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, precision="32-true")
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=len(y)))
@@ -483,22 +484,22 @@ def test_mixed_loss_blends_both_labels_and_sam_reuses_the_mixed_batch():
     same mixed inputs as its first (a fresh mix would take the step for another batch's gradient)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
-    module = ClassifierModule(net, [(list(net.parameters()), 0.1)], optimizer="sgd", num_classes=4, sam=0.05,
-                              cutmix=1.0, seed=3)
+    module = ClassifierModule(net, [(list(net.parameters()), 0.1)], optimizer="sgd", num_classes=4,
+                              step_rule=SharpnessAware(0.05), batch_transforms=[MixBatches(0.0, 1.0, 1.0, seed=3)])
     module.log = lambda *a, **k: None  # no Trainer here: the loss is what is checked
     inputs = []
     net.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach().clone()))
     x, y = torch.randn(16, 3, 8, 8), torch.arange(16) % 4
     loss = module.training_step((x, y), 0)
-    xm, (y2, lam) = module._mixed
+    xm, (y2, lam) = module._last_batch
     assert not torch.equal(inputs[0], x) and torch.equal(inputs[0], xm)
     logits = net(xm)
     want = lam * torch.nn.functional.cross_entropy(logits, y) + (1 - lam) * torch.nn.functional.cross_entropy(logits, y2)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    module._sam_second = True
+    module.repeat_batch = True
     module.training_step((x, y), 0)
     assert torch.equal(inputs[-1], inputs[0])
-    module._sam_second = False
+    module.repeat_batch = False
     module.training_step((x, y), 1)  # the next batch is mixed anew
     assert not torch.equal(inputs[-1], inputs[0])
 

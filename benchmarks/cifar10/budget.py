@@ -248,7 +248,8 @@ def write_result(run: Path, meta: dict, s: dict, section: str, index: Path) -> N
     """The run's own result file (replaced when the run is reported again) and one row in the index."""
     date = (meta.get("start") or dt.datetime.now().isoformat())[:10]
     RESULT_FILES.mkdir(parents=True, exist_ok=True)
-    path = RESULT_FILES / f"{date}-cifar10-{run.name}.md"
+    name = run.name if run.name.startswith("cifar10") else f"cifar10-{run.name}"
+    path = RESULT_FILES / f"{date}-{name}.md"
     path.write_text(section)
     t = s["test"]
     lo, hi = t["accuracy_ci95"]

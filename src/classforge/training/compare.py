@@ -40,8 +40,8 @@ import numpy as np
 
 from classforge.core.config import TrainConfig
 from classforge.core.errors import ClassforgeError
-from classforge.models.registry import entry as registry_entry
 from classforge.data.ops import ops_label, parse_ops
+from classforge.models.registry import entry as registry_entry
 
 
 @dataclass

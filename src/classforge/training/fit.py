@@ -26,6 +26,7 @@ from classforge.training.optimizers import get_optimizer
 from classforge.training.prepared import audio_kwargs, class_weights, load_raws
 from classforge.training.schedules import SCHEDULES, parse_progressive
 from classforge.training.trainer import make_trainer, per_class_columns
+from classforge.training.tricks import batch_transforms, step_rule
 
 
 def lr_groups(model: Classifier, stage: str, lr: float, mult: float) -> list[tuple[list, float]]:
@@ -111,9 +112,8 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                               label_smoothing=cfg.label_smoothing, channels_last=spec.task == "image",
                               optimizer=optimizer, schedule=cfg.schedule, budget_s=budget, momentum=cfg.momentum,
                               class_names=data.labels, ops_per_sample=ops.get("ops"), compile=cfg.compile,
-                              progressive=plan, ops_by_size=ops_by_size, sam=cfg.sam,
-                              optimizer_args=cfg.optimizer_args, mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob,
-                              seed=cfg.seed)
+                              ops_by_size=ops_by_size, optimizer_args=cfg.optimizer_args,
+                              batch_transforms=batch_transforms(cfg, plan), step_rule=step_rule(cfg))
     monitor = "val_loss" if val_dl else "train_loss"
     # Pretrained backbones (finetune, two-stage): keep BatchNorm statistics frozen while the weights adapt.
     # Measured on FSDD with the AudioSet mn04 (BN momentum 0.01): with BN in train mode the net fits its batch

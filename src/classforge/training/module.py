@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from classforge.training.optimizers import OptimizerSettings, get_optimizer
-from classforge.training.schedules import Progress, make_lambda, size_at
+from classforge.training.schedules import Progress, make_lambda
 
 
 class FileDataset(Dataset):
@@ -97,37 +97,6 @@ def batch_cutout(x: torch.Tensor, size: int, gen: torch.Generator | None = None)
     return x * keep[:, None].to(x.dtype)
 
 
-def batch_mix(x: torch.Tensor, y: torch.Tensor, mixup: float, cutmix: float, prob: float,
-              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
-    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) on a training batch, or None (this batch is not
-    mixed: probability 1 - `prob`, or both alphas 0).
-
-    Each sample is paired with another of the batch (a random permutation); lam ~ Beta(alpha, alpha). Mixup
-    blends the whole inputs: lam * x + (1 - lam) * x[perm] (any shape: images, log-mels, waveforms). CutMix
-    pastes a box covering about 1 - lam of the image (B, C, H, W) from the partner, its centre uniform and the
-    box clipped at the border; lam is then the share of pixels actually kept. With both alphas > 0 each mixed
-    batch picks one of the two at even odds. Returns (mixed x, y, y[perm], lam): the loss is
-    lam * CE(y) + (1 - lam) * CE(y[perm]). x is not modified."""
-    if (mixup <= 0 and cutmix <= 0) or rng.random() >= prob:
-        return None
-    mode = "mixup" if cutmix <= 0 else "cutmix" if mixup <= 0 else ("mixup", "cutmix")[int(rng.integers(2))]
-    alpha = mixup if mode == "mixup" else cutmix
-    lam = float(rng.beta(alpha, alpha))
-    perm = torch.as_tensor(rng.permutation(len(y)), dtype=torch.long, device=y.device)
-    if mode == "mixup":
-        return x * lam + x[perm] * (1.0 - lam), y, y[perm], lam
-    h, w = x.shape[-2:]
-    r = math.sqrt(1.0 - lam)
-    ch, cw = int(round(h * r)), int(round(w * r))
-    cy, cx = int(rng.integers(h)), int(rng.integers(w))
-    y0, y1 = max(cy - ch // 2, 0), min(cy - ch // 2 + ch, h)
-    x0, x1 = max(cx - cw // 2, 0), min(cx - cw // 2 + cw, w)
-    out = x.clone()
-    if y1 > y0 and x1 > x0:
-        out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
-    return out, y, y[perm], 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
-
-
 def warmup_cosine(total_steps: int, warmup_steps: int):
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -153,9 +122,8 @@ class ClassifierModule(L.LightningModule):
                  schedule: str = "cosine", budget_s: float | None = None, momentum: float = 0.9,
                  num_classes: int | None = None, class_names: list[str] | None = None,
                  ops_per_sample: int | None = None, compile: bool = False,
-                 progressive: list[tuple[float, int]] | None = None, ops_by_size: dict[int, int] | None = None,
-                 sam: float = 0.0, optimizer_args: dict | None = None, mixup: float = 0.0, cutmix: float = 0.0,
-                 mix_prob: float = 1.0, seed: int = 0):
+                 ops_by_size: dict[int, int] | None = None, optimizer_args: dict | None = None,
+                 batch_transforms: Sequence[Callable] = (), step_rule=None):
         super().__init__()
         self.model = model
         self.lr_groups = lr_groups
@@ -171,22 +139,17 @@ class ClassifierModule(L.LightningModule):
         self.class_names = list(class_names) if class_names else None
         self.num_classes = num_classes or (len(class_names) if class_names else None)
         self.ops_per_sample = ops_per_sample
-        # Progressive resizing (schedules.parse_progressive): [(until, size)], training batches downscaled to
-        # `size` while progress < until; ops_by_size gives the forward cost at each such size for ops/s.
-        self.progressive = list(progressive or [])
-        self.ops_by_size = dict(ops_by_size or {})
-        self.train_size: int | None = None  # the size of the last training batch (None: not yet, or no resizing)
+        # Training tricks plug in here (training.tricks): batch transforms map a training batch (x, y, mix) to a
+        # new (x, mix) in order, where mix = (partner labels, lam) for a blended batch; a step rule replaces the
+        # optimiser step and may run a second forward-backward pass on the same transformed batch.
+        self.batch_transforms = list(batch_transforms)
+        self.step_rule = step_rule
+        self.repeat_batch = False  # set by the step rule around its second pass
+        self._last_batch = None
+        self.ops_by_size = dict(ops_by_size or {})  # forward operations per sample at input sizes other than full
+        self.train_size: int | None = None  # the size of the last training batch (None: not yet, or not images)
         self.train_ops = 0  # forward operations of the training samples since the epoch started
-        # Sharpness-aware minimisation (Foret et al. 2021) with radius `sam` (0: off): each step computes the
-        # gradient at w, moves to w + sam * g / ||g|| and takes the optimiser step with the gradient found there.
-        # Two forward-backward passes per batch; the second one logs nothing and leaves BN statistics alone.
-        self.sam = float(sam)
-        self._sam_second = False
         self.optimizer_args = dict(optimizer_args or {})  # the optimizer entry's own options
-        # Mixup / CutMix (batch_mix) on training batches; SAM's second pass re-uses the first pass's mixed batch.
-        self.mixup, self.cutmix, self.mix_prob = float(mixup), float(cutmix), float(mix_prob)
-        self._mix_rng = np.random.default_rng(seed)
-        self._mixed = None
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
         self.lr = lr_groups[-1][1]  # the LR finder tunes this one (the head's); others keep their ratios
         self._base_lrs = [lr for _, lr in lr_groups]
@@ -217,8 +180,8 @@ class ClassifierModule(L.LightningModule):
             y2, lam = mix
             loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits.float(), y2, weight=w, label_smoothing=smooth)
             acc = lam * acc + (1.0 - lam) * (pred == y2).float().mean()
-        if stage == "train" and self._sam_second:
-            return loss  # SAM's second pass (at the perturbed weights): the step's numbers come from the first
+        if stage == "train" and self.repeat_batch:
+            return loss  # a step rule's second pass: the step's numbers come from the first
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
         self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(y))
         if stage == "val" and self.num_classes:
@@ -235,56 +198,28 @@ class ClassifierModule(L.LightningModule):
         self.train_seen = 0
         self.train_ops = 0
 
+    @property
+    def reports_train_size(self) -> bool:
+        return any(getattr(t, "changes_size", False) for t in self.batch_transforms)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        size = size_at(self.progressive, self.progress(self.global_step)) if self.progressive else None
-        if size is not None and x.shape[-1] != size:
-            # antialiased bilinear downscale of the augmented batch: the whole image, smaller (as a smaller photo)
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        self.train_size = x.shape[-1] if x.dim() == 4 else None
-        self.train_seen += 0 if self._sam_second else len(y)  # images/s counts images; ops/s counts both passes
-        self.train_ops += len(y) * (self.ops_by_size.get(size, self.ops_per_sample) or 0)
-        if self._sam_second and self._mixed is not None:
-            x, mix = self._mixed  # SAM's second pass: the gradient of the same mixed batch at w + eps
+        if self.repeat_batch and self._last_batch is not None:
+            x, mix = self._last_batch  # the step rule's second pass sees the batch its first pass saw
         else:
-            mixed = batch_mix(x, y, self.mixup, self.cutmix, self.mix_prob, self._mix_rng)
-            x, mix = (x, None) if mixed is None else (mixed[0], (mixed[2], mixed[3]))
-            self._mixed = (x, mix) if self.sam else None
+            mix = None
+            for transform in self.batch_transforms:
+                x, mix = transform(x, y, mix, self)
+            self._last_batch = (x, mix) if self.step_rule is not None else None
+        self.train_size = x.shape[-1] if x.dim() == 4 else None
+        self.train_seen += 0 if self.repeat_batch else len(y)  # images/s counts images; ops/s counts every pass
+        self.train_ops += len(y) * (self.ops_by_size.get(self.train_size, self.ops_per_sample) or 0)
         return self._step((x, y), "train", mix)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        if not self.sam or optimizer_closure is None:
+        if self.step_rule is None or optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-
-        def sam_closure():
-            loss = optimizer_closure()  # forward + backward at w (logs the step's loss and accuracy)
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if not params:
-                return loss
-            with torch.no_grad():
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-                scale = self.sam / (norm + 1e-12)
-                eps = [p.grad * scale for p in params]
-                for p, e in zip(params, eps):
-                    p.add_(e)
-            bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-            momenta = [m.momentum for m in bns]
-            self._sam_second = True
-            try:
-                for m in bns:
-                    m.momentum = 0.0  # running statistics unchanged by the perturbed pass
-                optimizer.zero_grad(set_to_none=False)
-                optimizer_closure()  # forward + backward at w + eps: the gradient the optimiser uses
-            finally:
-                self._sam_second = False
-                for m, mom in zip(bns, momenta):
-                    m.momentum = mom
-                with torch.no_grad():
-                    for p, e in zip(params, eps):
-                        p.sub_(e)
-            return loss
-
-        optimizer.step(closure=sam_closure)
+        return self.step_rule.step(self, optimizer, optimizer_closure)
 
     def on_validation_epoch_start(self):
         if self.num_classes:

@@ -72,7 +72,7 @@ class History(Callback):
                 # the forward operations the epoch really ran per image: the mean over mixed image sizes
                 # (progressive resizing), twice the one-pass cost with SAM (two forward passes per batch)
                 ops = pl_module.train_ops / max(1, getattr(pl_module, "train_seen", 0)) or ops
-            if getattr(pl_module, "progressive", None):
+            if getattr(pl_module, "reports_train_size", False):
                 row["train_size"] = pl_module.train_size
             row.update(speed_columns(seen, train_s, ops))
             row["val_time_s"] = round(self._val_s, 3)

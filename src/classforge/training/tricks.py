@@ -6,13 +6,18 @@ in place)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from classforge.core.config import TrainConfig
 from classforge.core.errors import ClassforgeError
 from classforge.core.spec import InputSpec
-from classforge.training.schedules import parse_progressive
+from classforge.training.schedules import parse_progressive, size_at
 
 
 @dataclass(frozen=True)
@@ -120,3 +125,125 @@ def check_tricks(cfg: TrainConfig, spec: InputSpec) -> TrainConfig:
                 raise ClassforgeError(f"{trick.flag} {trick.what}; --strategy linear trains a head on cached "
                                       f"embeddings: {trick.instead}, or drop {trick.flag}")
     return cfg
+
+
+# ------------------------------------------------------------------------------------ what they do while training
+# Batch transforms: (x, y, mix, module) -> (x, mix), applied in order to every training batch (ClassifierModule).
+def batch_mix(x: torch.Tensor, y: torch.Tensor, mixup: float, cutmix: float, prob: float,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) on a training batch, or None (this batch is not
+    mixed: probability 1 - `prob`, or both alphas 0).
+
+    Each sample is paired with another of the batch (a random permutation); lam ~ Beta(alpha, alpha). Mixup
+    blends the whole inputs: lam * x + (1 - lam) * x[perm] (any shape: images, log-mels, waveforms). CutMix
+    pastes a box covering about 1 - lam of the image (B, C, H, W) from the partner, its centre uniform and the
+    box clipped at the border; lam is then the share of pixels actually kept. With both alphas > 0 each mixed
+    batch picks one of the two at even odds. Returns (mixed x, y, y[perm], lam): the loss is
+    lam * CE(y) + (1 - lam) * CE(y[perm]). x is not modified."""
+    if (mixup <= 0 and cutmix <= 0) or rng.random() >= prob:
+        return None
+    mode = "mixup" if cutmix <= 0 else "cutmix" if mixup <= 0 else ("mixup", "cutmix")[int(rng.integers(2))]
+    alpha = mixup if mode == "mixup" else cutmix
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.as_tensor(rng.permutation(len(y)), dtype=torch.long, device=y.device)
+    if mode == "mixup":
+        return x * lam + x[perm] * (1.0 - lam), y, y[perm], lam
+    h, w = x.shape[-2:]
+    r = math.sqrt(1.0 - lam)
+    ch, cw = int(round(h * r)), int(round(w * r))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - ch // 2, 0), min(cy - ch // 2 + ch, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx - cw // 2 + cw, w)
+    out = x.clone()
+    if y1 > y0 and x1 > x0:
+        out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    return out, y, y[perm], 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+@dataclass
+class ProgressiveResize:
+    """Training batches downscaled to `size` while training progress < `until` ([(until, size)], from
+    schedules.parse_progressive); validation and the saved model stay at full size."""
+
+    plan: list[tuple[float, int]]
+    changes_size: bool = True
+
+    def __call__(self, x, y, mix, module):
+        size = size_at(self.plan, module.progress(module.global_step))
+        if size is not None and x.shape[-1] != size:
+            # antialiased bilinear downscale of the augmented batch: the whole image, smaller (as a smaller photo)
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x, mix
+
+
+@dataclass
+class MixBatches:
+    """Mixup / CutMix (batch_mix) on training batches; mix = (partner labels, lam) for the blended loss."""
+
+    mixup: float
+    cutmix: float
+    prob: float
+    seed: int = 0
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.seed)
+
+    def __call__(self, x, y, mix, module):
+        mixed = batch_mix(x, y, self.mixup, self.cutmix, self.prob, self.rng)
+        return (x, mix) if mixed is None else (mixed[0], (mixed[2], mixed[3]))
+
+
+@dataclass
+class SharpnessAware:
+    """Sharpness-aware minimisation (Foret et al. 2021) with radius `rho` as a step rule: each step computes the
+    gradient at w, moves to w + rho * g / ||g|| and takes the optimiser step with the gradient found there. The
+    second forward-backward pass sees the same (mixed, resized) batch, logs nothing and leaves BatchNorm
+    statistics alone."""
+
+    rho: float
+
+    def step(self, module, optimizer, closure):
+        def sam_closure():
+            loss = closure()  # forward + backward at w (logs the step's loss and accuracy)
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if not params:
+                return loss
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+                scale = self.rho / (norm + 1e-12)
+                eps = [p.grad * scale for p in params]
+                for p, e in zip(params, eps):
+                    p.add_(e)
+            bns = [m for m in module.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+            momenta = [m.momentum for m in bns]
+            module.repeat_batch = True
+            try:
+                for m in bns:
+                    m.momentum = 0.0  # running statistics unchanged by the perturbed pass
+                optimizer.zero_grad(set_to_none=False)
+                closure()  # forward + backward at w + eps: the gradient the optimiser uses
+            finally:
+                module.repeat_batch = False
+                for m, mom in zip(bns, momenta):
+                    m.momentum = mom
+                with torch.no_grad():
+                    for p, e in zip(params, eps):
+                        p.sub_(e)
+            return loss
+
+        optimizer.step(closure=sam_closure)
+
+
+def batch_transforms(cfg: TrainConfig, plan: list[tuple[float, int]]) -> list:
+    """The batch transforms a checked config asks for, in the order they apply (resize, then mix)."""
+    out: list = []
+    if plan:
+        out.append(ProgressiveResize(plan))
+    if cfg.mixup or cfg.cutmix:
+        out.append(MixBatches(cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.seed))
+    return out
+
+
+def step_rule(cfg: TrainConfig):
+    return SharpnessAware(cfg.sam) if cfg.sam else None
