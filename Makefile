@@ -26,7 +26,7 @@ test: install browser
 	$(VENV)/bin/python -m pytest -q -ra
 
 test-fast: install
-	$(VENV)/bin/python -m pytest -q -ra -m "not slow and not browser"
+	$(VENV)/bin/python -m pytest -q -ra -m "not slow and not browser and not trains and not server"
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

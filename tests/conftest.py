@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +93,124 @@ def linear_run(shapes_dir, tmp_path_factory) -> Path:
 def tiny(tmp_path_factory):
     """12 images of each of three kinds: the smallest folder a from-scratch CNN learns something on."""
     return make_image_folder(tmp_path_factory.mktemp("tiny") / "d", 12, kinds=("circle", "stripes", "checker"))
+
+
+# ------------------------------------------------------------------------------------------- what a test costs
+# A test that trains a model or starts a server is marked `trains` / `server`: by the fixtures it uses, or by
+# what its own body calls. `make test-fast` leaves them out. A test that trains in-process without the mark
+# fails (the guard below), so the marks cannot go stale.
+TRAINING_FIXTURES = {"linear_run", "audio_run", "budget_run", "small_run", "comparison", "exported_run",
+                     "sane_run", "cnn_run"}
+SERVER_FIXTURES = {"server", "ui_server", "browser"}
+_TRAINING_CALLS = ("classforge.train(", "run_train(", '"train"', "compare(", "search(", "sweep-batch", "demo(")
+_SERVER_CALLS = ("Popen(", '"serve"', "uvicorn", "create_app(")
+
+
+def _calls(item, needles) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(item.function)
+    except (OSError, TypeError):
+        return False
+    return any(n in source for n in needles)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & TRAINING_FIXTURES or _calls(item, _TRAINING_CALLS):
+            item.add_marker(pytest.mark.trains)
+        if names & SERVER_FIXTURES or _calls(item, _SERVER_CALLS):
+            item.add_marker(pytest.mark.server)
+
+
+_trained_in: set[str] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_training():
+    """Every in-process training run, by the test that was running (a module fixture counts for its first test)."""
+    from classforge.training import run
+
+    real = run.train
+
+    def recording(cfg):
+        _trained_in.add(os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0])
+        return real(cfg)
+
+    run.train = recording
+    yield
+    run.train = real
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "teardown" and item.nodeid in _trained_in and not item.get_closest_marker("trains"):
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} trains a model but is not marked `trains`: use a training fixture "
+                           "(conftest.TRAINING_FIXTURES) or add @pytest.mark.trains")
+
+
+def bad_image_folder(root: Path) -> Path:
+    """Two classes of good images plus a truncated JPEG, an empty PNG, a text file named .jpg, a 1-pixel image
+    and a decompression bomb."""
+    make_image_folder(root, 12, kinds=("circle", "stripes"))
+    good = root / "circle" / "circle_000.png"
+    jpg = root / "circle" / "truncated.jpg"
+    draw_sample("circle", np.random.default_rng(5), 128).save(jpg, quality=90)
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
+    (root / "circle" / "empty.png").write_bytes(b"")
+    (root / "stripes" / "notes.jpg").write_text("this is a text file, not an image")
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(root / "stripes" / "tiny.png")
+    # a PNG header that claims 20000 x 20000 pixels: a decompression bomb
+    bomb = Image.new("L", (20000, 20000))
+    bomb.save(root / "stripes" / "bomb.png", optimize=True)
+    assert good.exists()
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported_run(linear_run, tmp_path_factory) -> Path:
+    """A copy of linear_run with model.onnx + model.int8.onnx (the shared run stays PyTorch-only for others)."""
+    run = tmp_path_factory.mktemp("exported") / "linear"
+    shutil.copytree(linear_run, run, ignore=shutil.ignore_patterns("checkpoints", "lightning_logs"))
+    from classforge.deploy.onnx import export_run
+
+    export_run(run, quantize="int8")
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread."""
+
+    def __init__(self, app):
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        import uvicorn  # the serve extra
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        t = time.time()
+        while not self.server.started:
+            if time.time() - t > 60 or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.app.state.predictor.close()

@@ -18,7 +18,7 @@ from classforge.core.errors import ClassforgeError
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "benchmarks" / "cifar10"
 sys.path.insert(0, str(CIFAR10))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # for the training tests' helpers
 
 
 from test_budget_training import _one_step, _tiny_bn_net, read_csv  # noqa: E402 - shared helpers

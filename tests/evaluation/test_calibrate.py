@@ -77,7 +77,7 @@ def test_calibrate_writes_the_temperature_and_predictors_use_it(small_run, shape
 
 
 def test_server_uses_the_temperature(small_run):
-    from test_serve import ServerThread
+    from conftest import ServerThread
 
     requests = pytest.importorskip("requests")
     from classforge.serve.api import create_app

@@ -1,7 +1,6 @@
 """The REST API over real HTTP on loopback (uvicorn in a thread, and the CLI in a subprocess): predictions,
 metadata, OpenAPI, bad inputs answered with 4xx JSON while the server keeps serving, micro-batching."""
 
-# ruff: noqa: F811  (the session fixture imported from test_export is a parameter name here)
 from __future__ import annotations
 
 import io
@@ -24,7 +23,7 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 requests = pytest.importorskip("requests")
 
-from test_export import exported_run  # noqa: F401 - session fixture shared with the export tests
+from conftest import ServerThread, free_port
 
 from classforge.data.rundata import run_files
 from classforge.runtime.batching import MicroBatcher
@@ -32,37 +31,6 @@ from classforge.serve.api import Limits, create_app
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread."""
-
-    def __init__(self, app):
-        self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        t = time.time()
-        while not self.server.started:
-            if time.time() - t > 60 or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.app.state.predictor.close()
-
-
 def jpeg_bytes(path: Path, size: int = 224) -> bytes:
     img = Image.open(path).convert("RGB").resize((size, size))
     b = io.BytesIO()

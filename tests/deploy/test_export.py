@@ -27,15 +27,6 @@ onnx = pytest.importorskip("onnx")
 
 
 @pytest.fixture(scope="session")
-def exported_run(linear_run, tmp_path_factory) -> Path:
-    """A copy of linear_run with model.onnx + model.int8.onnx (the shared run stays PyTorch-only for others)."""
-    run = tmp_path_factory.mktemp("exported") / "linear"
-    shutil.copytree(linear_run, run, ignore=shutil.ignore_patterns("checkpoints", "lightning_logs"))
-    export_run(run, quantize="int8")
-    return run
-
-
-@pytest.fixture(scope="session")
 def sane_run(linear_run, tmp_path_factory) -> Path:
     """linear_run's data and split with a head fitted by scikit-learn's logistic regression on the pretrained
     backbone's features: a trained model whose logits have ordinary size, exported with int8."""

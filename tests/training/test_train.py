@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_image_folder, tree_checksums
-from test_data import _bad_folder
+from conftest import bad_image_folder, make_image_folder, tree_checksums
 
 import classforge
 from classforge.core.errors import ClassforgeError
@@ -96,7 +95,7 @@ def test_evaluate_rescores_on_another_folder(linear_run, tmp_path):
 
 
 def test_bad_files_train_fine_and_are_reported(tmp_path):
-    root = _bad_folder(tmp_path / "bad")
+    root = bad_image_folder(tmp_path / "bad")
     before = tree_checksums(root)
     run = classforge.train(root, tmp_path / "run", epochs=3)
     html = (run / "report.html").read_text()

@@ -14,7 +14,7 @@ import classforge
 from classforge.core.errors import ClassforgeError
 from classforge.data.discover import Sample
 from classforge.data.preprocess import make_preprocessor
-from classforge.models.registry import create_backbone
+from classforge.models.registry import Backbone, create_backbone
 from classforge.runtime import embeddings as emb
 from classforge.runtime.engines import Engine, engine_for, fast_cpu_bf16, resolve_engine
 
@@ -46,7 +46,7 @@ def test_engine_resolution_and_keys(monkeypatch):
 
 
 def test_unexportable_backbone_falls_back_to_torch(tmp_path):
-    class NoExport(torch.nn.Module):
+    class NoExport(Backbone):  # the engine takes backbones, which declare bf16 safety and the rest
         spec = create_backbone("cnn_small").spec
         feature_dim = 4
 

@@ -19,7 +19,7 @@ from classforge.models import audio as A
 from classforge.models.registry import create_backbone, registered
 from classforge.models.weights import sha256_file
 
-SHARED = Path(__file__).parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 MN04 = SHARED / "weights" / "mn04_as_mAP_432.pt"
 needs_shared = pytest.mark.skipif(not MN04.is_file(), reason=f"{MN04} absent (shared test data not mounted)")
 

@@ -1,15 +1,12 @@
 """The web UI in a real headless Chromium (Debian's /usr/bin/chromium driven by the PyPI playwright package; never
 `playwright install`): upload a file, read the predicted label on the page; the random-test-sample tab."""
 
-# ruff: noqa: F811  (the session fixture imported from test_export is a parameter name here)
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from conftest import shared_path
-from test_export import exported_run  # noqa: F401 - session fixture
-from test_serve import ServerThread
+from conftest import ServerThread, shared_path
 
 from classforge.data.rundata import run_files
 from classforge.serve.api import create_app

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import draw_sample, make_image_folder, tree_checksums
+from conftest import bad_image_folder, draw_sample, make_image_folder, tree_checksums
 from PIL import Image
 
 from classforge.core.config import TrainConfig
@@ -94,24 +94,8 @@ def test_archives_extract_to_cache_not_beside_the_file(tmp_path, shapes_dir, kin
     assert len(ds.samples) == 72 and ds.classes == ["checker", "circle", "stripes"]
 
 
-def _bad_folder(root: Path) -> Path:
-    make_image_folder(root, 12, kinds=("circle", "stripes"))
-    good = root / "circle" / "circle_000.png"
-    jpg = root / "circle" / "truncated.jpg"
-    draw_sample("circle", np.random.default_rng(5), 128).save(jpg, quality=90)
-    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])
-    (root / "circle" / "empty.png").write_bytes(b"")
-    (root / "stripes" / "notes.jpg").write_text("this is a text file, not an image")
-    Image.new("RGB", (1, 1), (10, 20, 30)).save(root / "stripes" / "tiny.png")
-    # a PNG header that claims 20000 x 20000 pixels: a decompression bomb
-    bomb = Image.new("L", (20000, 20000))
-    bomb.save(root / "stripes" / "bomb.png", optimize=True)
-    assert good.exists()
-    return root
-
-
 def test_bad_files_are_skipped_with_reasons_and_data_is_untouched(tmp_path):
-    root = _bad_folder(tmp_path / "bad")
+    root = bad_image_folder(tmp_path / "bad")
     before = tree_checksums(root)
     ds = discover(root)
     checked = validate(ds, min_size=8, max_pixels=50_000_000)
