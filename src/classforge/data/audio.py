@@ -18,8 +18,11 @@ import soundfile as sf
 import soxr
 import torch
 
+from classforge.core.cache import cache_dir
 from classforge.core.errors import BadFile, ClassforgeError
 from classforge.core.spec import InputSpec
+from classforge.data.discover import AUDIO_EXT
+from classforge.data.ops import apply_audio_ops  # all apply them
 
 SILENCE_PEAK = 1e-4  # below this peak amplitude (about -80 dBFS) a clip holds nothing to learn from
 
@@ -111,9 +114,6 @@ def fit_clip(wave: np.ndarray, n_samples: int, mode: str = "center",
 def prepare_background(background_dir: str | Path, sample_rate: int) -> Path:
     """Decoded, mono, resampled copies of the background sounds in the cache: AddBackgroundNoise then reads
     plain WAVs at the target rate (no resampling on every call), and the user's folder is never written."""
-    from classforge.core.cache import cache_dir
-    from classforge.data.discover import AUDIO_EXT
-
     src = Path(background_dir).expanduser()
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in AUDIO_EXT and not p.name.startswith("."))
     h = hashlib.sha1(f"{src.resolve()}|{sample_rate}".encode())
@@ -191,8 +191,6 @@ def augment_to_variants(samples_waves: Sequence[tuple[str, np.ndarray]], n: int,
     """Offline `--augment-to N`: N augmented variants of every (source path, decoded wave) pair, written as WAV
     into the cache (never into the data folder). Returns the variant paths per source, in input order, so the
     caller gives each variant its source's split and group (no recording on both sides of a split)."""
-    from classforge.core.cache import cache_dir
-
     h = hashlib.sha1(f"{n}|{sample_rate}|{level}|{background_dir}|{snr_db}|{seed}".encode())
     for path, wave in samples_waves:
         h.update(str(path).encode())
@@ -242,8 +240,6 @@ class AudioPreprocessor:
     def load(self, src) -> np.ndarray:
         wave = load_audio(src, self.spec.sample_rate)
         if self.spec.preprocess:  # --preprocess ops (lowpass=, bits=): here, so training, evaluation and predict
-            from classforge.data.ops import apply_audio_ops  # all apply them
-
             wave = apply_audio_ops(wave, self.spec.sample_rate, self.spec.preprocess)
         return wave
 

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 from classforge.core.errors import BadFile
 from classforge.core.spec import InputSpec
+from classforge.data.ops import apply_ops
 
 __all__ = ["BadFile", "open_image"]
 
@@ -162,8 +163,6 @@ class ImagePreprocessor:
         target = int(round(self.spec.size / self.spec.crop_pct))
         img = resize_for_cache(open_image(src, self.max_pixels, draft=target), self.spec)
         if self.spec.preprocess:  # --preprocess ops: here, so training, evaluation and predict all apply them
-            from classforge.data.ops import apply_ops
-
             img = apply_ops(img, self.spec.preprocess)
         return img
 

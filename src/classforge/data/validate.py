@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from classforge.core.cache import cache_dir
 from classforge.core.errors import BadFile
 from classforge.core.progress import progress
+from classforge.data.audio import inspect_audio
 from classforge.data.discover import Dataset, Sample
 from classforge.data.image import open_image, phash
 
@@ -65,8 +66,6 @@ def _check_image(s: Sample, min_size: int, max_pixels: int) -> FileInfo:
 
 
 def _check_audio(s: Sample) -> FileInfo:
-    from classforge.data.audio import inspect_audio
-
     try:
         a = inspect_audio(s.path)
     except BadFile as e:

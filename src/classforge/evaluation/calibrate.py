@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from classforge.core.errors import ClassforgeError
+from classforge.evaluation.evaluate import split_samples
+from classforge.evaluation.metrics import expected_calibration_error
+from classforge.runtime.predictor import Predictor, softmax, update_run_meta
 
 T_RANGE = (0.05, 20.0)
 
@@ -45,9 +48,6 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def _scores(logits: np.ndarray, y: np.ndarray, t: float) -> dict:
-    from classforge.evaluation.metrics import expected_calibration_error
-    from classforge.runtime.predictor import softmax
-
     p = softmax((logits / t).astype(np.float32))
     return {"nll": round(_nll(logits.astype(np.float64), y, t), 4),
             "ece": round(expected_calibration_error(y, p), 4),
@@ -69,9 +69,6 @@ def _logits(pred, samples: list, split: str, root: str) -> tuple[np.ndarray, np.
 def calibrate_run(run_dir: str | Path, data: str | None = None, test: bool = False,
                   temperature: float | None = None) -> dict:
     """Fit (or set, with `temperature`) the run's temperature; write it into model.json and RUN/calibration.json."""
-    from classforge.evaluation.evaluate import split_samples
-    from classforge.runtime.predictor import Predictor, update_run_meta
-
     run = Path(run_dir)
     given = temperature is not None
     if given and not (T_RANGE[0] <= temperature <= T_RANGE[1]):

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
+from classforge.core.config import TrainConfig
 from classforge.core.environment import environment
 from classforge.core.errors import ClassforgeError
+from classforge.data.discover import discover
+from classforge.data.validate import validate
 from classforge.evaluation import report as rp
 from classforge.evaluation.metrics import summarize
 from classforge.models.registry import count_params
+from classforge.runtime.engines import resolve_eval_engine
+from classforge.runtime.export import export_checked
 from classforge.runtime.predictor import Predictor
 
 
@@ -33,12 +38,8 @@ def eval_predictor(run: Path, model, labels: list[str], cfg) -> tuple[Predictor,
     where the extraction engine resolves to onnx: CPUs without native bf16) exports RUN/model.onnx through
     `classforge export`'s parity check first; any failure falls back to PyTorch fp32 with a note. Either way the
     run's `predict` and server then use the same path (they pick model.onnx when it exists)."""
-    from classforge.runtime.engines import resolve_eval_engine
-
     info: dict = {"engine": "torch-fp32"}
     if resolve_eval_engine(cfg.eval_engine, cfg.extract_engine) == "onnx":
-        from classforge.runtime.export import export_checked
-
         t = time.time()
         try:
             rep, *_ = export_checked(run, n_parity=16)
@@ -103,16 +104,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 def evaluate(run_dir: str | Path, data: str | None = None, out: str | Path | None = None, **discover_kw) -> dict:
     """Re-score a finished run on any folder (all its files count as test), or on its own test split."""
-    from classforge.data.discover import discover
-    from classforge.data.validate import validate
-
     run = Path(run_dir)
     predictor = Predictor.from_run(run)
     labels = predictor.labels
     t0 = time.time()
     if data is None:
-        from classforge.core.config import TrainConfig
-
         cfg = TrainConfig.load(run / "config.yaml")
         data = cfg.data
         if not data and not cfg.labels_csv:
@@ -156,10 +152,6 @@ def split_samples(run: Path, data: str | None, splits: tuple[str, ...],
                   hint: str = "") -> tuple[dict[str, list], str]:
     """The run's files of each split (split.csv), found again under its data folder (or `data`, if it moved),
     readable ones only; and the folder. `hint` ends the error messages (what else the command can do)."""
-    from classforge.core.config import TrainConfig
-    from classforge.data.discover import discover
-    from classforge.data.validate import validate
-
     cfg = TrainConfig.load(run / "config.yaml") if (run / "config.yaml").is_file() else None
     root = data or (cfg.data if cfg else None)
     if not root and not (cfg and cfg.labels_csv):

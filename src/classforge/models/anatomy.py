@@ -60,7 +60,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from classforge.core.config import load_yaml
 from classforge.core.errors import ClassforgeError
+from classforge.models.registry import Classifier, create_backbone
 
 OPS = ("adds", "mults", "max", "other")
 
@@ -436,8 +438,6 @@ def parse_input_shape(text: str, channels: int = 3) -> tuple[int, ...]:
 
 
 def _parse_args(pairs: Sequence[str]) -> dict[str, Any]:
-    from classforge.core.config import load_yaml
-
     out = {}
     for p in pairs:
         if "=" not in p:
@@ -451,8 +451,6 @@ def _run_dir_model(path: Path) -> tuple[str, dict, int | None]:
     """(backbone name, backbone kwargs, classes) of a run directory: model.json when the run wrote one
     (the exact kwargs the model was built with), else config.yaml (`backbone`, `extra.backbone_kwargs`) and
     labels.json (a JSON list of class names)."""
-    from classforge.core.config import load_yaml
-
     meta_file, cfg_file, labels_file = path / "model.json", path / "config.yaml", path / "labels.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
@@ -470,8 +468,6 @@ def _run_dir_model(path: Path) -> tuple[str, dict, int | None]:
 
 def build_for_describe(target: str, num_classes: int | None = None, kwargs: dict | None = None):
     """(Classifier, title, default per-sample input shape) for a backbone name or a run directory."""
-    from classforge.models.registry import Classifier, create_backbone
-
     kwargs = dict(kwargs or {})
     path = Path(target)
     if path.is_dir():

@@ -22,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from classforge.core.cache import cache_dir
 from classforge.core.errors import ClassforgeError
+from classforge.core.net import reachable
 from classforge.core.spec import InputSpec
 from classforge.models.registry import Backbone, register_backbone
+from classforge.models.weights import hub_reachable, load_state_file, sha256_file
 
 # ----------------------------------------------------------------------------------------------------------------
 # Front end: conv-STFT power spectrum -> mel -> log
@@ -153,8 +156,6 @@ def _mel_augment(enabled: bool | dict) -> nn.Module:
 
 
 def _reachable(host: str, timeout: float = 1.5) -> bool:
-    from classforge.core.net import reachable
-
     return reachable(host, 443, timeout)
 
 
@@ -295,8 +296,6 @@ class EfficientATBackbone(Backbone):
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load the official AudioSet state dict, or a fine-tuned one (e.g. a run's model.safetensors)."""
-        from classforge.models.weights import load_state_file
-
         sd = load_state_file(path)
         # The reference nests SE in `conc_se_layers.0`; classforge runs prefix the backbone with `backbone.`.
         sd = {re.sub(r"\.conc_se_layers\.0\.", ".", k.removeprefix("backbone.").removeprefix("module.")): v
@@ -325,8 +324,6 @@ class EfficientATBackbone(Backbone):
 def resolve_mn04_weights(weights: str | None) -> tuple[Path, bool]:
     """--weights PATH, else $CLASSFORGE_MN04_WEIGHTS, else the cache, else download from the official release.
     Returns the path and whether it came from the user (whose file may legitimately differ: fine-tuned)."""
-    from classforge.core.cache import cache_dir
-
     for given in (weights, os.environ.get("CLASSFORGE_MN04_WEIGHTS")):
         if given:
             return Path(given).expanduser(), True
@@ -337,8 +334,6 @@ def resolve_mn04_weights(weights: str | None) -> tuple[Path, bool]:
 
 
 def download_verified(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> None:
-    from classforge.models.weights import sha256_file
-
     if not _reachable("github.com"):
         raise ClassforgeError(
             f"Cannot download the EfficientAT weights ({dest.name}): github.com is unreachable (offline?). "
@@ -369,8 +364,6 @@ def download_verified(url: str, dest: Path, sha256: str, timeout: float = 30.0) 
                    train_args=TRAIN_ARGS)
 def efficientat_mn04(pretrained: bool = True, weights: str | None = None, clip_seconds: float = 1.0,
                      spec_augment: bool | dict = False, **kwargs) -> Backbone:
-    from classforge.models.weights import sha256_file
-
     model = EfficientATBackbone(0.4, clip_seconds, spec_augment)
     if not pretrained and weights is None:
         return model
@@ -468,8 +461,6 @@ def audio_cnn(pretrained: bool = False, weights: str | None = None, clip_seconds
               clip_norm: bool | str = False, **kwargs) -> Backbone:
     model = AudioCNN(clip_seconds, tuple(widths), spec_augment, clip_norm)
     if weights:
-        from classforge.models.weights import load_state_file
-
         sd = {k.removeprefix("backbone."): v for k, v in load_state_file(weights).items()}
         model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")})
         model.weights_source = f"file:{weights}"
@@ -536,8 +527,6 @@ def _ast_from_source(source: str) -> tuple[nn.Module, float, float]:
     """A local save_pretrained folder, or a hub id when the hub is reachable; mean/std from its
     preprocessor_config.json when present."""
     from transformers import ASTModel
-
-    from classforge.models.weights import hub_reachable
 
     local = Path(source).expanduser()
     t0 = time.time()

@@ -1,48 +1,15 @@
-"""Small CNNs trained from scratch, under a parameter budget.
+"""Small CNNs trained from scratch under a parameter budget: the `cnn` family, its presets, and `capsnet`.
 
-One family, `cnn`, covers the classic shapes:
+`cnn` stacks stages of one block kind each (`block=`): plain (conv-BN-ReLU x depth, then max-pool), plainpool
+(the pool before the stage's last BN and ReLU: the same functions on a quarter of the values), plainres (one-conv
+residual units after the first conv), pooled (pool first, airbench-style, with an optional frozen patch-whitening
+stem), flat (no pooling), or residual (ResNet-20-style basic blocks with parameter-free shortcuts). `act=` swaps
+the activation and `se=R` ends each stage with a squeeze-and-excitation gate. The budget counts the head a
+`Classifier` adds: `max_params` refuses a model that does not fit, `fit_budget` scales the widths to fit.
+docs/small-cnns.md describes each option with the measured results.
 
-- ``block="plain"``: per stage, ``depth`` × (Conv → [BN] → ReLU), then a 2×2 max-pool (LeNet, the course
-  tutorial, VGG-style nets); optional hidden fully-connected layers on the flattened map.
-- ``block="pooled"``: per stage, Conv → 2×2 max-pool → [BN] → ReLU, then ``depth - 1`` × (Conv → [BN] → ReLU)
-  at the pooled size: the pooling comes first, so most of the arithmetic runs at a quarter of the pixels (the
-  shape of Keller Jordan's fast CIFAR-10 nets, airbench). With ``stem="whiten"`` a frozen 2×2 patch-whitening
-  conv (`PatchWhiten`, fitted on training images before training) comes first; ``global_pool="max"`` and
-  ``feature_scale`` complete that recipe.
-- ``block="plainpool"``: as ``plain``, but the stage's 2×2 max-pool comes straight after its last conv, before
-  that conv's BN and ReLU (the order airbench uses after its convs). A max-pool commutes with a ReLU and with a
-  BatchNorm whose scale is positive, so the layers compute the same family of functions as ``plain`` (the BN's
-  statistics are taken over the pooled map), with the same parameters and convolutions, while the last BN and
-  ReLU of each stage, and their backward passes, run on a quarter of the values: on a CPU, where that
-  element-wise work costs more than the convolutions, a bf16 training step of ``cnn_plain_256k`` on 2 cores
-  ran 27% more images/s, and two 60-minute CIFAR-10 runs reached the same test accuracy as ``plain``.
-- ``block="plainres"``: as ``plain``, but the stage's 2nd to ``depth``-th convs are one-conv residual units,
-  ReLU(x + BN(Conv(x))), each starting as the identity: the same parameters as ``plain``, and deeper stages train
-  as easily as shallow ones.
-- ``block="flat"``: per stage, ``depth`` × (Conv → [BN] → ReLU) and no pooling: the next stage runs at the same
-  size.
-- ``block="pooled,pooled,plain"`` or ``"plain,flat,plain"``: one of the above per stage (e.g. the last stage's
-  convolutions at the larger size, where most of the parameters are, before its pool).
-- ``block="residual"``: a 3×3 stem, then per stage ``depth`` basic blocks (conv-BN-ReLU-conv-BN + shortcut,
-  ReLU), the first block of every later stage with stride 2, then global average pooling (ResNet-20/32/56
-  for CIFAR, He et al. 2016, §4.2). Shortcuts are "option A" (identity; stride-2 subsampling and zero-padded
-  channels when the shape changes) so they cost no parameters — that matters under a budget. A stage narrower
-  than the one before it falls back to a 1×1 projection.
-
-Options of the non-residual blocks: ``act="gelu"`` or ``"silu"`` replaces every ReLU (stem included);
-``se=R`` ends every stage with a squeeze-and-excitation gate of reduction R (`SqueezeExcite`: each image's channels
-weighted by a function of that image's channel means), 2·C²/R + C/R + C parameters per stage, e.g. 4,650 for
-``cnn_plain_256k`` with ``se=8``, which still fits 256K with a 10-class head.
-
-Budget: the count includes the Linear head a `Classifier` adds for ``num_classes``. ``max_params`` refuses a
-model that does not fit; ``fit_budget`` scales all widths by one multiplier (binary search, then a greedy
-one-channel fill) to the largest model that fits.
-
-`capsnet` is a capsule network with dynamic routing (Sabour et al. 2017), scaled down for 28-32 px inputs
-on a CPU. See `CapsNet` for what its features are.
-
-Residual additions are done by an `Add` module and shortcuts by a `Shortcut` module so that the anatomy
-(`classforge.models.anatomy`) sees them as rows; custom modules report their own operations through
+Residual additions, shortcuts and gates are modules (`Add`, `Shortcut`, `Gate`) so that the anatomy
+(`classforge.models.anatomy`) lists them as rows; custom modules report their own operations through
 ``anatomy_fn()`` / ``anatomy_ops(inputs, output)``.
 """
 
@@ -60,6 +27,7 @@ from torch import nn
 from classforge.core.errors import ClassforgeError
 from classforge.core.spec import InputSpec
 from classforge.models.registry import Backbone, register_backbone
+from classforge.models.weights import load_state_file
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -719,8 +687,6 @@ def fit_widths(cfg: dict, budget: int, num_classes: int | None, name: str = "cnn
 def load_backbone_weights(backbone: Backbone, path: str) -> None:
     """Load a safetensors (or plain state-dict) file of the backbone; a Classifier's file works too
     (its `backbone.` prefix is stripped, its head ignored)."""
-    from classforge.models.weights import load_state_file
-
     sd = load_state_file(path)
     if any(k.startswith("backbone.") for k in sd):
         sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}

@@ -13,9 +13,12 @@ import numpy as np
 import torch
 
 from classforge.core.errors import BadFile, ClassforgeError
+from classforge.core.progress import progress
 from classforge.core.spec import InputSpec
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.registry import Classifier, create_backbone
+from classforge.runtime.batching import MicroBatcher
+from classforge.runtime.engines import forward_batches, prepare_fast
 
 
 def build_model(meta: dict) -> Classifier:
@@ -90,8 +93,6 @@ class Predictor:
             self.backend = "onnxruntime"
             self.onnx_path = Path(onnx_path)
         elif model is not None:
-            from classforge.runtime.engines import prepare_fast
-
             self.model = prepare_fast(model, spec.task, device) if fast else model.eval().to(device)
         else:
             raise ValueError("Predictor needs a model or an ONNX file")
@@ -141,8 +142,6 @@ class Predictor:
             return self.session.run(None, {self.input_name: x.numpy().astype(np.float32)})[0]
         with self._lock:
             if self.fast:
-                from classforge.runtime.engines import forward_batches
-
                 # fp32: evaluation, `predict` and the server must give a file the same probabilities whatever
                 # it is batched with; bf16 stays for embedding extraction, where speed matters most.
                 return forward_batches(self.model, list(x), self.spec.task, self.device, bf16=False).numpy()
@@ -151,8 +150,6 @@ class Predictor:
 
     # -- micro-batching of concurrent requests (the server turns it on)
     def start_batching(self, max_batch: int = 16, max_wait_ms: float = 5.0) -> Predictor:
-        from classforge.runtime.batching import MicroBatcher
-
         if self.batcher is None:
             self.batcher = MicroBatcher(self.forward, max_batch, max_wait_ms)
         return self
@@ -174,8 +171,6 @@ class Predictor:
 
     def predict_logits(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
         """(N, C) float32 logits of N files (paths or bytes), `batch_size` at a time, with a progress bar."""
-        from classforge.core.progress import progress
-
         out = []
         chunks = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
         bar = progress(range(len(inputs)), total=len(inputs), desc=progress_desc or "Predicting", unit="file")

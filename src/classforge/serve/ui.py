@@ -17,6 +17,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import numpy as np
 
 from classforge.core.errors import BadFile
+from classforge.data.rundata import run_files
+from classforge.runtime.threads import one_torch_thread
 
 
 def _examples(files: list[tuple[Path, str, str]], per_class: int = 2, max_total: int = 12) -> str | None:
@@ -39,9 +41,6 @@ def _examples(files: list[tuple[Path, str, str]], per_class: int = 2, max_total:
 def create_ui(predictor, run_dir: str | Path, limits):
     """-> (gr.Blocks, allowed_paths for mount_gradio_app)."""
     import gradio as gr
-
-    from classforge.data.rundata import run_files
-    from classforge.runtime.threads import one_torch_thread
 
     run = Path(run_dir)
     task = predictor.spec.task

@@ -38,10 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
-from classforge.core.config import TrainConfig
+from classforge.core.config import STRATEGIES, TrainConfig, load_yaml
 from classforge.core.errors import ClassforgeError
 from classforge.data.ops import ops_label, parse_ops
+from classforge.data.split import write_split
+from classforge.evaluation.report import _CSS, _img_tag, _table
+from classforge.models.anatomy import operations_per_sample
 from classforge.models.registry import entry as registry_entry
+from classforge.runtime.predictor import Predictor, load_run_model
+from classforge.training.prepared import prepare_data
+from classforge.training.run import train
 
 
 @dataclass
@@ -80,8 +86,6 @@ def from_scratch(backbone: str, base: TrainConfig) -> bool:
 
 def plan(backbones: list[str], strategies: list[str], preprocess_options: list[str], base: TrainConfig,
          literal: bool = False) -> list[Combo]:
-    from classforge.core.config import STRATEGIES
-
     if not backbones:
         raise ClassforgeError("--backbones lists no backbone")
     for s in strategies:
@@ -129,9 +133,6 @@ SPLIT_KEYS = ("data", "labels_csv", "label_from_name", "bins", "classes", "max_c
 
 def make_shared_split(base: TrainConfig, out: Path) -> Path:
     """One split.csv for every combination: the given --split-file, or made here from DATA and --seed."""
-    from classforge.data.split import write_split
-    from classforge.training.prepared import prepare_data
-
     dest = out / "split.csv"
     if base.split_file:
         if Path(base.split_file).resolve() != dest.resolve():
@@ -149,8 +150,6 @@ def make_shared_split(base: TrainConfig, out: Path) -> Path:
 
 
 def run_combo(c: Combo, base: TrainConfig, run_dir: Path, latency: bool) -> dict:
-    from classforge.training.run import train
-
     cfg = base.replace(backbone=c.backbone, strategy=c.strategy, preprocess=ops_label(c.preprocess) if c.preprocess
                        else None, out=str(run_dir))
     row = {"name": c.name, "backbone": c.backbone, "strategy": c.strategy, "preprocess": ops_label(c.preprocess),
@@ -210,9 +209,6 @@ def measure_cost(run: Path, reps: int = 20) -> dict:
     forwards after warm-up, through the run's Predictor: the path `predict` and the server use), plus
     the median time to decode and preprocess one test file (where --preprocess ops cost shows)."""
     import torch
-
-    from classforge.models.anatomy import operations_per_sample
-    from classforge.runtime.predictor import Predictor, load_run_model
 
     model, meta, _ = load_run_model(run)
     spec = meta["spec"]
@@ -275,8 +271,6 @@ def _epochs(path: Path) -> str:
 
 
 def _config(run: Path) -> dict:
-    from classforge.core.config import load_yaml
-
     p = run / "config.yaml"
     return (load_yaml(p.read_text()) or {}) if p.is_file() else {}
 
@@ -549,8 +543,6 @@ def plot_accuracy_vs_time(path: Path, rows: list[dict]) -> None:
 
 def leaderboard_section(out: Path, rows: list[dict], card: dict) -> str:
     """The leaderboard as an HTML section (for a comparison's report.html or any other report)."""
-    from classforge.evaluation.report import _img_tag, _table
-
     headers, body = table_rows(rows)
     for r, b in zip(rows, body):
         rep = Path(r.get("run_dir", "")) / "report.html"
@@ -564,8 +556,6 @@ def leaderboard_section(out: Path, rows: list[dict], card: dict) -> str:
 
 
 def html_page(out: Path, rows: list[dict], card: dict) -> str:
-    from classforge.evaluation.report import _CSS
-
     return (f'<!doctype html><html><head><meta charset="utf-8"><title>classforge compare</title>'
             f"<style>{_CSS}</style></head><body><h1>classforge compare</h1>"
             f'<p class="sub">{html.escape(str(card.get("data", "")))} · {len(rows)} models · '

@@ -25,7 +25,7 @@ from classforge.training.module import ClassifierModule, FileDataset, TensorBatc
 from classforge.training.optimizers import get_optimizer
 from classforge.training.prepared import audio_kwargs, class_weights, load_raws
 from classforge.training.schedules import SCHEDULES, parse_progressive
-from classforge.training.trainer import make_trainer, per_class_columns
+from classforge.training.trainer import BestWeights, make_trainer, per_class_columns
 from classforge.training.tricks import batch_transforms, step_rule
 
 
@@ -164,8 +164,6 @@ def seed_best(trainer, module, val_loss) -> None:
     """The starting point counts: if no epoch beats the pre-training validation loss (e.g. fine-tuning after a
     good head), early stopping ends training and the starting weights are kept."""
     from lightning.pytorch.callbacks import EarlyStopping
-
-    from classforge.training.trainer import BestWeights
 
     if val_loss is None:
         return

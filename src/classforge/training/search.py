@@ -39,10 +39,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from classforge.core.config import TrainConfig, parse_duration
+from classforge.core.config import TrainConfig, load_yaml, parse_duration
 from classforge.core.errors import ClassforgeError
+from classforge.evaluation.report import _CSS, _img_tag, _table
 from classforge.models.registry import default_backbone
 from classforge.models.registry import entry as registry_entry
+from classforge.training import trainer as trainer_mod
+from classforge.training.compare import from_scratch, make_shared_split
+from classforge.training.run import train
 
 FULL_FIT = ["finetune", "two-stage", "scratch"]
 
@@ -77,8 +81,6 @@ def _quiet_optuna():
 def load_space(path: str | None) -> dict[str, dict]:
     space = json.loads(json.dumps(SPACE))
     if path:
-        from classforge.core.config import load_yaml
-
         user = load_yaml(Path(path).read_text()) or {}
         if not isinstance(user, dict):
             raise ClassforgeError(f"{path}: expected a mapping of parameter -> distribution")
@@ -220,9 +222,6 @@ def make_storage(url: str, heartbeat: int):
 
 # ----------------------------------------------------------------------------------------- objective
 def objective_for(settings: dict):
-    from classforge.training import trainer as trainer_mod
-    from classforge.training.run import train
-
     optuna = _quiet_optuna()
     base = TrainConfig.from_dict(settings["base"])
     space = settings["space"]
@@ -307,8 +306,6 @@ def search(data: str, trials: int = 20, time_budget: str | None = None, storage:
            reproduce: bool = False) -> Path:
     """Run (or resume) a study; writes best.yaml and the report into OUT and returns OUT."""
     optuna = _quiet_optuna()
-    from classforge.training.compare import from_scratch
-
     if metric not in METRICS:
         raise ClassforgeError(f"--metric must be one of {', '.join(METRICS)}")
     if trials < 1 or workers < 1:
@@ -360,8 +357,6 @@ def search(data: str, trials: int = 20, time_budget: str | None = None, storage:
 
 
 def _shared_split(base: TrainConfig, out: Path) -> Path:
-    from classforge.training.compare import make_shared_split
-
     return make_shared_split(base, out)
 
 
@@ -502,8 +497,6 @@ def _plots(out: Path, study) -> dict[str, str]:
 
 
 def _html(out: Path, study, info: dict, figures: dict, trials) -> None:
-    from classforge.evaluation.report import _CSS, _img_tag, _table
-
     best_rep = Path(info.get("best_run_dir") or "") / "report.html"
     link = os.path.relpath(best_rep, out) if best_rep.is_file() else ""
     rows = [[t.number, t.state.name.lower(), "" if t.value is None else f"{t.value:.4f}",
@@ -537,8 +530,6 @@ def _short(v) -> str:
 
 def reproduce_best(out: Path) -> dict:
     """Train best.yaml again (same split and seed) and compare its validation score with the trial's."""
-    from classforge.training.run import train
-
     info = json.loads((out / "best.json").read_text())
     settings = json.loads((out / "search.json").read_text())
     cfg = TrainConfig.load(out / "best.yaml").replace(out=str(out / "best-reproduced"))

@@ -19,6 +19,7 @@ import math
 import os
 from pathlib import Path
 
+from classforge.core.config import load_yaml
 from classforge.core.errors import ClassforgeError
 
 TRACKERS = ("mlflow",)
@@ -136,8 +137,6 @@ def _previous_run_id(run: Path, uri: str, client) -> str | None:
 
 
 def _read_yaml(path: Path) -> dict:
-    from classforge.core.config import load_yaml
-
     return (load_yaml(path.read_text()) or {}) if path.is_file() else {}
 
 

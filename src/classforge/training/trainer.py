@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from classforge.core.config import TrainConfig, parse_duration
+from classforge.core.errors import ClassforgeError
 from classforge.runtime.engines import fast_cpu_bf16
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -121,8 +122,6 @@ class EMAWeights(Callback):
 
     def __init__(self, decay: float):
         if not 0.0 < decay < 1.0:
-            from classforge.core.errors import ClassforgeError
-
             raise ClassforgeError(f"--ema must be a decay between 0 and 1 (e.g. 0.999), or 0 for off; got {decay}")
         self.decay, self.updates = float(decay), 0
         self.ema: dict[str, torch.Tensor] | None = None
