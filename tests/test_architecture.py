@@ -99,3 +99,10 @@ def test_the_walk_finds_an_upward_import_inside_a_function(tmp_path):
     g = graph(tmp_path)
     assert g["classforge.training.run"] == {"classforge.data.split"}
     assert upward_imports(g) == ["classforge.data.split (data) imports classforge.training.run (training)"]
+
+
+def test_commands_use_only_the_public_api_the_console_and_the_config():
+    allowed = ("classforge.api", "classforge.cli", "classforge.core")
+    leaks = sorted(f"{m} imports {i}" for m, deps in graph().items() if m.startswith("classforge.cli")
+                   for i in deps if not i.startswith(allowed))
+    assert not leaks, "\n".join(leaks)

@@ -97,3 +97,68 @@ def demo(out: str = "runs/demo", backbone: str = "efficientnet_lite0") -> Path:
     from classforge.demo import run_demo
 
     return run_demo(out, backbone)
+
+
+def describe(target: str, input_shape: str | None = None, num_classes: int | None = None,
+             args: list[str] | None = None):
+    """The layer-by-layer anatomy (shapes, parameters, operations per sample) of a backbone name or run folder."""
+    from classforge.core.errors import ClassforgeError
+    from classforge.models.anatomy import _parse_args, _shape, build_for_describe, parse_input_shape
+    from classforge.models.anatomy import describe as anatomy_of
+
+    model, title, default = build_for_describe(target, num_classes, _parse_args(args or []))
+    shape = parse_input_shape(input_shape, default[0] if len(default) == 3 else 1) if input_shape else default
+    try:
+        return anatomy_of(model, shape, title=title)
+    except RuntimeError as e:
+        raise ClassforgeError(f"{target} cannot run on input {_shape(shape)}: {str(e).splitlines()[0]}") from None
+
+
+def compare(data: str, backbones: list[str], strategies: list[str], preprocess_options: list[str] | None = None,
+            base=None, out: str | Path | None = None, literal: bool = False, latency: bool = True) -> Path:
+    """Train every backbone x strategy (x preprocessing) on one split and write the leaderboard; returns OUT."""
+    from classforge.training.compare import compare as run_compare
+
+    return run_compare(data, backbones, strategies, preprocess_options, base, out, literal, latency)
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None, latency: bool = True) -> Path:
+    """A leaderboard of finished runs (same split checked); returns OUT."""
+    from classforge.training.compare import compare_runs as leaderboard
+
+    return leaderboard(run_dirs, out, latency=latency)
+
+
+def search(data: str, **options) -> Path:
+    """Hyperparameter search (optuna); writes best.yaml and a report; options as training.search.search."""
+    from classforge.training.search import search as run_search
+
+    return run_search(data, **options)
+
+
+def track(run_dir: str | Path, uri: str | None = None, experiment: str | None = None) -> str:
+    """Log a finished run to MLflow; returns the MLflow run id."""
+    from classforge.training.tracking import track_run
+
+    return track_run(run_dir, "mlflow", uri, experiment)
+
+
+def model_card(run_dir: str | Path, license: str | None = None) -> Path:
+    """Write RUN/README.md (Hugging Face Hub layout) from the run's metrics and metadata."""
+    from classforge.deploy.modelcard import write_model_card
+
+    return write_model_card(run_dir, license=license)
+
+
+def push(run_dir: str | Path, repo_id: str, **options) -> str:
+    """Upload the run to a Hugging Face Hub model repository; returns its URL."""
+    from classforge.deploy.modelcard import push as push_run
+
+    return push_run(run_dir, repo_id, **options)
+
+
+def serving_app(run_dir: str | Path, limits: dict | None = None, **options):
+    """The FastAPI app (REST API and, with ui=True, the web UI) serving a run; run it with uvicorn."""
+    from classforge.serve.api import Limits, create_app
+
+    return create_app(run_dir, limits=Limits(**(limits or {})), **options)

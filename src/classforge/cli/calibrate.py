@@ -1,4 +1,4 @@
-"""The `classforge` command of classforge.evaluation.calibrate."""
+"""`classforge calibrate`: temperature scaling fitted on a run's validation split."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `classforge` commands of classforge.deploy.modelcard."""
+"""`classforge card` and `classforge push`: the model card, and uploading a run to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ def add_commands(app) -> None:
                  license: str = typer.Option(None, "--license", help="Licence id for the front matter, e.g. "
                                              "apache-2.0 (only you know the data's terms)")):
         """Write the model card RUN/README.md (Hugging Face Hub layout) from the run's metrics and metadata."""
+        from classforge.api import model_card as write_model_card
         from classforge.cli.console import console
         from classforge.cli.console import run_cmd as _run
-        from classforge.deploy.modelcard import write_model_card
 
         console.print(f"wrote {_run(write_model_card, run_dir, license)}")
 
@@ -29,8 +29,8 @@ def add_commands(app) -> None:
         """Upload a run (model card, model.onnx/model.safetensors, labels, metrics) to the Hugging Face Hub.
 
         Needs the network; offline it stops at once with a message."""
+        from classforge.api import push
         from classforge.cli.console import console
         from classforge.cli.console import run_cmd as _run
-        from classforge.deploy.modelcard import push
 
         console.print(f"pushed: {_run(push, run_dir, repo_id, private, token, include_data_files)}")

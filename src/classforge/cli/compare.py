@@ -1,4 +1,4 @@
-"""The `classforge` command of classforge.training.compare."""
+"""`classforge compare`: backbones x strategies on one split, or finished runs, ranked in a leaderboard."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
+from classforge.cli.console import fail
 from classforge.core.config import TrainConfig
+from classforge.core.errors import ClassforgeError
 
 
 def add_commands(app) -> None:
@@ -32,25 +34,26 @@ def add_commands(app) -> None:
     ):
         """Train backbones x strategies (x preprocessing) on ONE split and rank them: accuracy with its 95%
         interval, macro F1, calibration, training time, parameters, operations and CPU latency per input."""
+        from classforge.api import compare, compare_runs
         from classforge.cli.console import run_cmd as _run
+        from classforge.cli.console import split_list
         from classforge.core.config import load_yaml
-        from classforge.training.compare import _raise, compare, compare_runs, split_list
 
         runs_mode = all((Path(t) / "summary.json").is_file() for t in targets)
         if runs_mode:
             _run(compare_runs, targets, out, latency=not no_latency)
             return
         if len(targets) != 1:
-            _run(_raise, "compare takes one DATA folder, or several finished run directories")
+            fail(ClassforgeError("compare takes one DATA folder, or several finished run directories"))
         if not backbones:
-            _run(_raise, "--backbones is required when comparing on DATA")
+            fail(ClassforgeError("--backbones is required when comparing on DATA"))
         base = TrainConfig.load(config) if config else TrainConfig()
         given = {"split_file": split_file, "split": split, "seed": seed, "epochs": epochs, "time_budget": time_budget,
                  "track": track, "track_uri": track_uri}
         over = {k: v for k, v in given.items() if v is not None}
         for kv in set_ or []:
             if "=" not in kv:
-                _run(_raise, f"--set expects key=value, got {kv!r}")
+                fail(ClassforgeError(f"--set expects key=value, got {kv!r}"))
             k, v = kv.split("=", 1)
             over[k.strip()] = load_yaml(v)
         base = _run(base.replace, **over)

@@ -24,3 +24,8 @@ def run_cmd(fn, *a, **kw):
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+def split_list(text: str | None) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c'] (comma-separated option values)."""
+    return [x.strip() for x in str(text or "").split(",") if x.strip()]

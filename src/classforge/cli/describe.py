@@ -1,4 +1,4 @@
-"""The `classforge` command of classforge.models.anatomy."""
+"""`classforge describe`: the layer-by-layer anatomy of a backbone or a run's network."""
 
 from __future__ import annotations
 
@@ -39,23 +39,11 @@ def add_commands(app: typer.Typer) -> None:
         comparisons / other operations per sample, with totals (conventions: classforge.models.anatomy)."""
         from rich.console import Console
 
-        from classforge.models.anatomy import (
-            _parse_args,
-            _shape,
-            build_for_describe,
-            describe,
-            parse_input_shape,
-        )
+        from classforge.api import describe as anatomy_of
 
         console = Console(width=None if sys.stdout.isatty() else 200)
         try:
-            model, title, default = build_for_describe(target, num_classes, _parse_args(arg or []))
-            shape = parse_input_shape(input, default[0] if len(default) == 3 else 1) if input else default
-            try:
-                anatomy = describe(model, shape, title=title)
-            except RuntimeError as e:
-                raise ClassforgeError(f"{target} cannot run on input {_shape(shape)}: "
-                                      f"{str(e).splitlines()[0]}") from None
+            anatomy = anatomy_of(target, input, num_classes, arg)
         except ClassforgeError as e:
             Console(stderr=True).print(f"[red]error:[/red] {e}")
             raise typer.Exit(1) from None

@@ -1,4 +1,4 @@
-"""The `classforge` command of classforge.training.search."""
+"""`classforge search`: hyperparameter search with optuna."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def add_commands(app) -> None:
     ):
         """Hyperparameter search (optuna TPE + pruning) over lr, weight decay, dropout, batch size, augmentation,
         CNN widths/depth and strategy; writes best.yaml (for `train --config`) and a report with the study's plots."""
+        from classforge.api import search
         from classforge.cli.console import run_cmd as _run
+        from classforge.cli.console import split_list
         from classforge.core.config import load_yaml
-        from classforge.training.compare import split_list
-        from classforge.training.search import search
 
         base = TrainConfig.load(config) if config else TrainConfig()
         over: dict = {"seed": seed}

@@ -46,13 +46,13 @@ def add_commands(app) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
         import uvicorn
 
+        from classforge.api import serving_app
         from classforge.cli.console import console
         from classforge.cli.console import run_cmd as _run
-        from classforge.serve.api import Limits, create_app
 
-        limits = Limits(max_upload_mb=max_upload_mb, max_files=max_files, max_pixels=max_pixels,
-                        max_audio_seconds=max_audio_seconds)
-        application = _run(create_app, run_dir, limits=limits, backend=backend, ui=ui, batch_size=batch_size,
+        limits = dict(max_upload_mb=max_upload_mb, max_files=max_files, max_pixels=max_pixels,
+                      max_audio_seconds=max_audio_seconds)
+        application = _run(serving_app, run_dir, limits=limits, backend=backend, ui=ui, batch_size=batch_size,
                            batch_wait_ms=batch_wait_ms, threads=threads)
         p = application.state.predictor
         if p.backend == "torch" and backend == "auto":
