@@ -106,3 +106,15 @@ def test_commands_use_only_the_public_api_the_console_and_the_config():
     leaks = sorted(f"{m} imports {i}" for m, deps in graph().items() if m.startswith("classforge.cli")
                    for i in deps if not i.startswith(allowed))
     assert not leaks, "\n".join(leaks)
+
+
+def test_image_training_imports_no_audio_extra_and_no_lightning():
+    """soundfile/soxr belong to the audio extra and must not be needed for images; Lightning loads only for the
+    strategies that train the network (a linear run never pays for its imports)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, classforge.training.run, classforge.runtime.predictor, classforge.serve.api; "
+            "print(sorted(m for m in ('soundfile', 'soxr', 'lightning', 'gradio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 from classforge.core.cache import cache_dir
 from classforge.core.errors import BadFile
 from classforge.core.progress import progress
-from classforge.data.audio import inspect_audio
 from classforge.data.discover import Dataset, Sample
 from classforge.data.image import open_image, phash
 
@@ -66,6 +65,8 @@ def _check_image(s: Sample, min_size: int, max_pixels: int) -> FileInfo:
 
 
 def _check_audio(s: Sample) -> FileInfo:
+    from classforge.data.audio import inspect_audio  # the audio extra (soundfile, soxr)
+
     try:
         a = inspect_audio(s.path)
     except BadFile as e:

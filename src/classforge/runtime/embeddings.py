@@ -7,9 +7,6 @@ import json
 import os
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +15,9 @@ import torch
 from classforge.core.cache import cache_dir
 from classforge.core.progress import progress
 from classforge.data.discover import Sample
+from classforge.runtime.decode import PREFETCH, decoded_batches
 from classforge.runtime.engines import Engine
 
-PREFETCH = 4  # decoded batches kept ahead of the forward pass
 PREPROCESS_VERSION = 2  # bump when decoding/transforms change what a backbone sees
 
 
@@ -88,31 +85,26 @@ def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key
         return i, xs
 
     def load_chunk(chunk: list[int]):
-        return [load(i) for i in chunk]
+        loaded = [load(i) for i in chunk]
+        return torch.stack([x for _, vs in loaded for x in vs])
 
-    chunks = iter([todo[j:j + batch_size] for j in range(0, len(todo), batch_size)])
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        # At most PREFETCH decoded batches wait in memory (decoding outruns the forward pass several times over, so
-        # an unbounded queue would hold the whole dataset); the first ones decode while the engine is built.
-        pending = deque(pool.submit(load_chunk, ch) for ch in islice(chunks, PREFETCH))
+    built = {}
+
+    def build():
         t0 = time.perf_counter()
-        forward = engine.build(backbone, cache.dir / "engine")
-        t1 = time.perf_counter()
-        bar = progress(range(len(todo)), total=len(todo), desc=desc, unit="file")
-        while pending:
-            loaded = pending.popleft().result()
-            nxt = next(chunks, None)
-            if nxt is not None:
-                pending.append(pool.submit(load_chunk, nxt))
-            idx = [i for i, _ in loaded]
-            xs = [x for _, vs in loaded for x in vs]
-            feats = forward(torch.stack(xs)).numpy()
-            feats = feats.reshape(len(idx), views, -1)
-            for i, f in zip(idx, feats):
-                out[i] = f
-                cache.put(sha1s[i], f)
-            bar.update(len(idx))
-        bar.close()
+        built["forward"] = engine.build(backbone, cache.dir / "engine")
+        built["t0"], built["t1"] = t0, time.perf_counter()
+
+    bar = progress(range(len(todo)), total=len(todo), desc=desc, unit="file")
+    # the first batches decode while the engine is built (an export or trace on first use)
+    for idx, x in decoded_batches(todo, load_chunk, batch_size, workers=2, prefetch=PREFETCH, before=build):
+        feats = built["forward"](x).numpy().reshape(len(idx), views, -1)
+        for i, f in zip(idx, feats):
+            out[i] = f
+            cache.put(sha1s[i], f)
+        bar.update(len(idx))
+    bar.close()
+    t0, t1 = built["t0"], built["t1"]
     # build_s: the engine's one-time export/trace (0 when already built; the first batches decode meanwhile);
     # loop_s: the rest, decoding + forward + cache writes
     stats.update(build_s=t1 - t0, loop_s=time.perf_counter() - t1)

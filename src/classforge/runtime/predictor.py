@@ -18,6 +18,7 @@ from classforge.core.spec import InputSpec
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.registry import Classifier, create_backbone
 from classforge.runtime.batching import MicroBatcher
+from classforge.runtime.decode import decoded_batches
 from classforge.runtime.engines import forward_batches, prepare_fast
 
 
@@ -136,6 +137,9 @@ class Predictor:
     def preprocess(self, src) -> torch.Tensor:
         return self.pre.eval(self.load(src))
 
+    def _preprocess_batch(self, items) -> torch.Tensor:
+        return torch.stack([self.preprocess(s) for s in items])
+
     def forward(self, x: torch.Tensor) -> np.ndarray:
         """(B, ...) preprocessed batch -> (B, C) logits as float32."""
         if self.session is not None:
@@ -172,10 +176,8 @@ class Predictor:
     def predict_logits(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
         """(N, C) float32 logits of N files (paths or bytes), `batch_size` at a time, with a progress bar."""
         out = []
-        chunks = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
         bar = progress(range(len(inputs)), total=len(inputs), desc=progress_desc or "Predicting", unit="file")
-        for chunk in chunks:
-            x = torch.stack([self.preprocess(s) for s in chunk])
+        for chunk, x in decoded_batches(inputs, self._preprocess_batch, batch_size):
             out.append(np.asarray(self.forward(x), np.float32))
             bar.update(len(chunk))
         bar.close()

@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from classforge.core.config import STRATEGIES, TrainConfig
 from classforge.core.errors import ClassforgeError
 from classforge.core.progress import progress
-from classforge.data.audio import augment_to_variants, load_audio
 from classforge.data.discover import Sample
 from classforge.data.ops import attach_ops
 from classforge.data.preprocess import make_preprocessor
@@ -34,7 +33,6 @@ from classforge.models.registry import (
 from classforge.models.registry import entry as registry_entry
 from classforge.runtime import embeddings as emb
 from classforge.runtime.engines import engine_for, resolve_eval_engine
-from classforge.training.fit import fit_lightning
 from classforge.training.head import fit_head
 from classforge.training.prepared import Prepared, audio_kwargs, class_weights, prepare_data, views_per_class
 from classforge.training.tracking import check_tracker, track_run
@@ -71,7 +69,7 @@ def train(cfg: TrainConfig) -> Path:
         history += fit_head_on_embeddings(model, data, cfg, run, timing, extra)
     if cfg.strategy in ("finetune", "two-stage", "scratch"):
         t = time.time()
-        history += fit_lightning(model, data, cfg, run, cfg.strategy, extra)
+        history += fit_network(model, data, cfg, run, cfg.strategy, extra)
         timing["fit_s"] += time.time() - t
         if not is_global_zero():
             return run  # DDP workers stop here; rank 0 saves and evaluates
@@ -119,6 +117,8 @@ def add_offline_variants(data: Prepared, cfg: TrainConfig) -> None:
     inherits its source's label, group and split, so no variant of a val/test recording is ever trained on."""
     if data.ds.task != "audio":
         raise ClassforgeError("--augment-to writes audio variants; for images use --views K or --balance")
+    from classforge.data.audio import augment_to_variants, load_audio  # the audio extra (soundfile, soxr)
+
     sr = create_spec_rate(cfg)
     train = data.of("train")
     waves = [(s.path, load_audio(s.path, sr)) for s in progress(train, total=len(train), desc="Decoding sources")]
@@ -214,6 +214,13 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     hist = fit_head(model.head, xtr, ytr, xva, yva, cfg, run, class_weights(data, cfg))
     timing["fit_s"] += time.time() - t
     return hist
+
+
+def fit_network(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, stage: str, extra: dict) -> list[dict]:
+    # Lightning (seconds of imports) loads only for the strategies that train the network itself
+    from classforge.training.fit import fit_lightning
+
+    return fit_lightning(model, data, cfg, run, stage, extra)
 
 
 def save_model(run: Path, model: Classifier, cfg: TrainConfig, labels: list[str]) -> None:
