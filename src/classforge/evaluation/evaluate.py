@@ -19,6 +19,7 @@ from classforge.evaluation.metrics import summarize
 from classforge.models.registry import count_params
 from classforge.runtime.engines import resolve_eval_engine
 from classforge.runtime.export import export_checked
+from classforge.runtime.onnx import parity
 from classforge.runtime.predictor import Predictor
 
 
@@ -52,15 +53,43 @@ def eval_predictor(run: Path, model, labels: list[str], cfg) -> tuple[Predictor,
     return Predictor(model, model.backbone.spec, labels, max_pixels=cfg.max_pixels), info
 
 
-def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float, extra: dict | None = None) -> dict:
+PARITY_FILES = 8  # test files the predictor scores to check logits computed from cached features
+
+
+def from_features(predictor: Predictor, data, feature_logits: dict | None) -> dict | None:
+    """Whether the head's logits on cached features are the shipped model's: the predictor (the path `predict`
+    and the server use) scores a few test files and must agree within the ONNX parity tolerance."""
+    test = data.of("test")
+    if not feature_logits or len(feature_logits.get("test", ())) != len(test) or not test:
+        return None
+    k = min(PARITY_FILES, len(test))
+    ref = predictor.predict_logits([s.path for s in test[:k]])
+    check = parity(ref, feature_logits["test"][:k])
+    return {"engine": feature_logits["engine"], "files_checked": k, "max_abs_logit_diff": check["max_abs_diff"],
+            "passed": check["passed"]}
+
+
+def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float, extra: dict | None = None,
+                 feature_logits: dict | None = None) -> dict:
+    """Score val and test with the Predictor, or, when the run's cached features are exact (checked on a few
+    files), from the logits the head gave them (each file then goes through the backbone once, not twice)."""
     t = time.time()
     predictor, eval_info = eval_predictor(run, model, data.labels, cfg)
+    check = from_features(predictor, data, feature_logits)
+    if check is not None:
+        eval_info["cached_features"] = check
     results = {}
+    idx = {c: i for i, c in enumerate(data.labels)}
     for split in ("val", "test"):
         ss = data.of(split)
-        if ss:
+        if not ss:
+            continue
+        if check and check["passed"]:
+            y = np.array([idx[s.label] for s in ss], dtype=int)
+            probs = predictor.probs(feature_logits[split])
+        else:
             y, probs = score(predictor, ss, data.labels, f"Evaluating {split}")
-            results[split] = (ss, y, probs, summarize(y, probs, len(data.labels)))
+        results[split] = (ss, y, probs, summarize(y, probs, len(data.labels)))
     timing = {"total_s": 0.0, **extra_timing, "eval_s": time.time() - t}
     summary = {
         "task": model.backbone.spec.task, "backbone": cfg.backbone, "strategy": cfg.strategy,

@@ -97,6 +97,11 @@ class Engine:
             return f"torch-fp32-{self.device}"
         return self.kind
 
+    @property
+    def exact(self) -> bool:
+        """Whether its features are the shipped fp32 model's (to float32 rounding): no bf16, no fallback."""
+        return "bf16" not in self.key and not self.note
+
     def build(self, backbone: torch.nn.Module, cache: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         """A callable (B, ...) input batch -> (B, D) float32 features on the CPU. The ONNX engine falls back to
         torch (with `note` set) when the backbone does not export. Built once per backbone object and engine."""

@@ -65,8 +65,9 @@ def train(cfg: TrainConfig) -> Path:
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
     extra: dict = {}
     history: list[dict] = []
+    feature_logits: dict = {}  # val/test logits from exact cached features: the scoring pass need not run again
     if cfg.strategy in ("linear", "two-stage"):
-        history += fit_head_on_embeddings(model, data, cfg, run, timing, extra)
+        history += fit_head_on_embeddings(model, data, cfg, run, timing, extra, feature_logits)
     if cfg.strategy in ("finetune", "two-stage", "scratch"):
         t = time.time()
         history += fit_network(model, data, cfg, run, cfg.strategy, extra)
@@ -75,7 +76,8 @@ def train(cfg: TrainConfig) -> Path:
             return run  # DDP workers stop here; rank 0 saves and evaluates
     save_model(run, model, cfg, data.labels)
     write_metrics(run, history)
-    summary = evaluate_run(run, data, cfg, model, extra_timing=timing, t_start=t0, extra=extra)
+    summary = evaluate_run(run, data, cfg, model, extra_timing=timing, t_start=t0, extra=extra,
+                           feature_logits=feature_logits if cfg.strategy == "linear" else None)
     print_summary(run, summary)
     if cfg.track:
         track_run(run, cfg.track, cfg.track_uri)
@@ -183,8 +185,9 @@ def is_global_zero() -> bool:
 
 # ----------------------------------------------------------------------------------------------- strategies
 def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, timing: dict,
-                           extra: dict) -> list[dict]:
-    """Frozen backbone run once per file (cached on disk); the head trains on the cached tensors."""
+                           extra: dict, feature_logits: dict) -> list[dict]:
+    """Frozen backbone run once per file (cached on disk); the head trains on the cached tensors. With an exact
+    (fp32) engine the test files are embedded too, and `feature_logits` gets the head's val/test logits."""
     bb = model.backbone
     engine = engine_for(cfg.extract_engine)
     key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), json.dumps(backbone_kwargs(cfg, 0)),
@@ -195,7 +198,8 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     t = time.time()
     feats = {}
     extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "key": key, "engine": engine.key}
-    for split in ("train", "val"):
+    splits = ("train", "val", "test") if engine.exact and cfg.strategy == "linear" else ("train", "val")
+    for split in splits:
         ss = data.of(split)
         v = views if split == "train" else 1
         sha = [data.checked.info[s.path].sha1 for s in ss]
@@ -213,6 +217,11 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     t = time.time()
     hist = fit_head(model.head, xtr, ytr, xva, yva, cfg, run, class_weights(data, cfg))
     timing["fit_s"] += time.time() - t
+    if "test" in feats:
+        with torch.inference_mode():
+            for split in ("val", "test"):
+                feature_logits[split] = model.head(torch.from_numpy(feats[split][:, 0])).float().numpy()
+        feature_logits["engine"] = engine.key
     return hist
 
 
@@ -250,7 +259,10 @@ def write_metrics(run: Path, history: list[dict]) -> None:
 def print_summary(run: Path, s: dict) -> None:
     t = s["test"]
     lo, hi = t["accuracy_ci95"]
+    ev = s.get("evaluation", {})
+    how = ev.get("engine", "torch-fp32")
+    if ev.get("cached_features", {}).get("passed"):
+        how = f"the head on cached {ev['cached_features']['engine']} features (checked against {how})"
     print(f"\nTest accuracy {t['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={t['n']}), macro F1 {t['macro_f1']:.3f}, "
-          f"ECE {t['ece']:.3f}; total {s['timing']['total_s']:.1f}s; scored with "
-          f"{s.get('evaluation', {}).get('engine', 'torch-fp32')}")
+          f"ECE {t['ece']:.3f}; total {s['timing']['total_s']:.1f}s; scored with {how}")
     print(f"Report: {(run / 'report.html').resolve()}")

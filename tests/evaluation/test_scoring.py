@@ -1,0 +1,52 @@
+"""A linear run scores val and test from the logits its head gave the cached features when the extraction
+engine is exact (fp32), after checking a few files against the Predictor; the figures stay the shipped model's."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import classforge
+from classforge.runtime import predictor as predictor_module
+
+pytestmark = pytest.mark.trains
+
+
+def test_exact_engine_scores_from_cached_features(shapes_dir, tmp_path, monkeypatch):
+    scored = []
+    real = predictor_module.Predictor.predict_logits
+
+    def counting(self, inputs, *a, **k):
+        scored.append(len(inputs))
+        return real(self, inputs, *a, **k)
+
+    monkeypatch.setattr(predictor_module.Predictor, "predict_logits", counting)
+    run = classforge.train(shapes_dir, tmp_path / "r", epochs=20, extract_engine="onnx", eval_engine="torch")
+    s = json.loads((run / "summary.json").read_text())
+    check = s["evaluation"]["cached_features"]
+    k = min(8, s["test"]["n"])
+    assert check["passed"] and check["files_checked"] == k and check["max_abs_logit_diff"] < 1e-3
+    assert scored == [k]  # the predictor ran on the parity files only, not on every val and test file
+    # the reported figures are what the shipped model gives: score every test file through it here
+    monkeypatch.setattr(predictor_module.Predictor, "predict_logits", real)
+    with open(run / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    data = s["data"]
+    probs = classforge.load(run, backend="torch").predict_proba([f"{data}/{r['path']}" for r in rows])
+    labels = json.loads((run / "labels.json").read_text())
+    acc = float(np.mean([labels[i] == r["true"] for i, r in zip(probs.argmax(1), rows)]))
+    assert s["test"]["accuracy"] == pytest.approx(acc, abs=1e-9)
+
+
+def test_inexact_features_are_not_used_for_scores(shapes_dir, tmp_path, monkeypatch):
+    """A failed parity check (features that are not the shipped model's) falls back to scoring every file."""
+    from classforge.evaluation import evaluate
+
+    monkeypatch.setattr(evaluate, "parity", lambda ref, out: {"max_abs_diff": 1.0, "passed": False})
+    run = classforge.train(shapes_dir, tmp_path / "r", epochs=5, extract_engine="onnx", eval_engine="torch")
+    s = json.loads((run / "summary.json").read_text())
+    assert s["evaluation"]["cached_features"]["passed"] is False
+    assert s["test"]["n"] > 0
