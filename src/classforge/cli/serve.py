@@ -32,6 +32,8 @@ def add_commands(app) -> None:
         max_files: int = typer.Option(16, "--max-files", help="Most files in one request"),
         max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image, in pixels (width x height)"),
         max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", help="Longest recording"),
+        max_decoding_mb: float = typer.Option(1024.0, "--max-decoding-mb", help="Memory that decoding may take "
+                                              "across all requests at once; beyond it requests wait, then get 503"),
         batch_size: int = typer.Option(16, "--batch-size", help="Micro-batching: most files per forward pass "
                                        "(1 turns batching off)"),
         batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="Micro-batching: how long the first "
@@ -51,7 +53,7 @@ def add_commands(app) -> None:
         from classforge.cli.console import run_cmd as _run
 
         limits = dict(max_upload_mb=max_upload_mb, max_files=max_files, max_pixels=max_pixels,
-                      max_audio_seconds=max_audio_seconds)
+                      max_audio_seconds=max_audio_seconds, max_decoding_mb=max_decoding_mb)
         application = _run(serving_app, run_dir, limits=limits, backend=backend, ui=ui, batch_size=batch_size,
                            batch_wait_ms=batch_wait_ms, threads=threads)
         p = application.state.predictor

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from classforge.core.errors import BadFile
 from classforge.runtime.predictor import Predictor
 from classforge.runtime.threads import one_torch_thread
+from classforge.serve.budget import Busy, DecodeBudget, decoded_size
 from classforge.serve.ui import create_ui
 
 log = logging.getLogger("classforge.serve")
@@ -43,6 +44,8 @@ class Limits:
     max_pixels: int = 40_000_000  # per image (a 48 MP phone photo is over; 24 MP is under)
     max_audio_seconds: float = 60.0  # per recording
     max_top_k: int = 100
+    max_decoding_mb: float = 1024.0  # decoded pixels/samples of all requests at once; beyond it requests wait
+    busy_wait_s: float = 10.0  # how long a request waits for decode memory before a 503 with Retry-After
 
     @property
     def max_upload_bytes(self) -> int:
@@ -50,9 +53,9 @@ class Limits:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 # -------------------------------------------------------------------------------------------- response models
@@ -79,7 +82,7 @@ class ErrorResponse(BaseModel):
     status: int
 
 
-ERRORS = {c: {"model": ErrorResponse} for c in (400, 413, 415, 422)}
+ERRORS = {c: {"model": ErrorResponse} for c in (400, 413, 415, 422, 503)}
 
 
 def bad_file_status(reason: str) -> int:
@@ -182,12 +185,13 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
                                             "max_part_size": 64 * 1024})
     except TypeError:
         app = FastAPI(**about)
-    app.state.predictor, app.state.limits, app.state.run_dir = predictor, limits, run
+    budget = DecodeBudget(int(limits.max_decoding_mb * 2**20), limits.busy_wait_s)
+    app.state.predictor, app.state.limits, app.state.run_dir, app.state.budget = predictor, limits, run, budget
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_upload_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return JSONResponse({"error": e.message, "status": e.status}, status_code=e.status)
+        return JSONResponse({"error": e.message, "status": e.status}, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -218,6 +222,7 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
         out = {"status": "ok", "task": task, "backend": predictor.backend, "labels": len(predictor.labels)}
         if predictor.batcher is not None:
             out["batching"] = dict(predictor.batcher.stats)
+        out["decoding"] = budget.stats()
         return out
 
     @app.get("/labels", summary="The labels, in the order of the model's outputs")
@@ -260,7 +265,7 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
             if not data:
                 raise ApiError(400, f"{_name(f)}: empty file (0 bytes)")
             items.append((f.filename, data))
-        return await run_in_threadpool(_infer, predictor, items, k, name)
+        return await run_in_threadpool(_infer, predictor, items, k, name, budget)
 
     if ui:
         import gradio as gr
@@ -273,20 +278,33 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
     return app
 
 
-def _infer(predictor: Predictor, items: list[tuple[str | None, bytes]], k: int, name: str) -> dict:
+def _infer(predictor: Predictor, items: list[tuple[str | None, bytes]], k: int, name: str,
+           budget: DecodeBudget | None = None) -> dict:
     one_torch_thread()
     with predictor.batch_slot():
         xs = []
         for i, (filename, data) in enumerate(items):
             try:
-                xs.append(predictor.preprocess(data))
+                xs.append(_preprocess_within(predictor, data, budget))
             except BadFile as e:
                 label = filename or f"file #{i + 1}"
                 raise ApiError(bad_file_status(str(e)), f"{label}: {e}") from None
+            except Busy:
+                raise ApiError(503, f"the server is decoding as much as it may hold at once "
+                                    f"({budget.max_bytes / 2**20:g} MB, --max-decoding-mb); try again shortly",
+                               headers={"Retry-After": str(max(1, round(budget.wait_s / 2)))}) from None
         logits = predictor.forward_batched(torch.stack(xs))
     res = predictor.postprocess(predictor.probs(logits), k)
     return {"results": [{"filename": fn, **r} for (fn, _), r in zip(items, res)], "backend": predictor.backend,
             "model": name}
+
+
+def _preprocess_within(predictor: Predictor, data: bytes, budget: DecodeBudget | None) -> torch.Tensor:
+    """Decode and preprocess one upload while holding its share of the decode budget; the result is small."""
+    if budget is None:
+        return predictor.preprocess(data)
+    with budget.reserve(decoded_size(data, predictor.spec.task)):
+        return predictor.preprocess(data)
 
 
 async def _field_names(request: Request) -> list[str]:
