@@ -34,9 +34,15 @@ def predict(run_dir: str | Path, paths, top_k: int = 3) -> list[dict]:
 
 def predict_files(run_dir: str | Path, files: list[str], top_k: int = 3, backend: str = "auto") -> list[dict]:
     """Per-file results; a bad file gets an error entry instead of stopping the others."""
+    from classforge.runtime.threads import adapted_threads
+
+    with adapted_threads():
+        return _predict_each(load(run_dir, backend), files, top_k)
+
+
+def _predict_each(p, files: list[str], top_k: int) -> list[dict]:
     from classforge.core.errors import BadFile
 
-    p = load(run_dir, backend)
     out = []
     for f in files:
         if not Path(f).is_file():
@@ -54,8 +60,10 @@ def predict_files(run_dir: str | Path, files: list[str], top_k: int = 3, backend
 def evaluate(run_dir: str | Path, data: str | None = None, out: str | None = None) -> dict:
     """Re-score a run on a labelled folder (or its own test split); writes metrics, predictions and a report."""
     from classforge.evaluation.evaluate import evaluate as ev
+    from classforge.runtime.threads import adapted_threads
 
-    return ev(run_dir, data, out)
+    with adapted_threads():
+        return ev(run_dir, data, out)
 
 
 def export(run_dir: str | Path, format: str = "onnx", quantize: str | None = None, **options) -> dict:

@@ -207,3 +207,26 @@ def test_extraction_builds_its_engine_once_and_decodes_a_bounded_way_ahead(shape
     feats, stats = emb.extract(bb, samples, sha, CountingPre(), key, 1, batch_size=2, engine=engine)
     assert stats["computed"] == len(samples) == feats.shape[0] and Counting.builds == 1
     assert len(samples) > 2 * (emb.PREFETCH + 1) and max(ahead) <= 2 * (emb.PREFETCH + 1)
+
+
+def test_threads_follow_the_cores_other_work_leaves_free(monkeypatch):
+    """One busy core of two: one torch thread; none busy: all cores; the caller's count comes back afterwards."""
+    import os
+
+    import torch
+
+    from classforge.runtime import threads
+
+    cores = os.cpu_count() or 1
+    assert threads.threads_for_this_machine(busy=0.1) == (cores, f"{cores} cores free")
+    if cores >= 2:
+        n, why = threads.threads_for_this_machine(busy=1.0)
+        assert n == cores - 1 and "1 of" in why
+    assert threads.threads_for_this_machine(busy=cores + 3)[0] == 1  # never below one
+    ticks = iter([(100, 1000), (100 + 250 * cores, 1000 + 500 * cores)])  # half of every core busy
+    assert threads.busy_cores(0.0, read=lambda: next(ticks)) == pytest.approx(cores / 2, abs=0.2)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "busy_cores", lambda: float(cores))  # every core taken by others
+    with threads.adapted_threads(say=lambda *_: None) as chosen:
+        assert chosen["torch"] == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -1,8 +1,12 @@
-"""Per-file work on one torch thread: small tensor ops on the intra-op pool stall when another process holds a core."""
+"""Threads on a shared machine: per-file work on one torch thread each (small tensor ops on the intra-op pool stall
+when another process holds a core), and batched passes on one thread per core that other work leaves free."""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -16,3 +20,67 @@ def one_torch_thread() -> None:
     if not getattr(_thread_state, "single", False):
         torch.set_num_threads(1)
         _thread_state.single = True
+
+
+def busy_cores(interval_s: float = 0.3, read=None) -> float:
+    """How many cores other work kept busy over `interval_s` (this process's own time is excluded), from
+    /proc/stat and this process's CPU time; 0.0 where /proc/stat cannot be read."""
+    import time
+
+    read = read or _proc_stat
+
+    try:
+        busy0, total0 = read()
+        own0, t0 = time.process_time(), time.monotonic()
+        time.sleep(interval_s)
+        busy1, total1 = read()
+        own1, t1 = time.process_time(), time.monotonic()
+    except (OSError, ValueError):
+        return 0.0
+    ticks = total1 - total0
+    if ticks <= 0:
+        return 0.0
+    cores = os.cpu_count() or 1
+    all_busy = (busy1 - busy0) / ticks * cores  # cores' worth of busy time, everyone's
+    return max(0.0, all_busy - (own1 - own0) / max(t1 - t0, 1e-9))
+
+
+def _proc_stat() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def threads_for_this_machine(busy: float | None = None) -> tuple[int, str]:
+    """Intra-op threads for the batched forward/backward passes: one per core that other work leaves free.
+    On a shared machine every OpenMP barrier waits for the thread whose core another process holds, so fewer
+    threads than cores run far faster there. Returns (threads, why)."""
+    cores = os.cpu_count() or 1
+    busy = busy_cores() if busy is None else busy
+    taken = min(cores - 1, int(busy + 0.5))
+    if taken <= 0:
+        return cores, f"{cores} cores free"
+    return cores - taken, f"{taken} of {cores} cores busy with other work"
+
+
+@contextmanager
+def adapted_threads(requested: int = 0, say=None):
+    """torch's intra-op threads for a run: `requested`, or one per core that other work leaves free (measured
+    now). The caller's own setting is restored afterwards, so a notebook's torch is left as it was."""
+    before = torch.get_num_threads()
+    if requested:
+        n, why = requested, "as asked"
+    else:
+        n, why = threads_for_this_machine()
+        if n < (os.cpu_count() or 1):
+            (say or _to_stderr)(f"  {why}: {n} torch thread{'s' if n > 1 else ''} (--threads to choose)")
+    torch.set_num_threads(n)
+    try:
+        yield {"torch": n, "why": why}
+    finally:
+        torch.set_num_threads(before)
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)  # stdout may be JSON (`predict --json`)

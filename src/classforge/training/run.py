@@ -33,6 +33,7 @@ from classforge.models.registry import (
 from classforge.models.registry import entry as registry_entry
 from classforge.runtime import embeddings as emb
 from classforge.runtime.engines import engine_for, resolve_eval_engine
+from classforge.runtime.threads import adapted_threads
 from classforge.training.head import fit_head
 from classforge.training.prepared import Prepared, audio_kwargs, class_weights, prepare_data, views_per_class
 from classforge.training.tracking import check_tracker, track_run
@@ -46,6 +47,12 @@ def train(cfg: TrainConfig) -> Path:
     resolve_eval_engine(cfg.eval_engine, cfg.extract_engine)  # bad names fail now, not after training
     if cfg.track:
         check_tracker(cfg.track)  # an unknown tracker or missing package fails now, not after training
+    with adapted_threads(cfg.threads) as threads:
+        return train_with(cfg, threads)
+
+
+def train_with(cfg: TrainConfig, threads: dict) -> Path:
+    """The flow, once the options are known to be sound and the thread count chosen."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     run = make_run_dir(cfg)
@@ -63,7 +70,7 @@ def train(cfg: TrainConfig) -> Path:
     check_budget(cfg, model)
     cfg = check_tricks(cfg, backbone.spec)  # before any stage: two-stage would otherwise fail after its embeddings
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
-    extra: dict = {}
+    extra: dict = {"threads": threads}
     history: list[dict] = []
     feature_logits: dict = {}  # val/test logits from exact cached features: the scoring pass need not run again
     if cfg.strategy in ("linear", "two-stage"):
