@@ -50,3 +50,13 @@ def test_inexact_features_are_not_used_for_scores(shapes_dir, tmp_path, monkeypa
     s = json.loads((run / "summary.json").read_text())
     assert s["evaluation"]["cached_features"]["passed"] is False
     assert s["test"]["n"] > 0
+
+
+def test_default_run_embeds_val_and_test_exactly_and_scores_once(shapes_dir, tmp_path):
+    """Whatever engine embeds the training files (bf16 where the CPU has it), val and test are embedded by an
+    exact fp32 engine, so the default linear run scores from them."""
+    run = classforge.train(shapes_dir, tmp_path / "r", epochs=20)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["embeddings"]["scoring_engine"] == "onnx"
+    assert s["evaluation"]["cached_features"]["passed"] and s["evaluation"]["cached_features"]["engine"] == "onnx"
+    assert s["test"]["accuracy"] >= 0.9

@@ -220,9 +220,14 @@ def forward_batches(model, xs: list[torch.Tensor], task: str, device: str = "cpu
         return model(x).float().cpu()
 
 
+def exact_engine(device: str = "cpu") -> Engine | None:
+    """The fastest engine whose features are the shipped fp32 model's: ONNX Runtime fp32 on a CPU."""
+    return Engine("onnx", device) if device == "cpu" and onnxruntime_available() else None
+
+
 def engine_for(name: str, device: str = "cpu") -> Engine:
     return Engine(resolve_engine(name, device), device)
 
 
-__all__ = ["ENGINES", "EVAL_ENGINES", "Engine", "engine_for", "fast_cpu_bf16", "resolve_engine",
+__all__ = ["ENGINES", "EVAL_ENGINES", "Engine", "engine_for", "exact_engine", "fast_cpu_bf16", "resolve_engine",
            "resolve_eval_engine", "prepare_fast", "fast_context", "forward_batches"]

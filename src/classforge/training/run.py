@@ -32,7 +32,7 @@ from classforge.models.registry import (
 )
 from classforge.models.registry import entry as registry_entry
 from classforge.runtime import embeddings as emb
-from classforge.runtime.engines import engine_for, resolve_eval_engine
+from classforge.runtime.engines import engine_for, exact_engine, resolve_eval_engine
 from classforge.runtime.threads import adapted_threads
 from classforge.training.head import fit_head
 from classforge.training.prepared import Prepared, audio_kwargs, class_weights, prepare_data, views_per_class
@@ -193,42 +193,47 @@ def is_global_zero() -> bool:
 # ----------------------------------------------------------------------------------------------- strategies
 def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, timing: dict,
                            extra: dict, feature_logits: dict) -> list[dict]:
-    """Frozen backbone run once per file (cached on disk); the head trains on the cached tensors. With an exact
-    (fp32) engine the test files are embedded too, and `feature_logits` gets the head's val/test logits."""
+    """Frozen backbone run once per file (cached on disk); the head trains on the cached tensors. For a linear
+    run the val and test files are embedded by an exact (fp32) engine, so `feature_logits` gets the shipped
+    model's val/test logits and no file goes through the backbone a second time for scoring."""
     bb = model.backbone
     engine = engine_for(cfg.extract_engine)
-    key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), json.dumps(backbone_kwargs(cfg, 0)),
-                           engine.key)
+    engines = {"train": engine, "val": engine}
+    exact = (engine if engine.exact else exact_engine()) if cfg.strategy == "linear" else None
+    if exact is not None:
+        engines.update(val=exact, test=exact)
     pre = make_preprocessor(bb.spec, augment=cfg.augment if cfg.augment != "none" else "light",
                             max_pixels=cfg.max_pixels, seed=cfg.seed, **audio_kwargs(cfg))
     views = views_per_class(data, cfg)
     t = time.time()
     feats = {}
-    extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "key": key, "engine": engine.key}
-    splits = ("train", "val", "test") if engine.exact and cfg.strategy == "linear" else ("train", "val")
-    for split in splits:
+    arch = json.dumps(backbone_kwargs(cfg, 0))
+    extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "engine": engine.key,
+                           "key": emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, engine.key)}
+    for split, eng in engines.items():
         ss = data.of(split)
-        v = views if split == "train" else 1
+        key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, eng.key)
         sha = [data.checked.info[s.path].sha1 for s in ss]
-        feats[split], stats = emb.extract(bb, ss, sha, pre, key, v, cfg.batch_size, desc=f"Embedding {split}",
-                                          engine=engine)
+        feats[split], stats = emb.extract(bb, ss, sha, pre, key, views if split == "train" else 1, cfg.batch_size,
+                                          desc=f"Embedding {split}", engine=eng)
         print(f"  {split}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed")
         for k in ("cached", "computed"):
             extra["embeddings"][k] += stats[k]
     timing["embedding_s"] += time.time() - t
-    if engine.note:
-        data.notes.append(engine.note)
+    for note in {e.note for e in engines.values() if e.note}:
+        data.notes.append(note)
     ytr = np.repeat(np.array(data.y("train")), feats["train"].shape[1])
     xtr = feats["train"].reshape(-1, feats["train"].shape[-1])
     xva, yva = feats["val"][:, 0], np.array(data.y("val"))
     t = time.time()
     hist = fit_head(model.head, xtr, ytr, xva, yva, cfg, run, class_weights(data, cfg))
     timing["fit_s"] += time.time() - t
-    if "test" in feats:
+    if exact is not None and exact.exact:
+        extra["embeddings"]["scoring_engine"] = exact.key
         with torch.inference_mode():
             for split in ("val", "test"):
                 feature_logits[split] = model.head(torch.from_numpy(feats[split][:, 0])).float().numpy()
-        feature_logits["engine"] = engine.key
+        feature_logits["engine"] = exact.key
     return hist
 
 
