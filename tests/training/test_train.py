@@ -37,7 +37,9 @@ def test_linear_run_directory_contract(linear_run):
     for k in ("macro_f1", "ece"):
         assert k in t and k in s["val"]
     assert s["params"]["total"] > 3_000_000 and s["timing"]["embedding_s"] > 0
-    assert s["embeddings"]["computed"] + s["embeddings"]["cached"] == s["split"]["counts"]["train"] + s["split"]["counts"]["val"]
+    counts = s["split"]["counts"]
+    scored_from_features = counts["test"] if s["embeddings"].get("scoring_engine") else 0  # test embedded too
+    assert s["embeddings"]["computed"] + s["embeddings"]["cached"] == counts["train"] + counts["val"] + scored_from_features
     rows = read_csv(linear_run / "metrics.csv")
     assert len(rows) >= 2 and rows[0]["stage"] == "head" and rows[0]["train_loss"]
     html = (linear_run / "report.html").read_text()

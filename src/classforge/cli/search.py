@@ -44,5 +44,7 @@ def add_commands(app) -> None:
             k, _, v = kv.partition("=")
             over[k.strip()] = load_yaml(v)
         base = _run(base.replace, **over)
-        _run(search, data, trials, time_budget, storage, study_name, workers, out, base,
-             split_list(backbones) or None, split_list(strategies) or None, metric, space, seed, heartbeat, reproduce)
+        _run(search, data, trials=trials, time_budget=time_budget, storage=storage, study_name=study_name,
+             workers=workers, out=out, base=base, backbones=split_list(backbones) or None,
+             strategies=split_list(strategies) or None, metric=metric, space_file=space, seed=seed,
+             heartbeat=heartbeat, reproduce=reproduce)

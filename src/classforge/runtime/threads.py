@@ -22,27 +22,27 @@ def one_torch_thread() -> None:
         _thread_state.single = True
 
 
-def busy_cores(interval_s: float = 0.3, read=None) -> float:
-    """How many cores other work kept busy over `interval_s` (this process's own time is excluded), from
-    /proc/stat and this process's CPU time; 0.0 where /proc/stat cannot be read."""
+def busy_cores(interval_s: float = 0.3, read=None, own_time=None) -> float:
+    """How many cores other work kept busy over `interval_s` (this process's own CPU time is left out), from
+    /proc/stat; 0.0 where it cannot be read."""
     import time
 
-    read = read or _proc_stat
-
+    read, own_time = read or _proc_stat, own_time or time.process_time
     try:
         busy0, total0 = read()
-        own0, t0 = time.process_time(), time.monotonic()
+        own0 = own_time()
         time.sleep(interval_s)
         busy1, total1 = read()
-        own1, t1 = time.process_time(), time.monotonic()
+        own1 = own_time()
     except (OSError, ValueError):
         return 0.0
     ticks = total1 - total0
     if ticks <= 0:
         return 0.0
     cores = os.cpu_count() or 1
-    all_busy = (busy1 - busy0) / ticks * cores  # cores' worth of busy time, everyone's
-    return max(0.0, all_busy - (own1 - own0) / max(t1 - t0, 1e-9))
+    elapsed = ticks / cores / os.sysconf("SC_CLK_TCK")  # seconds, from the same ticks
+    everyone = (busy1 - busy0) / ticks * cores  # cores' worth of busy time
+    return max(0.0, everyone - (own1 - own0) / elapsed)
 
 
 def _proc_stat() -> tuple[int, int]:
