@@ -7,12 +7,34 @@ says the decoded image (or waveform) will take; a request that cannot get its sh
 
 from __future__ import annotations
 
+import ctypes
 import io
 import threading
 import time
 from contextlib import contextmanager
 
 DECODED_BYTES_PER_PIXEL = 8  # RGB uint8 plus the conversion and resize copies that coexist with it
+
+
+TRIM_AFTER_BYTES = 64 * 2**20  # after a decode this large, freed memory goes back to the system
+
+
+def return_freed_memory() -> None:
+    """glibc keeps freed heap memory in per-thread arenas (Pillow's 16 MB image blocks land there): a burst of
+    large decodes, each on its own server thread, would leave one decoded image's worth of memory in every
+    thread's arena. malloc_trim gives the free pages back to the system.
+    A no-op where the C library has no malloc_trim."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
 
 
 class Busy(Exception):
@@ -44,6 +66,8 @@ class DecodeBudget:
         try:
             yield
         finally:
+            if nbytes >= TRIM_AFTER_BYTES:
+                return_freed_memory()  # before the share is handed on: the next decode reuses the pages
             with self._cond:
                 self.in_use -= nbytes
                 self._cond.notify_all()
