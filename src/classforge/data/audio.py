@@ -219,6 +219,9 @@ class AudioPreprocessor:
     """load(src) -> decoded mono wave at the backbone's rate (what the in-memory cache holds);
     eval(raw) -> (n_samples,) float32 tensor, centred; train(raw) -> random crop + augmentation."""
 
+    def warm_up(self) -> None:
+        """Nothing to build ahead of the first file."""
+
     def __init__(self, spec: InputSpec, augment: str = "none", background_dir: str | None = None,
                  snr_db: tuple[float, float] = (3.0, 30.0), seed: int = 0):
         if spec.task != "audio" or spec.sample_rate <= 0 or spec.clip_seconds <= 0:

@@ -159,6 +159,10 @@ class ImagePreprocessor:
         self._std = np.asarray(spec.std, dtype=np.float32).reshape(1, 1, -1)
         self._eval_tf = self._train_tf = None  # torchvision pipelines, built on first use (importing it takes seconds)
 
+    def warm_up(self) -> None:
+        """Build the eval pipeline now (a server's first request should not pay for importing torchvision)."""
+        _ = self._eval
+
     @property
     def _eval(self):
         if self._eval_tf is None:

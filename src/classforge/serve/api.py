@@ -172,6 +172,7 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
                                        max_audio_seconds=limits.max_audio_seconds, threads=threads)
     if batch_size > 1:
         predictor.start_batching(batch_size, batch_wait_ms)
+    predictor.pre.warm_up()
     summary = _read_json(run / "summary.json") or {}
     export = _read_json(run / "export.json")
     name = run.resolve().name
