@@ -186,3 +186,21 @@ def test_fast_eval_view_is_bitwise_the_torchvision_pipeline(tmp_path, size):
     fast, ref = pre.eval(raw), pre._eval(raw)
     assert fast.shape == ref.shape == (3, 224, 224) and fast.dtype == torch.float32
     assert torch.equal(fast, ref)
+
+
+def test_16_bit_and_float_images_keep_their_content(tmp_path):
+    """A 16-bit greyscale PNG and a float TIFF decode to the 8-bit image they hold, not to white or black."""
+    from classforge.data.image import open_image
+
+    g8 = np.linspace(0, 255, 96 * 96).reshape(96, 96).astype(np.uint8)
+    Image.fromarray(g8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    Image.fromarray(g8.astype(np.float32) / 255).save(tmp_path / "f.tif")
+    Image.fromarray(g8.astype(np.int32) * 257, mode="I").save(tmp_path / "i32.png")
+    for name in ("g16.png", "f.tif", "i32.png"):
+        img = open_image(tmp_path / name)
+        assert img.mode == "RGB", name
+        got = np.asarray(img)[..., 0].astype(int)
+        assert np.abs(got - g8).max() <= 1, name
+    Image.new("RGB", (96, 96), "white").save(tmp_path / "white.png")
+    assert np.asarray(open_image(tmp_path / "white.png")).mean() == 255
+    assert np.asarray(open_image(tmp_path / "g16.png")).mean() < 140  # the gradient, not white (255)

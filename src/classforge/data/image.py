@@ -62,11 +62,34 @@ def open_image(src, max_pixels: int = 89_478_485, draft: int = 0) -> Image.Image
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the image
         pass
+    if img.mode.startswith(("I", "F")):
+        img = to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img)
     return img.convert("RGB")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale images as 8-bit greyscale, scaled by their real range:
+    Pillow's own convert() clips them at 255, which turns a 16-bit photo almost entirely white (and a float
+    image in [0, 1] black). 16-bit modes use their full 0-65535 range; 32-bit integers the 16-bit range when
+    their values exceed 255; floats [0, 1] when they lie within it, else their own minimum and maximum."""
+    a = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        scaled = a.astype(np.float32) / 257.0
+    elif img.mode == "F":
+        a = np.nan_to_num(a.astype(np.float32))
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= 0.0 and hi <= 1.0:
+            scaled = a * 255.0
+        else:
+            scaled = (a - lo) / max(hi - lo, 1e-12) * 255.0
+    else:  # "I": 32-bit integers, often a 16-bit image in disguise
+        a = a.astype(np.float64)
+        scaled = a / 257.0 if a.max() > 255 else a
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def resize_for_cache(img: Image.Image, spec: InputSpec) -> Image.Image:
