@@ -177,3 +177,27 @@ def test_auto_strategy_trains_weightless_backbones_from_scratch(tmp_path):
     s = json.loads((run / "summary.json").read_text())
     assert s["strategy"] == "scratch" and s["params"]["trainable"] == s["params"]["total"]
     assert read_csv(run / "metrics.csv")[0]["epoch"] == "0"  # the pre-training evaluation of a real fit
+
+
+def test_file_names_that_are_not_utf8_train_and_round_trip(tmp_path):
+    """Linux file names may hold any bytes: such a file trains like the others, and split.csv and
+    predictions.csv give back a path that opens it."""
+    import csv
+    import os
+
+    root = make_image_folder(tmp_path / "d", 12, kinds=("circle", "stripes"))
+    odd = root / "circle" / os.fsdecode(b"\xff\xfe-photo.png")
+    (root / "circle" / "circle_000.png").rename(odd)
+    run = classforge.train(root, tmp_path / "run", backbone="cnn_small", strategy="scratch", epochs=1,
+                           split="0.5,0.25,0.25")
+    with open(run / "split.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    rel = odd.relative_to(root).as_posix()
+    assert rel in rows and (root / rel).is_file()
+    assert (run / "report.html").is_file()
+    from classforge.data.discover import discover
+    from classforge.data.split import read_split
+
+    ds = discover(root)
+    report = read_split(run / "split.csv", ds.samples)
+    assert next(s for s in ds.samples if s.rel == rel).split == rows[rel]["split"] and not report.excluded

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from classforge.core.cache import cache_dir
 from classforge.core.errors import ClassforgeError
+from classforge.core.files import open_csv
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3"}
@@ -240,7 +241,7 @@ def _from_regex(root: Path, pattern: str) -> Dataset:
 def _from_csv(root: Path, csv_path: Path) -> Dataset:
     if not csv_path.is_file():
         raise ClassforgeError(f"Labels CSV not found: {csv_path}")
-    with open(csv_path, newline="") as f:
+    with open_csv(csv_path) as f:
         reader = csv.DictReader(f)
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "path" not in cols or "label" not in cols:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from classforge.core.config import load_yaml
+from classforge.core.files import open_csv
 from classforge.data.discover import resolve_root
 
 
@@ -37,7 +38,7 @@ def run_files(run: str | Path, splits=("test",)) -> list[tuple[Path, str, str]]:
     root = data_root(run)
     if root is None or not (run / "split.csv").is_file():
         return []
-    with open(run / "split.csv", newline="") as f:
+    with open_csv(run / "split.csv") as f:
         rows = list(csv.DictReader(f))
     out = []
     for split in splits:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from classforge.core.errors import ClassforgeError
+from classforge.core.files import open_csv
 from classforge.data.discover import Sample
 from classforge.data.validate import FileInfo, duplicate_groups
 
@@ -142,7 +143,7 @@ def _resolve_duplicates(samples: list[Sample], clusters: list[list[int]]) -> lis
 
 
 def write_split(path: str | Path, samples: list[Sample]) -> None:
-    with open(path, "w", newline="") as f:
+    with open_csv(path, "w") as f:
         w = csv.writer(f)
         w.writerow(["path", "label", "split", "group"])
         for s in samples:
@@ -155,7 +156,7 @@ def read_split(path: str | Path, samples: list[Sample]) -> SplitReport:
     p = Path(path)
     if not p.is_file():
         raise ClassforgeError(f"Split file not found: {p}")
-    with open(p, newline="") as f:
+    with open_csv(p) as f:
         rows = {r["path"]: r for r in csv.DictReader(f)}
     if not rows or "split" not in next(iter(rows.values())):
         raise ClassforgeError(f"{p}: expected columns path,label,split[,group]")

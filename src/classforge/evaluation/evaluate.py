@@ -12,6 +12,7 @@ import numpy as np
 from classforge.core.config import TrainConfig
 from classforge.core.environment import environment
 from classforge.core.errors import ClassforgeError
+from classforge.core.files import open_csv
 from classforge.data.discover import discover
 from classforge.data.validate import validate
 from classforge.evaluation import report as rp
@@ -173,7 +174,7 @@ def _read_split(path: Path) -> dict[str, str]:
 
     if not path.exists():
         return {}
-    with open(path) as f:
+    with open_csv(path) as f:
         return {r["path"]: r["split"] for r in csv.DictReader(f)}
 
 

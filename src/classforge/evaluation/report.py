@@ -15,10 +15,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from classforge.core.files import open_csv, write_text_for_browser
+
 
 def write_predictions(path: Path, rels: list[str], labels: list[str], y_true, probs: np.ndarray, top_k: int = 3):
     k = min(top_k, len(labels))
-    with open(path, "w", newline="") as f:
+    with open_csv(path, "w") as f:
         w = csv.writer(f)
         w.writerow(["path", "true", "predicted", "probability", "correct", "top_k"])
         for rel, t, p in zip(rels, y_true, probs):
@@ -28,7 +30,7 @@ def write_predictions(path: Path, rels: list[str], labels: list[str], y_true, pr
 
 
 def write_per_class(path: Path, labels: list[str], pc: dict):
-    with open(path, "w", newline="") as f:
+    with open_csv(path, "w") as f:
         w = csv.writer(f)
         w.writerow(["class", "precision", "recall", "f1", "support"])
         for i, lab in enumerate(labels):
@@ -233,4 +235,4 @@ def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict
 <h2>Excluded duplicates ({len(excluded)})</h2>{excl_html}
 <p class="sub">Files: summary.json, metrics.csv, predictions.csv, per_class.csv, split.csv, config.yaml.</p>
 </body></html>"""
-    (run / "report.html").write_text(doc)
+    write_text_for_browser(run / "report.html", doc)

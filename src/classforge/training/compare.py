@@ -40,6 +40,7 @@ import numpy as np
 
 from classforge.core.config import STRATEGIES, TrainConfig, load_yaml
 from classforge.core.errors import ClassforgeError
+from classforge.core.files import open_csv
 from classforge.data.ops import ops_label, parse_ops
 from classforge.data.split import write_split
 from classforge.evaluation.report import _CSS, _img_tag, _table
@@ -252,7 +253,7 @@ def _test_files(run: Path) -> list[str]:
     root = Path(_config(run).get("data") or "")
     out = []
     if (run / "split.csv").is_file():
-        with open(run / "split.csv", newline="") as f:
+        with open_csv(run / "split.csv") as f:
             for r in csv.DictReader(f):
                 if r["split"] == "test" and (root / r["path"]).is_file():
                     out.append(str(root / r["path"]))
@@ -306,7 +307,7 @@ def _correct(run: Path) -> dict[str, bool]:
     p = Path(run) / "predictions.csv"
     if not p.is_file():
         return {}
-    with open(p, newline="") as f:
+    with open_csv(p) as f:
         return {r["path"]: r["correct"] == "1" for r in csv.DictReader(f)}
 
 
@@ -385,7 +386,7 @@ def data_card(rows: list[dict], command: str) -> dict:
 def _per_class_counts(split_csv: Path) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     if split_csv.is_file():
-        with open(split_csv, newline="") as f:
+        with open_csv(split_csv) as f:
             for r in csv.DictReader(f):
                 c = counts.setdefault(r["label"], {"train": 0, "val": 0, "test": 0})
                 c[r["split"]] = c.get(r["split"], 0) + 1

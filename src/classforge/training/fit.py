@@ -18,6 +18,7 @@ from classforge.core.config import (
     parse_duration,
 )
 from classforge.core.errors import ClassforgeError
+from classforge.core.files import open_csv
 from classforge.data.image import small_image
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.registry import Classifier
@@ -275,7 +276,7 @@ def write_per_class(run: Path, rows: list[dict], labels: list[str]) -> None:
                          "accuracy": round(c / t, 5) if t else ""})
     if not long:
         return
-    with open(run / "per_class_epochs.csv", "w", newline="") as f:
+    with open_csv(run / "per_class_epochs.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=list(long[0]))
         w.writeheader()
         w.writerows(long)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from classforge.core.config import STRATEGIES, TrainConfig
 from classforge.core.errors import ClassforgeError
+from classforge.core.files import open_csv
 from classforge.core.progress import progress
 from classforge.data.discover import Sample
 from classforge.data.ops import attach_ops
@@ -261,7 +262,7 @@ def save_model(run: Path, model: Classifier, cfg: TrainConfig, labels: list[str]
 def write_metrics(run: Path, history: list[dict]) -> None:
     keys = ["stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"]
     extra = sorted({k for h in history for k in h} - set(keys))
-    with open(run / "metrics.csv", "w", newline="") as f:
+    with open_csv(run / "metrics.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=keys + extra)
         w.writeheader()
         for h in history:
