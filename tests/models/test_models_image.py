@@ -91,3 +91,29 @@ def test_classifier_head_shape(lite0):
     m = Classifier(lite0, 5)
     with torch.no_grad():
         assert m(torch.zeros(2, 3, 224, 224)).shape == (2, 5)
+
+
+def test_no_network_fails_fast_through_the_real_probe(tmp_path):
+    """In a network namespace with no network and none of the offline variables set, a hub backbone's weights
+    fail with the clear message at once: the probe finds no network and hub downloads stop retrying (they took
+    about 47 s when HF_HUB_OFFLINE was set after huggingface_hub had read it)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a network namespace here (unshare -n needs root)")
+    env = {k: v for k, v in os.environ.items() if k not in ("CLASSFORGE_OFFLINE", "HF_HUB_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty hub cache
+    code = ("from classforge.models.registry import create_backbone\n"
+            "from classforge.core.errors import ClassforgeError\n"
+            "try:\n    create_backbone('resnet18', pretrained=True)\n"
+            "except ClassforgeError as e:\n    print('ERROR', e)\n")
+    t = time.time()
+    out = subprocess.run(["unshare", "-n", sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    took = time.time() - t
+    assert "ERROR Could not get pretrained weights for 'resnet18'" in out.stdout, out.stdout + out.stderr
+    assert "--weights PATH" in out.stdout
+    assert took < 20, took  # imports and the bounded probe; the hub's retries took 47 s
