@@ -204,3 +204,26 @@ def test_16_bit_and_float_images_keep_their_content(tmp_path):
     Image.new("RGB", (96, 96), "white").save(tmp_path / "white.png")
     assert np.asarray(open_image(tmp_path / "white.png")).mean() == 255
     assert np.asarray(open_image(tmp_path / "g16.png")).mean() < 140  # the gradient, not white (255)
+
+
+def test_labels_csv_contradictions_are_left_out_and_reported(tmp_path):
+    """A file with two labels, paths leaving DATA (../ and absolute) and repeated rows: none of them is trained
+    under a wrong or doubled label, and each is reported with its reason."""
+    root = make_image_folder(tmp_path / "d", 6, kinds=("circle", "stripes"))
+    outside = make_image_folder(tmp_path / "elsewhere", 1, kinds=("circle",))
+    lines = ["path,label"]
+    lines += [f"{p.relative_to(root).as_posix()},{p.parent.name}" for p in sorted(root.rglob("*.png"))]
+    lines += ["circle/circle_000.png,stripes",  # a second, different label
+              "stripes/stripes_001.png,stripes",  # the same row again
+              f"../elsewhere/circle/{next((outside / 'circle').iterdir()).name},circle",
+              f"{next((outside / 'circle').iterdir()).resolve()},circle"]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    ds = discover(root, labels_csv=str(tmp_path / "labels.csv"))
+    rels = [s.rel for s in ds.samples]
+    assert "circle/circle_000.png" not in rels  # two labels: left out
+    assert rels.count("stripes/stripes_001.png") == 1
+    assert all(not r.startswith(("..", "/")) for r in rels) and len(rels) == 11
+    reasons = dict(ds.ignored) if isinstance(ds.ignored, list) else {}
+    text = " ".join(f"{k}: {v}" for k, v in ds.ignored)
+    assert "2 labels (circle, stripes)" in text and "kept once" in text and text.count("outside the data folder") == 2
+    assert reasons  # every left-out row is listed

@@ -248,6 +248,7 @@ def _from_csv(root: Path, csv_path: Path) -> Dataset:
             raise ClassforgeError(f"{csv_path}: needs columns path,label[,group][,split]; found {cols}")
         rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
     ignored: list = []
+    rows = _consistent_rows(root, rows, ignored)
     files = [(root / r["path"]) for r in rows]
     task, keep = _detect_task(root, [f for f in files if f.exists()], ignored)
     keep_set = set(keep)
@@ -266,6 +267,29 @@ def _from_csv(root: Path, csv_path: Path) -> Dataset:
         samples.append(Sample(str(f.resolve()), r["path"], r["label"], r.get("group", ""),
                               SPLIT_ALIASES.get(split, "")))
     return Dataset(str(root), task, samples, "csv", ignored, [])
+
+
+def _consistent_rows(root: Path, rows: list[dict], ignored: list) -> list[dict]:
+    """The CSV rows that name one file each, inside DATA, with one label. A path that leaves DATA (`../`, an
+    absolute path) is refused; a file listed twice with one label is kept once; a file listed with two labels is
+    left out (which is right cannot be known). Each left-out row is reported with its reason."""
+    top = root.resolve()
+    by_file: dict[Path, list[dict]] = {}
+    for r in rows:
+        f = (root / r["path"]).resolve()
+        if f != top and top not in f.parents:
+            ignored.append((r["path"], "outside the data folder (paths in the CSV must stay inside DATA)"))
+            continue
+        by_file.setdefault(f, []).append(r)
+    kept = []
+    for listed in by_file.values():
+        labels = sorted({r["label"] for r in listed})
+        if len(labels) > 1:
+            ignored += [(r["path"], f"listed with {len(labels)} labels ({', '.join(labels)}): left out") for r in listed]
+            continue
+        kept.append(listed[0])
+        ignored += [(r["path"], "listed again in the CSV: kept once") for r in listed[1:]]
+    return kept
 
 
 def _apply_bins(ds: Dataset, bins: str) -> None:
