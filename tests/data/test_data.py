@@ -227,3 +227,34 @@ def test_labels_csv_contradictions_are_left_out_and_reported(tmp_path):
     text = " ".join(f"{k}: {v}" for k, v in ds.ignored)
     assert "2 labels (circle, stripes)" in text and "kept once" in text and text.count("outside the data folder") == 2
     assert reasons  # every left-out row is listed
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archive_bombs_are_refused_and_leave_nothing(tmp_path, monkeypatch, kind):
+    """An archive that unpacks to far more than it weighs is stopped while unpacking (declared sizes are not
+    trusted), with a message that says what to do, and no half-unpacked folder stays in the cache."""
+    import tarfile
+
+    from classforge.core.cache import cache_dir
+    from classforge.data.discover import resolve_root
+
+    monkeypatch.setenv("CLASSFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLASSFORGE_MAX_UNPACK_GB", str(20 / 1024))  # 20 MB, so the test stays small
+    zeros = tmp_path / "zeros.bin"
+    zeros.write_bytes(bytes(8 * 2**20))
+    arc = tmp_path / f"bomb.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(arc, "w", zipfile.ZIP_DEFLATED) as z:
+            for i in range(4):
+                z.write(zeros, f"cls/{i}.bin")
+    else:
+        with tarfile.open(arc, "w:gz") as t:
+            for i in range(4):
+                t.add(zeros, f"cls/{i}.bin")
+    assert arc.stat().st_size < 2**20  # 32 MB of zeros packed into well under 1 MB
+    with pytest.raises(ClassforgeError, match="unpacks to more than .*CLASSFORGE_MAX_UNPACK_GB"):
+        resolve_root(arc)
+    left = list((cache_dir() / "archives").iterdir()) if (cache_dir() / "archives").exists() else []
+    assert left == []
+    monkeypatch.setenv("CLASSFORGE_MAX_UNPACK_GB", "1")  # raised: the same archive unpacks
+    assert len(list(resolve_root(arc).rglob("*.bin"))) == 4

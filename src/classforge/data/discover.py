@@ -9,6 +9,7 @@ import re
 import shutil
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def resolve_root(data: str | os.PathLike) -> Path:
         tmp = dest.with_suffix(".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _extract(p, tmp)
+        try:
+            _extract(p, tmp, unpack_limit(p.stat().st_size))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a refused or broken archive leaves nothing behind
+            raise
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         (dest / ".complete").touch()
@@ -79,8 +84,23 @@ def resolve_root(data: str | os.PathLike) -> Path:
     return dest
 
 
-def _extract(archive: Path, dest: Path) -> None:
+MAX_UNPACK_RATIO = 100  # unpacked bytes per archive byte; photos and sound hardly compress, bombs do
+MAX_UNPACK_BYTES = 64 * 2**30
+MAX_MEMBERS = 2_000_000
+
+
+def unpack_limit(archive_bytes: int) -> tuple[int, int]:
+    """(bytes, members) an archive may unpack to. CLASSFORGE_MAX_UNPACK_GB and CLASSFORGE_MAX_MEMBERS raise them."""
+    gb = os.environ.get("CLASSFORGE_MAX_UNPACK_GB")
+    limit = int(float(gb) * 2**30) if gb else min(MAX_UNPACK_BYTES, max(2**30, MAX_UNPACK_RATIO * archive_bytes))
+    return limit, int(os.environ.get("CLASSFORGE_MAX_MEMBERS", MAX_MEMBERS))
+
+
+def _extract(archive: Path, dest: Path, limit: tuple[int, int]) -> None:
+    """Unpack file by file, counting what is written: sizes declared in an archive can lie."""
+    max_bytes, max_members = limit
     dest_r = dest.resolve()
+    written = 0
 
     def safe(member: str) -> Path:
         target = (dest / member).resolve()
@@ -88,19 +108,46 @@ def _extract(archive: Path, dest: Path) -> None:
             raise ClassforgeError(f"{archive}: refusing to extract {member!r} outside the target folder")
         return target
 
+    def copy(src, target: Path) -> None:
+        nonlocal written
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as out:
+            while chunk := src.read(1 << 20):
+                written += len(chunk)
+                if written > max_bytes:
+                    raise ClassforgeError(
+                        f"{archive} unpacks to more than {max_bytes / 2**30:.1f} GB (a possible archive bomb); "
+                        "unpack it yourself and give the folder, or raise the limit with CLASSFORGE_MAX_UNPACK_GB")
+                out.write(chunk)
+
+    def count(n: int) -> None:
+        if n > max_members:
+            raise ClassforgeError(f"{archive} holds {n:,} entries, more than {max_members:,}; unpack it yourself "
+                                  "and give the folder, or raise the limit with CLASSFORGE_MAX_MEMBERS")
+
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as z:
-                for m in z.namelist():
-                    safe(m)
-                z.extractall(dest)
+                infos = z.infolist()
+                count(len(infos))
+                for info in infos:
+                    target = safe(info.filename)
+                    if info.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    else:
+                        with z.open(info) as src:
+                            copy(src, target)
         else:
             with tarfile.open(archive) as t:
                 members = [m for m in t.getmembers() if m.isfile() or m.isdir()]
+                count(len(members))
                 for m in members:
-                    safe(m.name)
-                t.extractall(dest, members=members, filter="data")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+                    target = safe(m.name)
+                    if m.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    else:
+                        copy(t.extractfile(m), target)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
         raise ClassforgeError(f"Cannot read archive {archive}: {e}") from None
 
 
