@@ -201,3 +201,24 @@ def test_file_names_that_are_not_utf8_train_and_round_trip(tmp_path):
     ds = discover(root)
     report = read_split(run / "split.csv", ds.samples)
     assert next(s for s in ds.samples if s.rel == rel).split == rows[rel]["split"] and not report.excluded
+
+
+def test_failed_runs_leave_no_half_made_folder(tmp_path, shapes_dir):
+    """Missing data, a folder without classes, a misspelt backbone (before any file is read) and an error after
+    the run folder was made: no run folder stays behind, and a folder the user made is never deleted."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(tmp_path / "missing", {}, "Data not found"), (empty, {}, ""),
+             (shapes_dir, {"backbone": "resnet999"}, "Unknown backbone 'resnet999'"),
+             (shapes_dir, {"backbone": "cnn_small", "strategy": "scratch", "schedule": "weekly"}, "--schedule")]
+    for i, (data, options, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        with pytest.raises(ClassforgeError, match=message):
+            classforge.train(data, out, **options)
+        assert not out.exists(), (data, options)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ClassforgeError):
+        classforge.train(shapes_dir, mine, backbone="cnn_small", strategy="scratch", schedule="weekly")
+    assert (mine / "notes.txt").read_text() == "keep me"

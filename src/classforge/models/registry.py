@@ -108,12 +108,17 @@ def default_backbone(task: str) -> str:
 
 def create_backbone(name: str, pretrained: bool = True, weights: str | None = None, **kwargs) -> Backbone:
     """Create a backbone by name. Registered names first, then the fallbacks (any timm model name)."""
+    return factory_for(name)(pretrained=pretrained, weights=weights, **kwargs)
+
+
+def factory_for(name: str) -> Callable[..., Backbone]:
+    """The factory of a backbone name, or a ClassforgeError with the closest names (nothing is built)."""
     if name in _REGISTRY:
-        return _REGISTRY[name].factory(pretrained=pretrained, weights=weights, **kwargs)
+        return _REGISTRY[name].factory
     for fallback in _FALLBACKS:
         factory = fallback(name)
         if factory is not None:
-            return factory(pretrained=pretrained, weights=weights, **kwargs)
+            return factory
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ClassforgeError(

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from classforge.models.registry import (
     count_params,
     create_backbone,
     default_backbone,
+    factory_for,
     is_budget_aware,
 )
 from classforge.models.registry import entry as registry_entry
@@ -48,19 +50,20 @@ def train(cfg: TrainConfig) -> Path:
     resolve_eval_engine(cfg.eval_engine, cfg.extract_engine)  # bad names fail now, not after training
     if cfg.track:
         check_tracker(cfg.track)  # an unknown tracker or missing package fails now, not after training
+    if cfg.backbone not in ("auto", ""):
+        factory_for(cfg.backbone)  # a misspelt name fails now, not after every file was checked
+    check_out(cfg)
     with adapted_threads(cfg.threads) as threads:
         return train_with(cfg, threads)
 
 
 def train_with(cfg: TrainConfig, threads: dict) -> Path:
-    """The flow, once the options are known to be sound and the thread count chosen."""
+    """The flow, once the options are known to be sound and the thread count chosen. The run folder is made
+    once data and model are ready; a run that stops on an error removes the folder it made."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    run = make_run_dir(cfg)
     data = prepare_data(cfg)
     cfg = resolve_for_data(cfg, data)
-    cfg.save(run / "config.yaml")
-    write_split(run / "split.csv", data.samples)
     if cfg.augment_to:
         add_offline_variants(data, cfg)
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained and cfg.strategy != "scratch",
@@ -70,6 +73,22 @@ def train_with(cfg: TrainConfig, threads: dict) -> Path:
     model = Classifier(backbone, len(data.labels), cfg.dropout)
     check_budget(cfg, model)
     cfg = check_tricks(cfg, backbone.spec)  # before any stage: two-stage would otherwise fail after its embeddings
+    run = run_path(cfg)
+    made = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        return fit_and_evaluate(cfg, run, data, model, threads, t0)
+    except ClassforgeError:
+        if made:  # nothing to resume from a run stopped by a clear error; a folder the user made stays
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classifier, threads: dict,
+                     t0: float) -> Path:
+    """Write the config and split, fit the strategy, save the model, score it and write the report."""
+    cfg.save(run / "config.yaml")
+    write_split(run / "split.csv", data.samples)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
     extra: dict = {"threads": threads}
     history: list[dict] = []
@@ -172,18 +191,18 @@ def check_budget(cfg: TrainConfig, model: Classifier) -> None:
                               f"{cfg.max_params:,}; --fit-budget scales the from-scratch cnn* backbones to fit")
 
 
-def make_run_dir(cfg: TrainConfig) -> Path:
+def run_path(cfg: TrainConfig) -> Path:
     if cfg.out:
-        run = Path(cfg.out)
-    else:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run = Path("runs") / f"{Path(str(cfg.data)).name or 'run'}-{cfg.backbone}-{cfg.strategy}-{stamp}"
+        return Path(cfg.out)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{Path(str(cfg.data)).name or 'run'}-{cfg.backbone}-{cfg.strategy}-{stamp}"
+
+
+def check_out(cfg: TrainConfig) -> None:
+    run = run_path(cfg)
     data_root = Path(cfg.data).resolve() if cfg.data else None
     if data_root and (run.resolve() == data_root or data_root in run.resolve().parents):
         raise ClassforgeError(f"--out {run} is inside the data folder; classforge never writes into your data")
-    run.mkdir(parents=True, exist_ok=True)
-    cfg.save(run / "config.yaml")
-    return run
 
 
 def is_global_zero() -> bool:
