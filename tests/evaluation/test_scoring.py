@@ -60,3 +60,22 @@ def test_default_run_embeds_val_and_test_exactly_and_scores_once(shapes_dir, tmp
     assert s["embeddings"]["scoring_engine"] == "onnx"
     assert s["evaluation"]["cached_features"]["passed"] and s["evaluation"]["cached_features"]["engine"] == "onnx"
     assert s["test"]["accuracy"] >= 0.9
+
+
+def test_runs_say_when_training_stopped_early_or_the_result_is_chance(tiny, tmp_path):
+    """A budget that ends inside the first epoch, and a result chance would reach, are said on the console, in
+    summary.json and at the top of the report."""
+    from classforge.evaluation.metrics import run_warnings
+
+    summary = {"trainer": {"epochs_run": 0, "stopped_by": "time budget"}, "test": {"accuracy": 0.36,
+                                                                                  "accuracy_ci95": [0.2, 0.5]}}
+    said = run_warnings(summary, np.array([0, 0, 0, 1, 1, 2]))
+    assert len(said) == 2 and "before one full epoch" in said[0] and "chance (0.500" in said[1]
+    ok = {"trainer": {"epochs_run": 5}, "test": {"accuracy": 0.98, "accuracy_ci95": [0.9, 1.0]}}
+    assert run_warnings(ok, np.array([0, 1, 2] * 10)) == []
+    # a network that learns nothing (a learning rate of 1e-9) scores at chance: said in summary.json and the report
+    run = classforge.train(tiny, tmp_path / "r", backbone="cnn_small", strategy="scratch", epochs=1, lr="1e-9",
+                           split="0.4,0.2,0.4")
+    s = json.loads((run / "summary.json").read_text())
+    assert any("within reach of chance" in w for w in s["warnings"]), s["test"]
+    assert "Warning:</b> test accuracy" in (run / "report.html").read_text()

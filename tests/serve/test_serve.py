@@ -347,3 +347,16 @@ def test_serve_help_mentions_limits():
     for flag in ("--host", "--port", "--max-upload-mb", "--max-pixels", "--max-audio-seconds", "--backend"):
         assert flag in out
     assert "127.0.0.1" in out
+
+
+@pytest.mark.parametrize("ui", [False, True])
+def test_wrong_methods_get_405_with_a_json_body(exported_run, ui):
+    """With or without the web UI mounted at /, API paths answer other methods with 405, Allow and JSON."""
+    with ServerThread(create_app(exported_run, ui=ui)) as srv:
+        for method, path, allowed in (("POST", "/health", "GET"), ("GET", "/predict", "POST"),
+                                      ("PUT", "/labels", "GET"), ("DELETE", "/predict", "POST"),
+                                      ("PATCH", "/metadata", "GET")):
+            r = requests.request(method, srv.url + path, timeout=30)
+            assert r.status_code == 405, (ui, method, path, r.status_code, r.text[:200])
+            assert r.headers["allow"] == allowed and r.json()["status"] == 405 and allowed in r.json()["error"]
+        assert requests.get(srv.url + "/health", timeout=30).status_code == 200

@@ -70,3 +70,20 @@ def summarize(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> dict:
         "confusion": cm,
         "per_class": pc,
     }
+
+
+def run_warnings(summary: dict, test_labels: np.ndarray) -> list[str]:
+    """What a reader must know before trusting the numbers: training that stopped inside its first epoch, and a
+    test accuracy that chance (always answering the most frequent test class) would reach within its interval."""
+    out = []
+    trainer = summary.get("trainer") or {}
+    if trainer and trainer.get("epochs_run", 1) < 1:
+        out.append(f"training stopped before one full epoch (by {trainer.get('stopped_by', 'its limit')}): "
+                   "the model has seen only part of the data once; give a longer --time-budget or fewer files")
+    if len(test_labels):
+        chance = float(np.bincount(test_labels).max() / len(test_labels))
+        lo, hi = summary["test"]["accuracy_ci95"]
+        if lo <= chance:
+            out.append(f"test accuracy {summary['test']['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) is within "
+                       f"reach of chance ({chance:.3f}: always answering the most frequent class)")
+    return out

@@ -173,6 +173,7 @@ def worst_mistakes(samples, labels, y_true, probs, n: int = 12) -> list[dict]:
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
+.warning{background:#fff3cd;border:1px solid #d9a400;border-radius:6px;padding:.6em 1em}
 h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ddd;padding:4px 9px;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
 .cards{display:flex;gap:1em;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:8px;padding:.8em 1.2em}
@@ -217,11 +218,13 @@ def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict
     skipped_html = _table(["file", "reason"], [list(s) for s in skipped]) if skipped else "<p>None.</p>"
     excl_html = _table(["file", "reason"], [list(s) for s in excluded]) if excluded else "<p>None.</p>"
     notes_html = "".join(f'<li>{html.escape(n)}</li>' for n in notes)
+    warnings_html = "".join(f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>'
+                            for w in summary.get("warnings") or [])
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>classforge report</title>
 <style>{_CSS}</style></head><body>
 <h1>classforge report</h1><p class="sub">{html.escape(summary["backbone"])} · {html.escape(summary["strategy"])} ·
 {summary["classes"]} classes · {html.escape(summary.get("created", ""))}</p>
-<div class="cards">{cards_html}</div>
+{warnings_html}<div class="cards">{cards_html}</div>
 {f'<ul class="warn">{notes_html}</ul>' if notes else ''}
 <h2>Run</h2>{_table(["", ""], info_rows)}
 <h2>Training curves</h2>{_img_tag(run / "curves.png", 900) or '<p>No per-epoch curves for this run.</p>'}

@@ -268,6 +268,7 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
             items.append((f.filename, data))
         return await run_in_threadpool(_infer, predictor, items, k, name, budget)
 
+    _refuse_other_methods(app, {"/health": "GET", "/labels": "GET", "/metadata": "GET", "/predict": "POST"})
     if ui:
         import gradio as gr
 
@@ -277,6 +278,18 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
         app = gr.mount_gradio_app(app, demo, path="/", allowed_paths=allowed, max_file_size=limits.max_upload_bytes,
                                   footer_links=["api"])
     return app
+
+
+def _refuse_other_methods(app: FastAPI, routes: dict[str, str]) -> None:
+    """405 with the JSON error body for every other method on the API's paths. Without these routes a request
+    such as POST /health falls through to the web UI mounted at / and gets a bare 404."""
+    others = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+    for path, allowed in routes.items():
+        def refuse(request: Request, _allowed: str = allowed):
+            return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}; use {_allowed}",
+                                 "status": 405}, status_code=405, headers={"Allow": _allowed})
+
+        app.add_api_route(path, refuse, methods=[m for m in others if m != allowed], include_in_schema=False)
 
 
 def _infer(predictor: Predictor, items: list[tuple[str | None, bytes]], k: int, name: str,
