@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from classforge.core.files import open_csv, write_text_for_browser
+from classforge.data.image import open_image
 
 
 def write_predictions(path: Path, rels: list[str], labels: list[str], y_true, probs: np.ndarray, top_k: int = 3):
@@ -152,8 +153,6 @@ def _media_tag(abs_path: str, task: str) -> str:
                 return "<em>(clip too large to embed)</em>"
             mime = _AUDIO_MIME.get(p.suffix.lower(), "audio/wav")
             return f'<audio controls preload="none" src="data:{mime};base64,{base64.b64encode(data).decode()}"></audio>'
-        from classforge.data.image import open_image
-
         img = open_image(p)
         img.thumbnail((160, 160))
         buf = io.BytesIO()

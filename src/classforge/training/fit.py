@@ -21,6 +21,7 @@ from classforge.core.errors import ClassforgeError
 from classforge.core.files import open_csv
 from classforge.data.image import small_image
 from classforge.data.preprocess import make_preprocessor
+from classforge.models.anatomy import operations_per_sample
 from classforge.models.registry import Classifier
 from classforge.training.module import ClassifierModule, FileDataset, TensorBatchDataset
 from classforge.training.optimizers import get_optimizer
@@ -186,8 +187,6 @@ def forward_ops(model: Classifier, size: int | None = None) -> dict:
     if tta != "none":
         model.backbone.tta = "none"  # training runs one view per image; the test-time mirror view is extra
     try:
-        from classforge.models.anatomy import operations_per_sample
-
         return operations_per_sample(model, (spec.channels, size or spec.size, size or spec.size))
     except Exception:  # noqa: BLE001 - a model the anatomy cannot trace still trains; it just has no ops/s
         return {}
