@@ -169,16 +169,9 @@ def add_commands(app) -> None:
 
 def main() -> None:
     """Run as a script: `python benchmarks/cifar10/tta.py --help` (choosing a small CNN's test-time augmentation)."""
-    import typer
+    from script import run  # benchmarks/cifar10/script.py
 
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    add_commands(app)
-
-    @app.callback()
-    def _root() -> None:
-        pass
-
-    app()
+    run(add_commands)
 
 
 if __name__ == "__main__":
