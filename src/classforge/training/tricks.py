@@ -1,7 +1,7 @@
 """Training tricks as registry entries: each declares its config keys, whether it acts only while the network
 itself trains (so `--strategy linear`, a head on cached embeddings, has none of it), and its own check. Checks
-run once, before any data is read or any stage starts, and return normalised values (the config is not changed
-in place)."""
+run once, when the model is built and before any stage starts, and return normalised values (the config is not
+changed in place). Below them, what the tricks do while training: batch transforms and a step rule."""
 
 from __future__ import annotations
 
