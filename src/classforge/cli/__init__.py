@@ -18,9 +18,12 @@ from classforge.core.errors import ClassforgeError  # noqa: E402
 
 app = typer.Typer(
     help="classforge: turn a folder of labelled images or sounds into a trained, evaluated, exported and "
-         "served classifier.\n\nTypical flow: inspect DATA -> train DATA --out RUN -> open RUN/report.html -> "
-         "predict RUN file.jpg -> export RUN -> serve RUN.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    "served classifier.\n\nTypical flow: inspect DATA -> train DATA --out RUN -> open RUN/report.html -> "
+    "predict RUN file.jpg -> export RUN -> serve RUN.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 def _version(value: bool) -> None:
@@ -32,8 +35,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit")) -> None:
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit"
+    ),
+) -> None:
     pass
 
 

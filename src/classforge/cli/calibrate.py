@@ -13,10 +13,12 @@ def add_commands(app) -> None:
     def calibrate_cmd(
         run_dir: str = typer.Argument(..., help="A run directory (from `classforge train`)"),
         data: str = typer.Option(None, "--data", help="The run's data folder, if it moved since training"),
-        test: bool = typer.Option(False, "--test", help="Also report the test split before / after (not used "
-                                  "to fit)"),
-        temperature: float = typer.Option(None, "--temperature", help="Set this temperature instead of fitting "
-                                          "one (1 undoes calibration)"),
+        test: bool = typer.Option(
+            False, "--test", help="Also report the test split before / after (not used to fit)"
+        ),
+        temperature: float = typer.Option(
+            None, "--temperature", help="Set this temperature instead of fitting one (1 undoes calibration)"
+        ),
     ):
         """Calibrate a run's probabilities by temperature scaling, fitted on its validation split.
 
@@ -37,10 +39,18 @@ def add_commands(app) -> None:
             for sp in splits:
                 for k in ("uncalibrated", "calibrated"):
                     v = r[sp][k]
-                    t.add_row(f"{sp} (n={v['n']})", k, f"{v['nll']:.4f}", f"{v['ece']:.4f}",
-                              f"{v['mean_confidence']:.3f}", f"{v['accuracy']:.4f}")
+                    t.add_row(
+                        f"{sp} (n={v['n']})",
+                        k,
+                        f"{v['nll']:.4f}",
+                        f"{v['ece']:.4f}",
+                        f"{v['mean_confidence']:.3f}",
+                        f"{v['accuracy']:.4f}",
+                    )
             console.print(t)
         if r.get("note"):
             console.print(f"[yellow]note:[/] {r['note']}")
-        console.print(f"temperature {r['before']:g} → [green]{r['temperature']:g}[/], written to "
-                      f"{Path(run_dir) / 'model.json'}; figures: {Path(run_dir) / 'calibration.json'}")
+        console.print(
+            f"temperature {r['before']:g} → [green]{r['temperature']:g}[/], written to "
+            f"{Path(run_dir) / 'model.json'}; figures: {Path(run_dir) / 'calibration.json'}"
+        )

@@ -20,25 +20,44 @@ def add_commands(app) -> None:
 
     @app.command("serve")
     def serve(
-        run_dir: str = typer.Argument(..., help="A run directory (from `classforge train`; `classforge export` "
-                                      "first makes it faster)"),
-        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The default is reachable from this "
-                                 "machine only; 0.0.0.0 exposes the server to the network"),
+        run_dir: str = typer.Argument(
+            ..., help="A run directory (from `classforge train`; `classforge export` first makes it faster)"
+        ),
+        host: str = typer.Option(
+            "127.0.0.1",
+            "--host",
+            help="Address to bind. The default is reachable from this "
+            "machine only; 0.0.0.0 exposes the server to the network",
+        ),
         port: int = typer.Option(8000, "--port", help="TCP port"),
-        backend: str = typer.Option("auto", "--backend", help="auto (ONNX Runtime when RUN/model.onnx exists, "
-                                    "else PyTorch) | onnx | int8 (RUN/model.int8.onnx) | torch"),
+        backend: str = typer.Option(
+            "auto",
+            "--backend",
+            help="auto (ONNX Runtime when RUN/model.onnx exists, "
+            "else PyTorch) | onnx | int8 (RUN/model.int8.onnx) | torch",
+        ),
         ui: bool = typer.Option(True, "--ui/--no-ui", help="Mount the Gradio web UI at /"),
         max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body (all files)"),
         max_files: int = typer.Option(16, "--max-files", help="Most files in one request"),
-        max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image, in pixels (width x height)"),
+        max_pixels: int = typer.Option(
+            40_000_000, "--max-pixels", help="Largest image, in pixels (width x height)"
+        ),
         max_audio_seconds: float = typer.Option(60.0, "--max-audio-seconds", help="Longest recording"),
-        max_decoding_mb: float = typer.Option(1024.0, "--max-decoding-mb", help="Memory that decoding may take "
-                                              "across all requests at once; beyond it requests wait, then get 503"),
-        batch_size: int = typer.Option(16, "--batch-size", help="Micro-batching: most files per forward pass "
-                                       "(1 turns batching off)"),
-        batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="Micro-batching: how long the first "
-                                            "request waits for others to join its batch"),
-        threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads [all cores]"),
+        max_decoding_mb: float = typer.Option(
+            1024.0,
+            "--max-decoding-mb",
+            help="Memory that decoding may take "
+            "across all requests at once; beyond it requests wait, then get 503",
+        ),
+        batch_size: int = typer.Option(
+            16, "--batch-size", help="Micro-batching: most files per forward pass (1 turns batching off)"
+        ),
+        batch_wait_ms: float = typer.Option(
+            5.0,
+            "--batch-wait-ms",
+            help="Micro-batching: how long the first request waits for others to join its batch",
+        ),
+        threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: one per core)"),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     ):
         """Serve a run: REST API (POST /predict, GET /health, /labels, /metadata, docs at /docs) and a web UI at /.
@@ -52,19 +71,38 @@ def add_commands(app) -> None:
         from classforge.cli.console import console
         from classforge.cli.console import run_cmd as _run
 
-        limits = dict(max_upload_mb=max_upload_mb, max_files=max_files, max_pixels=max_pixels,
-                      max_audio_seconds=max_audio_seconds, max_decoding_mb=max_decoding_mb)
-        application = _run(serving_app, run_dir, limits=limits, backend=backend, ui=ui, batch_size=batch_size,
-                           batch_wait_ms=batch_wait_ms, threads=threads)
+        limits = dict(
+            max_upload_mb=max_upload_mb,
+            max_files=max_files,
+            max_pixels=max_pixels,
+            max_audio_seconds=max_audio_seconds,
+            max_decoding_mb=max_decoding_mb,
+        )
+        application = _run(
+            serving_app,
+            run_dir,
+            limits=limits,
+            backend=backend,
+            ui=ui,
+            batch_size=batch_size,
+            batch_wait_ms=batch_wait_ms,
+            threads=threads,
+        )
         p = application.state.predictor
         if p.backend == "torch" and backend == "auto":
-            console.print(f"[yellow]note:[/] serving with PyTorch; `classforge export {run_dir}` writes model.onnx, "
-                          "which ONNX Runtime answers faster on CPU")
+            console.print(
+                f"[yellow]note:[/] serving with PyTorch; `classforge export {run_dir}` writes model.onnx, "
+                "which ONNX Runtime answers faster on CPU"
+            )
         if not _is_loopback(host):
-            console.print(f"[bold yellow]warning:[/] binding {host}: the server is reachable from other machines; it "
-                          "has no authentication")
+            console.print(
+                f"[bold yellow]warning:[/] binding {host}: the server is reachable from other machines; it "
+                "has no authentication"
+            )
         shown = f"[{host}]" if ":" in host else host
-        console.print(f"serving {run_dir} ({p.spec.task}, {len(p.labels)} labels, backend {p.backend}) on "
-                      f"http://{shown}:{port}/  ·  API docs http://{shown}:{port}/docs")
+        console.print(
+            f"serving {run_dir} ({p.spec.task}, {len(p.labels)} labels, backend {p.backend}) on "
+            f"http://{shown}:{port}/  ·  API docs http://{shown}:{port}/docs"
+        )
         uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
         p.close()

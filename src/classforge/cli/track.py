@@ -11,8 +11,15 @@ def add_commands(app) -> None:
     @app.command("track")
     def track_command(
         run_dirs: list[str] = typer.Argument(..., help="Finished run directories"),
-        uri: str | None = typer.Option(None, "--uri", "--track-uri", help="MLflow tracking URI (default sqlite:///mlflow.db, artifacts in ./mlruns)"),
-        experiment: str | None = typer.Option(None, "--experiment", help="Experiment name (default classforge)"),
+        uri: str | None = typer.Option(
+            None,
+            "--uri",
+            "--track-uri",
+            help="MLflow tracking URI (default sqlite:///mlflow.db, artifacts in ./mlruns)",
+        ),
+        experiment: str | None = typer.Option(
+            None, "--experiment", help="Experiment name (default classforge)"
+        ),
     ):
         """Log finished runs to MLflow (params, per-epoch metrics, figures, model; model.onnx after export).
         A run logged before is updated in place (its id is in RUN/tracking.json)."""

@@ -13,12 +13,32 @@ import typer
 from classforge.cli.console import run_cmd
 from classforge.core.config import TrainConfig
 
-PANELS = {"data": "Data", "model": "Model", "optimisation": "Optimisation", "augmentation": "Augmentation",
-          "hardware": "Hardware", "tracking": "Tracking", "output": "Output"}
+PANELS = {
+    "data": "Data",
+    "model": "Model",
+    "optimisation": "Optimisation",
+    "augmentation": "Augmentation",
+    "hardware": "Hardware",
+    "tracking": "Tracking",
+    "output": "Output",
+}
 _TYPES = {"int": int, "float": float}
 # The first panel, in this order; every other option sits in its group's panel in field order.
-EVERYDAY = ("out", "backbone", "strategy", "epochs", "batch_size", "lr", "time_budget", "augment", "seed", "weights",
-            "labels_csv", "max_params", "resume")
+EVERYDAY = (
+    "out",
+    "backbone",
+    "strategy",
+    "epochs",
+    "batch_size",
+    "lr",
+    "time_budget",
+    "augment",
+    "seed",
+    "weights",
+    "labels_csv",
+    "max_params",
+    "resume",
+)
 # Shown instead of the raw default where the default means "decided later"
 _RESOLVED_LATER = {"epochs": "per strategy", "lr": "per strategy", "strategy": "auto", "backbone": "auto"}
 
@@ -41,27 +61,65 @@ def _option(f: dataclasses.Field) -> inspect.Parameter:
     panel = None if f.name in EVERYDAY else PANELS[meta["group"]]
     kind = str(f.type).replace(" | None", "")
     if kind == "bool":  # a flag turns the setting to the opposite of its default (--resplit, --no-pretrained)
-        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                                 default=typer.Option(False, *meta["flags"], help=meta["help"], rich_help_panel=panel))
+        return inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(False, *meta["flags"], help=meta["help"], rich_help_panel=panel),
+        )
     if kind.startswith("dict"):  # --arg KEY=VALUE, repeatable
-        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
-                                 default=typer.Option(None, *meta["flags"], help=help_, rich_help_panel=panel))
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[_TYPES.get(kind, str)],
-                             default=typer.Option(None, *meta["flags"], help=help_, rich_help_panel=panel))
+        return inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[list[str]],
+            default=typer.Option(None, *meta["flags"], help=help_, rich_help_panel=panel),
+        )
+    return inspect.Parameter(
+        f.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[_TYPES.get(kind, str)],
+        default=typer.Option(None, *meta["flags"], help=help_, rich_help_panel=panel),
+    )
 
 
 def _signature() -> inspect.Signature:
     fields = [f for f in dataclasses.fields(TrainConfig) if f.metadata["flags"]]
     fields.sort(key=lambda f: EVERYDAY.index(f.name) if f.name in EVERYDAY else len(EVERYDAY))
     data = dataclasses.fields(TrainConfig)[0]
-    params = [inspect.Parameter("data", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
-                                default=typer.Argument(None, help=data.metadata["help"]))]
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-        None, "--config", help="YAML config (a run's config.yaml, a search's best.yaml); flags override it")))
+    params = [
+        inspect.Parameter(
+            "data",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=Optional[str],
+            default=typer.Argument(None, help=data.metadata["help"]),
+        )
+    ]
+    params.append(
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[str],
+            default=typer.Option(
+                None,
+                "--config",
+                help="YAML config (a run's config.yaml, a search's best.yaml); flags override it",
+            ),
+        )
+    )
     params += [_option(f) for f in fields]
-    params.append(inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
-                                    default=typer.Option(None, "--set", help="Any config key: --set key=value "
-                                                         "(repeatable; YAML values)", rich_help_panel="Advanced")))
+    params.append(
+        inspect.Parameter(
+            "set_",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[list[str]],
+            default=typer.Option(
+                None,
+                "--set",
+                help="Any config key: --set key=value (repeatable; YAML values)",
+                rich_help_panel="Advanced",
+            ),
+        )
+    )
     return inspect.Signature(params)
 
 
@@ -96,7 +154,9 @@ def build_config(opts: dict) -> TrainConfig:
         try:
             changes["clip_seconds"] = float(changes["clip_seconds"])
         except ValueError:
-            raise ClassforgeError(f"--clip-seconds is a number of seconds or 'longest', not {changes['clip_seconds']!r}") from None
+            raise ClassforgeError(
+                f"--clip-seconds is a number of seconds or 'longest', not {changes['clip_seconds']!r}"
+            ) from None
     changes.update(_key_values(opts.get("set_"), "--set"))
     cfg = cfg.replace(**changes)
     if not cfg.data:
