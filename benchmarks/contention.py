@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -94,26 +93,14 @@ def predict(args) -> None:
     print(json.dumps(out))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(args) -> None:
     import requests
 
-    port = free_port()
-    proc = subprocess.Popen([CF, "serve", args.run, "--port", str(port), "--no-ui"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from inference import start_server, stop  # benchmarks/inference.py
+
+    proc, url = start_server(Path(args.run), "auto", os.cpu_count() or 1)
     try:
-        for _ in range(300):
-            try:
-                requests.get(url + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.2)
         body = Path(args.image).read_bytes()
         out = {}
         for kind in ("quiet", "busy"):
@@ -134,7 +121,7 @@ def serve(args) -> None:
         out["busy/quiet p50"] = round(out["busy"]["p50_ms"] / out["quiet"]["p50_ms"], 2)
         print(json.dumps(out))
     finally:
-        proc.kill()
+        stop(proc)
 
 
 def main() -> None:

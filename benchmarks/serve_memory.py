@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
-import subprocess
+import os
 import sys
 import threading
 import time
@@ -24,13 +23,8 @@ import numpy as np
 import requests
 from PIL import Image
 
-CF = str(Path(sys.executable).with_name("classforge"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference import start_server, stop  # noqa: E402 - benchmarks/inference.py
 
 
 def status_mb(pid: int, field: str) -> float:
@@ -58,25 +52,15 @@ def main() -> None:
     ap.add_argument("--megapixels", type=float, default=40.0)
     ap.add_argument("--max-decoding-mb", type=float, default=None)
     args = ap.parse_args()
-    port = free_port()
-    cmd = [CF, "serve", args.run, "--port", str(port), "--no-ui"]
-    if args.max_decoding_mb is not None:
-        cmd += ["--max-decoding-mb", str(args.max_decoding_mb)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    extra = ["--max-decoding-mb", str(args.max_decoding_mb)] if args.max_decoding_mb is not None else []
+    proc, url = start_server(Path(args.run), "auto", os.cpu_count() or 1, extra)
     try:
-        for _ in range(600):
-            try:
-                requests.get(url + "/health", timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.2)
         png = big_png(args.megapixels)
         idle = status_mb(proc.pid, "VmRSS")
-        peak, stop = [idle], threading.Event()
+        peak, done = [idle], threading.Event()
 
         def sample():
-            while not stop.is_set():
+            while not done.is_set():
                 peak.append(status_mb(proc.pid, "VmRSS"))
                 time.sleep(0.05)
 
@@ -92,7 +76,7 @@ def main() -> None:
             codes = list(pool.map(post, range(args.clients)))
         burst_s = time.time() - t
         time.sleep(2)
-        stop.set()
+        done.set()
         sampler.join()
         after = status_mb(proc.pid, "VmRSS")
         jpg = io.BytesIO()
@@ -105,7 +89,7 @@ def main() -> None:
                           "rss_hwm_mb": round(status_mb(proc.pid, "VmHWM")), "rss_after_mb": round(after),
                           "normal_request_after": normal.status_code, "decoding": health.get("decoding")}))
     finally:
-        proc.kill()
+        stop(proc)
 
 
 if __name__ == "__main__":

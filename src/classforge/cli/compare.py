@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from classforge.cli.console import fail
+from classforge.cli.console import fail, key_values, split_list
+from classforge.cli.console import run_cmd as _run
 from classforge.core.config import TrainConfig
 from classforge.core.errors import ClassforgeError
 
@@ -68,9 +69,6 @@ def add_commands(app) -> None:
         """Train backbones x strategies (x preprocessing) on ONE split and rank them: accuracy with its 95%
         interval, macro F1, calibration, training time, parameters, operations and CPU latency per input."""
         from classforge.api import compare, compare_runs
-        from classforge.cli.console import run_cmd as _run
-        from classforge.cli.console import split_list
-        from classforge.core.config import load_yaml
 
         runs_mode = all((Path(t) / "summary.json").is_file() for t in targets)
         if runs_mode:
@@ -91,11 +89,7 @@ def add_commands(app) -> None:
             "track_uri": track_uri,
         }
         over = {k: v for k, v in given.items() if v is not None}
-        for kv in set_ or []:
-            if "=" not in kv:
-                fail(ClassforgeError(f"--set expects key=value, got {kv!r}"))
-            k, v = kv.split("=", 1)
-            over[k.strip()] = load_yaml(v)
+        over.update(_run(key_values, set_))
         base = _run(base.replace, **over)
         _run(
             compare,

@@ -29,3 +29,17 @@ def run_cmd(fn, *a, **kw):
 def split_list(text: str | None) -> list[str]:
     """'a, b,c' -> ['a', 'b', 'c'] (comma-separated option values)."""
     return [x.strip() for x in str(text or "").split(",") if x.strip()]
+
+
+def key_values(pairs: list[str] | None, flag: str = "--set") -> dict:
+    """['a=1', 'b=[2, 3]'] -> {'a': 1, 'b': [2, 3]}: values read as YAML, as in a config file."""
+    from classforge.core.config import load_yaml
+    from classforge.core.errors import ClassforgeError
+
+    out = {}
+    for kv in pairs or []:
+        if "=" not in kv:
+            raise ClassforgeError(f"{flag} expects key=value, got {kv!r}")
+        k, v = kv.split("=", 1)
+        out[k.strip()] = load_yaml(v)
+    return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from classforge.cli.console import key_values, split_list
+from classforge.cli.console import run_cmd as _run
 from classforge.core.config import TrainConfig
 
 
@@ -76,17 +78,12 @@ def add_commands(app) -> None:
         """Hyperparameter search (optuna TPE + pruning) over lr, weight decay, dropout, batch size, augmentation,
         CNN widths/depth and strategy; writes best.yaml (for `train --config`) and a report with the study's plots."""
         from classforge.api import search
-        from classforge.cli.console import run_cmd as _run
-        from classforge.cli.console import split_list
-        from classforge.core.config import load_yaml
 
         base = TrainConfig.load(config) if config else TrainConfig()
         over: dict = {"seed": seed}
         if epochs is not None:
             over["epochs"] = epochs
-        for kv in set_ or []:
-            k, _, v = kv.partition("=")
-            over[k.strip()] = load_yaml(v)
+        over.update(_run(key_values, set_))
         base = _run(base.replace, **over)
         _run(
             search,

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from classforge.cli.console import run_cmd
+from classforge.cli.console import key_values, run_cmd
 from classforge.core.config import TrainConfig
 
 PANELS = {
@@ -123,19 +123,6 @@ def _signature() -> inspect.Signature:
     return inspect.Signature(params)
 
 
-def _key_values(pairs: list[str] | None, flag: str) -> dict:
-    from classforge.core.config import load_yaml
-    from classforge.core.errors import ClassforgeError
-
-    out = {}
-    for kv in pairs or []:
-        if "=" not in kv:
-            raise ClassforgeError(f"{flag} expects key=value, got {kv!r}")
-        k, v = kv.split("=", 1)
-        out[k.strip()] = load_yaml(v)
-    return out
-
-
 def build_config(opts: dict) -> TrainConfig:
     """The run's config: --config (if any), then the flags given, then --set key=value."""
     from classforge.core.errors import ClassforgeError
@@ -149,7 +136,7 @@ def build_config(opts: dict) -> TrainConfig:
             continue
         changes[key] = (not defaults[key]) if isinstance(defaults.get(key), bool) else value
     if opts.get("backbone_args"):
-        changes["backbone_args"] = {**cfg.backbone_args, **_key_values(opts["backbone_args"], "--arg")}
+        changes["backbone_args"] = {**cfg.backbone_args, **key_values(opts["backbone_args"], "--arg")}
     if isinstance(changes.get("clip_seconds"), str) and changes["clip_seconds"] != "longest":
         try:
             changes["clip_seconds"] = float(changes["clip_seconds"])
@@ -157,7 +144,7 @@ def build_config(opts: dict) -> TrainConfig:
             raise ClassforgeError(
                 f"--clip-seconds is a number of seconds or 'longest', not {changes['clip_seconds']!r}"
             ) from None
-    changes.update(_key_values(opts.get("set_"), "--set"))
+    changes.update(key_values(opts.get("set_"), "--set"))
     cfg = cfg.replace(**changes)
     if not cfg.data:
         raise ClassforgeError("Give DATA, or a --config that names it (data: ...)")
