@@ -131,3 +131,12 @@ def test_version():
 
     out = runner.invoke(app, ["--version"])
     assert out.exit_code == 0 and out.output.strip() == f"classforge {version('classforge')}"
+
+
+@pytest.mark.parametrize("cmd", ["train", "compare", "search"])
+def test_set_without_a_value_is_a_clear_error_everywhere(cmd, tmp_path, shapes_dir):
+    extra = ["--backbones", "cnn_small"] if cmd == "compare" else []
+    out = runner.invoke(app, [cmd, str(shapes_dir), *extra, "--set", "epochs", "--out", str(tmp_path / "o")],
+                        terminal_width=200)
+    assert out.exit_code == 2 and "--set expects key=value, got 'epochs'" in out.output, out.output
+    assert not (tmp_path / "o").exists()
