@@ -188,6 +188,28 @@ def test_fast_eval_view_is_bitwise_the_torchvision_pipeline(tmp_path, size):
     assert torch.equal(fast, ref)
 
 
+@pytest.mark.parametrize("size", [(120, 90), (90, 200), (255, 200), (200, 200)])
+def test_small_images_are_enlarged_like_torchvision_without_importing_it(tmp_path, size):
+    """Images smaller than a bilinear model's input are enlarged with Pillow (torchvision's import costs seconds):
+    to the same size as torchvision's Resize and within one grey level of its pixels."""
+    import torch
+
+    from classforge.core.spec import InputSpec
+    from classforge.data.image import ImagePreprocessor
+
+    rng = np.random.default_rng(sum(size))
+    arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    spec = InputSpec(task="image", size=224, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear",
+                     crop_pct=0.875)
+    pre = ImagePreprocessor(spec)
+    raw = pre.load(tmp_path / "x.png")
+    fast, ref = pre.eval(raw), pre._eval(raw)
+    assert fast.shape == ref.shape == (3, 224, 224)
+    assert float((fast - ref).abs().max()) * 0.5 * 255 <= 1.0 + 1e-4  # std 0.5: one grey level = 1/127.5
+    assert float((fast - ref).abs().mean()) < 1e-3
+
+
 def test_16_bit_and_float_images_keep_their_content(tmp_path):
     """A 16-bit greyscale PNG and a float TIFF decode to the 8-bit image they hold, not to white or black."""
     from classforge.data.image import open_image

@@ -117,3 +117,41 @@ def test_no_network_fails_fast_through_the_real_probe(tmp_path):
     assert "ERROR Could not get pretrained weights for 'resnet18'" in out.stdout, out.stdout + out.stderr
     assert "--weights PATH" in out.stdout
     assert took < 20, took  # imports and the bounded probe; the hub's retries took 47 s
+
+
+@pytest.mark.parametrize("name,arch", [("efficientnet_lite0", "tf_efficientnet_lite0"),
+                                       ("efficientnet_lite2", "tf_efficientnet_lite2")])
+def test_own_lite_network_equals_timms_and_loads_runs_saved_with_its_names(name, arch):
+    """classforge's EfficientNet-Lite computes what timm's did with the same weights (TF 'SAME' padding at odd
+    sizes included), and a state dict with timm's tensor names (runs saved before) loads into it."""
+    import timm
+
+    ours = create_backbone(name).eval()
+    theirs = timm.create_model(arch, pretrained=False, num_classes=0).eval()
+    assert len(theirs.state_dict()) == len(ours.model.state_dict())
+    theirs.load_state_dict(dict(zip(theirs.state_dict(), ours.model.state_dict().values())))
+    size = ours.spec.size
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        fresh = create_backbone(name, pretrained=False).eval()
+        fresh.model.load_state_dict(theirs.state_dict())  # timm's names, mapped by position
+        assert torch.equal(fresh(x), theirs(x))
+
+
+def test_lite_weights_of_another_network_are_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(3, 3)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ClassforgeError, match="does not hold efficientnet_lite0 weights"):
+        create_backbone("efficientnet_lite0", weights=str(tmp_path / "x.safetensors"))
+
+
+def test_import_of_the_default_backbone_loads_neither_timm_nor_torchvision():
+    import subprocess
+    import sys
+
+    code = ("import sys; from classforge.models.registry import create_backbone; "
+            "create_backbone('efficientnet_lite0'); print('timm' in sys.modules, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

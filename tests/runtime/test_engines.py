@@ -34,9 +34,11 @@ def test_onnx_engine_reproduces_torch_fp32_features(shapes_dir, tmp_path, name):
 
 
 def test_engine_resolution_and_keys(monkeypatch):
-    assert resolve_engine("auto") == ("torch" if fast_cpu_bf16() else "onnx")
-    monkeypatch.setenv("CLASSFORGE_NO_BF16", "1")
+    # ONNX Runtime on every CPU (exact fp32 features, one single-threaded pass per core), bf16 or not
     assert resolve_engine("auto") == "onnx" and resolve_engine("torch") == "torch"
+    assert Engine("onnx").per_core and Engine("onnx").exact and not Engine("torch").per_core
+    monkeypatch.setenv("CLASSFORGE_NO_BF16", "1")
+    assert resolve_engine("auto") == "onnx"
     assert resolve_engine("auto", device="cuda") == "torch"
     with pytest.raises(ClassforgeError, match="--extract-engine"):
         resolve_engine("tensorrt")
@@ -111,15 +113,20 @@ def test_torch_engine_frozen_bf16_graph_matches_fp32_features(shapes_dir, tmp_pa
 
 
 def test_final_evaluation_through_onnx_runtime(shapes_dir, tmp_path, monkeypatch):
-    """Where extraction runs on ONNX Runtime (no native bf16: CLASSFORGE_NO_BF16=1 stands in for such a CPU), the
-    run is scored through a parity-checked RUN/model.onnx too; its predictions are the PyTorch fp32 ones, and
-    `predict` then uses the same file. --eval-engine torch keeps PyTorch."""
+    """With --eval-engine onnx the run is scored through a parity-checked RUN/model.onnx; its predictions are the
+    PyTorch fp32 ones, and `predict` then uses the same file. --eval-engine torch keeps PyTorch."""
     import csv
 
     from classforge.runtime.predictor import Predictor
 
     monkeypatch.setenv("CLASSFORGE_NO_BF16", "1")
-    run = classforge.train(shapes_dir, tmp_path / "ort", epochs=10)
+    # by default a linear run scores from its exact cached features, checked on a few files through PyTorch:
+    # exporting would cost more than that check, so no model.onnx is written
+    default = classforge.train(shapes_dir, tmp_path / "default", epochs=2)
+    s = json.loads((default / "summary.json").read_text())
+    assert s["evaluation"]["engine"] == "torch-fp32" and s["evaluation"]["cached_features"]["passed"]
+    assert not (default / "model.onnx").exists()
+    run = classforge.train(shapes_dir, tmp_path / "ort", epochs=10, eval_engine="onnx")
     s = json.loads((run / "summary.json").read_text())
     assert s["evaluation"]["engine"] == "onnxruntime-fp32" and (run / "model.onnx").is_file()
     assert s["evaluation"]["parity_max_abs_logit_diff"] < 1e-3

@@ -102,6 +102,15 @@ def resize_for_cache(img: Image.Image, spec: InputSpec) -> Image.Image:
     return img.resize((max(1, round(w * s)), max(1, round(h * s))), _INTERP.get(spec.interpolation, Image.BICUBIC))
 
 
+def enlarge_short_side(img: Image.Image, target: int) -> Image.Image:
+    """Bilinear enlargement to the sizes torchvision's Resize(target) picks (the long side truncated, not
+    rounded). Pillow's bilinear enlargement matches torchvision's to one grey level, without importing
+    torchvision (seconds) for the few images smaller than the model's input."""
+    w, h = img.size
+    new = (target, int(target * h / w)) if w <= h else (int(target * w / h), target)
+    return img.resize(new, Image.BILINEAR)
+
+
 def eval_transform(spec: InputSpec):
     """Resize short side to size/crop_pct, centre crop to size, normalise. Returns a callable PIL -> (3,H,W)."""
     from torchvision.transforms import v2 as T
@@ -212,6 +221,8 @@ class ImagePreprocessor:
         float32 arithmetic (x * (1/255), then (x - mean) / std), in numpy: no small ops on torch's thread pool,
         which stall when another process holds a core. Other sizes go through torchvision."""
         target, size = int(round(self.spec.size / self.spec.crop_pct)), self.spec.size
+        if isinstance(raw, Image.Image) and min(raw.size) < target and self.spec.interpolation == "bilinear":
+            raw = enlarge_short_side(raw, target)
         if not isinstance(raw, Image.Image) or raw.mode != "RGB" or min(raw.size) != target:
             return self._eval(raw)
         w, h = raw.size

@@ -35,13 +35,15 @@ def score(predictor: Predictor, samples, labels: list[str], desc: str) -> tuple[
     return y, probs
 
 
-def eval_predictor(run: Path, model, labels: list[str], cfg) -> tuple[Predictor, dict]:
+def eval_predictor(run: Path, model, labels: list[str], cfg, few_files: bool = False) -> tuple[Predictor, dict]:
     """The Predictor the final evaluation scores with, and what it is. ONNX Runtime (cfg.eval_engine onnx, or auto
-    where the extraction engine resolves to onnx: CPUs without native bf16) exports RUN/model.onnx through
-    `classforge export`'s parity check first; any failure falls back to PyTorch fp32 with a note. Either way the
-    run's `predict` and server then use the same path (they pick model.onnx when it exists)."""
+    where the extraction engine resolves to onnx) exports RUN/model.onnx through `classforge export`'s parity
+    check first; any failure falls back to PyTorch fp32 with a note. Either way the run's `predict` and server
+    then use the same path (they pick model.onnx when it exists). `few_files` (only a parity check of cached
+    features to run, unless the user asked for onnx): PyTorch, as exporting costs more than scoring a few files."""
     info: dict = {"engine": "torch-fp32"}
-    if resolve_eval_engine(cfg.eval_engine, cfg.extract_engine) == "onnx":
+    wanted = "torch" if few_files and cfg.eval_engine == "auto" else cfg.eval_engine
+    if resolve_eval_engine(wanted, cfg.extract_engine) == "onnx":
         t = time.time()
         try:
             rep, *_ = export_checked(run, n_parity=16)
@@ -75,7 +77,7 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
     """Score val and test with the Predictor, or, when the run's cached features are exact (checked on a few
     files), from the logits the head gave them (each file then goes through the backbone once, not twice)."""
     t = time.time()
-    predictor, eval_info = eval_predictor(run, model, data.labels, cfg)
+    predictor, eval_info = eval_predictor(run, model, data.labels, cfg, few_files=bool(feature_logits))
     check = from_features(predictor, data, feature_logits)
     if check is not None:
         eval_info["cached_features"] = check

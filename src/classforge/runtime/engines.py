@@ -1,20 +1,18 @@
-"""How the frozen backbone runs when embeddings are extracted: the fastest exact path this machine has.
+"""How the frozen backbone runs when embeddings are extracted.
 
+- ``onnx``: the backbone exported once to ONNX (kept in the embedding cache) and run by ONNX Runtime in fp32, one
+  single-threaded pass per decode worker. Its features are the shipped fp32 model's, so a linear run scores its
+  val and test files from them instead of running the model over them a second time.
 - ``torch``: PyTorch, channels_last; on CPUs with native bf16 (AVX512-BF16 / AMX) image backbones run as a frozen
-  TorchScript graph under bf16 autocast (eager bf16 autocast if tracing fails or CLASSFORGE_NO_JIT=1; measured on
-  hymenoptera with Lite0: 167 images/s against 126 eager), fp32 elsewhere (fp16 autocast on CUDA).
-- ``onnx``: the backbone exported once to ONNX (kept in the embedding cache) and run by ONNX Runtime in fp32.
+  TorchScript graph under bf16 autocast (eager bf16 autocast if tracing fails or CLASSFORGE_NO_JIT=1), fp32
+  elsewhere, fp16 autocast on CUDA. bf16 features are close to fp32 but not equal, so scoring needs a second pass.
 
-``auto`` picks torch where bf16 is native or a GPU is used, else ONNX Runtime. Measured (EfficientNet-Lite0,
-batch 32, 2 threads, forward only): on this AMD EPYC with AVX2 and no AVX-512, torch fp32 channels_last 23
-images/s, bf16 autocast 2.8 (emulated), ONNX Runtime fp32 58; on an AVX512-BF16 machine torch bf16 ran at 151
-and ONNX Runtime fp32 at 139. ONNX Runtime int8 (static, per-channel, MinMax or percentile calibration on 64
-training photos) ran 1.9x faster than fp32 here but its Lite0 features had a cosine similarity of only
-0.85 (mean; 0.71 worst) with the fp32 ones on hymenoptera photos, so it is not offered for extraction.
+``auto`` picks ONNX Runtime on a CPU (with bf16 as well: exact features, no second pass for scoring, and per-core
+workers that keep their speed when another process takes a core) and torch on a GPU. ONNX Runtime int8 is not
+offered for extraction: its Lite0 features are too far from fp32 ones (benchmarks/results has the figures).
 
-Only training-time features come from here. The Predictor (evaluation, predict, serving) stays fp32 so that a
-file's probabilities never depend on its batch neighbours: PyTorch fp32, or ONNX Runtime fp32 where
-`resolve_eval_engine` picks it.
+The Predictor (evaluation, predict, serving) stays fp32 so that a file's probabilities never depend on its batch
+neighbours: PyTorch fp32, or ONNX Runtime fp32 where `resolve_eval_engine` picks it.
 """
 
 from __future__ import annotations
@@ -60,7 +58,7 @@ def resolve_engine(name: str, device: str = "cpu") -> str:
         if name == "onnx" and not onnxruntime_available():
             raise ClassforgeError(f"--extract-engine {name} needs onnxruntime: pip install 'classforge[serve]'")
         return name
-    if device != "cpu" or fast_cpu_bf16() or not onnxruntime_available():
+    if device != "cpu" or not onnxruntime_available():
         return "torch"
     return "onnx"
 
@@ -98,6 +96,13 @@ class Engine:
         return self.kind
 
     @property
+    def per_core(self) -> bool:
+        """Runs one single-threaded forward pass per decode worker (one per free core) rather than one pass on
+        all cores: no intra-op barriers, which stall when another process holds a core, and decoding and forward
+        passes overlap on every core."""
+        return self.kind == "onnx" and self.device == "cpu"
+
+    @property
     def exact(self) -> bool:
         """Whether its features are the shipped fp32 model's (to float32 rounding): no bf16, no fallback."""
         return "bf16" not in self.key and not self.note
@@ -110,7 +115,7 @@ class Engine:
         run = None
         if self.kind == "onnx":
             try:
-                run = _ort_runner(backbone, cache)
+                run = _ort_runner(backbone, cache, threads=1 if self.per_core else None)
             except Exception as e:  # noqa: BLE001 - export or session failure: the torch path still works
                 self.note = f"onnx engine unavailable ({str(e).splitlines()[0][:160]}); embeddings extracted with torch"
                 warnings.warn(self.note, stacklevel=2)
@@ -120,7 +125,7 @@ class Engine:
         return run
 
 
-def _ort_runner(backbone, cache: Path):
+def _ort_runner(backbone, cache: Path, threads: int | None = None):
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / "backbone.onnx"
     if not path.is_file():
@@ -130,7 +135,9 @@ def _ort_runner(backbone, cache: Path):
         with torch.no_grad():
             torch_to_onnx(model, example_input(backbone), mine)
         os.replace(mine, path)
-    session = ort_session(path, threads=torch.get_num_threads())
+    # one session for all workers: ONNX Runtime's run() is thread-safe, and with one intra-op thread it computes
+    # on the calling thread
+    session = ort_session(path, threads=threads or torch.get_num_threads())
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
