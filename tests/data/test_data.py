@@ -192,7 +192,6 @@ def test_fast_eval_view_is_bitwise_the_torchvision_pipeline(tmp_path, size):
 def test_small_images_are_enlarged_like_torchvision_without_importing_it(tmp_path, size):
     """Images smaller than a bilinear model's input are enlarged with Pillow (torchvision's import costs seconds):
     to the same size as torchvision's Resize and within one grey level of its pixels."""
-    import torch
 
     from classforge.core.spec import InputSpec
     from classforge.data.image import ImagePreprocessor

@@ -107,7 +107,7 @@ def test_health_labels_metadata(server, exported_run):
     h = requests.get(server.url + "/health", timeout=10).json()
     assert {k: h[k] for k in ("status", "task", "backend", "labels")} == \
         {"status": "ok", "task": "image", "backend": "onnxruntime", "labels": 3}
-    assert set(h["batching"]) == {"calls", "rows", "max_rows"}
+    assert set(h["batching"]) == {"calls", "rows", "max_rows", "workers", "alone"}
     assert requests.get(server.url + "/labels").json()["labels"] == json.loads((exported_run / "labels.json").read_text())
     m = requests.get(server.url + "/metadata").json()
     s = json.loads((exported_run / "summary.json").read_text())
@@ -193,8 +193,11 @@ def test_never_opens_request_paths(server, test_images):
 
 
 def test_concurrent_requests_are_batched(server, test_images):
+    """Concurrent requests share forward passes (fewer passes than rows), and every answer is its own file's:
+    the same label and probability as that file scored alone."""
     files = [p.read_bytes() for p, _ in test_images[:8]]
     pred = server.app.state.predictor
+    alone = [pred.postprocess(pred.probs(pred.forward(pred.preprocess(f)[None])), 1)[0] for f in files]
     before = dict(pred.batcher.stats)
 
     def post(i):
@@ -206,7 +209,11 @@ def test_concurrent_requests_are_batched(server, test_images):
     assert all(r.status_code == 200 for r in rs)
     rows = pred.batcher.stats["rows"] - before["rows"]
     calls = pred.batcher.stats["calls"] - before["calls"]
-    assert rows == 32 and calls <= rows
+    assert rows == 32 and calls < rows
+    for i, r in enumerate(rs):
+        got, want = r.json()["results"][0], alone[i % len(files)]
+        assert got["filename"] == f"{i}.png" and got["label"] == want["label"]
+        assert abs(got["probability"] - want["probability"]) < 1e-4
     labels = {r.json()["results"][0]["label"] for r in rs[:len(files)]}
     assert labels <= set(pred.labels)
 
@@ -235,6 +242,39 @@ def test_micro_batcher_groups_and_routes_rows():
         assert b.submit(torch.ones(1, 3)).tolist() == [[3.0, 3.0]]
     finally:
         b.close()
+
+
+def test_micro_batcher_workers_run_passes_side_by_side_and_route_every_answer():
+    """Per-core workers: while one pass computes, another worker takes the next batch (passes overlap), each
+    caller gets its own rows back, and a lone request goes to the all-cores forward."""
+    import torch
+
+    active, peak, lock, alone_calls = [0], [0], threading.Lock(), []
+
+    def forward(x):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return x[:, :1].numpy() * np.array([[1.0, -1.0]], np.float32)  # row i answers with its own value
+
+    def forward_alone(x):
+        alone_calls.append(len(x))
+        return forward(x)
+
+    b = MicroBatcher(forward, max_batch=2, max_wait_ms=1, workers=2, forward_alone=forward_alone)
+    try:
+        assert b.submit(torch.full((1, 3), 7.0)).tolist() == [[7.0, -7.0]] and alone_calls == [1]
+        xs = [torch.full((1, 3), float(i)) for i in range(12)]
+        with ThreadPoolExecutor(12) as ex:
+            outs = list(ex.map(b.submit, xs))
+        assert [o.tolist() for o in outs] == [[[float(i), -float(i)]] for i in range(12)]
+        assert peak[0] == 2 and b.stats["workers"] == 2 and b.stats["rows"] == 13
+    finally:
+        b.close()
+    assert all(not t.is_alive() for t in b._threads)
 
 
 def test_micro_batcher_waits_only_for_announced_requests():

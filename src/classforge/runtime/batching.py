@@ -1,9 +1,9 @@
 """Micro-batching: requests that arrive together share one forward pass.
 
-Request threads decode and preprocess in parallel (that part is per file); the tensors then go to one worker
-thread that waits at most `max_wait_ms` for company, runs the model on up to `max_batch` rows and hands every
-caller its own rows. Running all forward passes on one thread also keeps 8 concurrent requests from starting
-8 x intra-op thread pools on a 2-core machine.
+Request threads decode and preprocess in parallel (that part is per file); the tensors then go to a few worker
+threads (one per core with a single-threaded model, else one) that wait at most `max_wait_ms` for company, run
+the model on up to `max_batch` rows and hand every caller its own rows. A fixed set of forward threads also keeps
+8 concurrent requests from starting 8 x intra-op thread pools on a 2-core machine.
 
 A lone request should not pay the waiting window: callers announce themselves with `expect()` while they are
 still decoding, and the worker only waits for company that has been announced."""
@@ -27,18 +27,28 @@ class BatcherClosed(RuntimeError):
 
 class MicroBatcher:
     """submit(x: (B, ...) tensor) -> (B, C) logits, computed by `forward` together with whatever other
-    submissions arrived within `max_wait_ms` of the first one (at most `max_batch` rows per call)."""
+    submissions arrived within `max_wait_ms` of the first one (at most `max_batch` rows per call).
 
-    def __init__(self, forward: Callable[[torch.Tensor], np.ndarray], max_batch: int = 16, max_wait_ms: float = 5.0):
+    `workers` threads take batches from one queue: with a single-threaded `forward`, one worker per core keeps
+    every core on its own forward pass (no intra-op barriers between cores) while requests keep coming. A
+    submission that is alone (nothing else queued, announced or computing) goes to `forward_alone` when given: a
+    pass that uses every core answers a lone request sooner."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], np.ndarray], max_batch: int = 16, max_wait_ms: float = 5.0,
+                 workers: int = 1, forward_alone: Callable[[torch.Tensor], np.ndarray] | None = None):
         self.forward, self.max_batch, self.max_wait = forward, max(1, int(max_batch)), max(0.0, max_wait_ms) / 1000
+        self.forward_alone = forward_alone
         self._q: queue.Queue = queue.Queue()
         self._local = threading.local()
         self._closed = False
         self._coming = 0  # announced by expect(), not yet submitted
+        self._computing = 0  # batches in a forward pass now
         self._count_lock = threading.Lock()
-        self.stats = {"calls": 0, "rows": 0, "max_rows": 0}
-        self._thread = threading.Thread(target=self._loop, name="classforge-batcher", daemon=True)
-        self._thread.start()
+        self.stats = {"calls": 0, "rows": 0, "max_rows": 0, "workers": max(1, int(workers)), "alone": 0}
+        self._threads = [threading.Thread(target=self._loop, name=f"classforge-batcher-{i}", daemon=True)
+                         for i in range(self.stats["workers"])]
+        for t in self._threads:
+            t.start()
 
     @contextlib.contextmanager
     def expect(self) -> Iterator[None]:
@@ -69,8 +79,14 @@ class MicroBatcher:
 
     def close(self) -> None:
         self._closed = True
-        self._q.put(None)
-        self._thread.join(timeout=5)
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+        while not self._q.empty():  # fail anything that slipped in after close()
+            item = self._q.get_nowait()
+            if item is not None:
+                item[1].set_exception(BatcherClosed("the model worker has stopped"))
 
     def _collect(self) -> list[tuple[torch.Tensor, Future]] | None:
         first = self._q.get()
@@ -94,26 +110,36 @@ class MicroBatcher:
             rows += len(nxt[0])
         return items
 
+    def _pick_forward(self, items: list) -> Callable[[torch.Tensor], np.ndarray]:
+        with self._count_lock:
+            alone = (len(items) == 1 and self._coming <= 0 and self._q.empty() and self._computing == 0)
+            self._computing += 1
+        if alone and self.forward_alone is not None:
+            self.stats["alone"] += 1
+            return self.forward_alone
+        return self.forward
+
     def _loop(self) -> None:
         while True:
             items = self._collect()
             if items is None:
                 break
+            forward = self._pick_forward(items)
             try:
                 x = torch.cat([t for t, _ in items])  # (sum B_i, ...)
-                logits = self.forward(x)
+                logits = forward(x)
             except BaseException as e:  # noqa: BLE001 - every caller gets the error, the worker lives on
                 for _, f in items:
                     f.set_exception(e)
                 continue
-            self.stats["calls"] += 1
-            self.stats["rows"] += len(x)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(x))
+            finally:
+                with self._count_lock:
+                    self._computing -= 1
+            with self._count_lock:
+                self.stats["calls"] += 1
+                self.stats["rows"] += len(x)
+                self.stats["max_rows"] = max(self.stats["max_rows"], len(x))
             i = 0
             for t, f in items:
                 f.set_result(logits[i:i + len(t)])
                 i += len(t)
-        while not self._q.empty():  # fail anything that slipped in after close()
-            item = self._q.get_nowait()
-            if item is not None:
-                item[1].set_exception(BatcherClosed("the model worker has stopped"))

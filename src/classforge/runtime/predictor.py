@@ -80,16 +80,11 @@ class Predictor:
         self.batcher = None
         self.temperature = 1.0  # logits are divided by it before the softmax (`classforge calibrate` fits it)
         self._lock = threading.Lock()
+        self.session_single = None  # a one-thread session for per-core forward workers (start_batching)
         if onnx_path is not None:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
             # the caller's torch thread count (adapted to how busy the machine is) unless told otherwise
-            opts.intra_op_num_threads = threads or torch.get_num_threads()
-            # Idle intra-op threads spin by default; on shared cores (other requests decoding, other jobs) that
-            # spinning costs more than it saves: measured 52.6 -> 31.6 ms p50 at batch 1, 2 threads, busy host.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+            self.threads = threads or torch.get_num_threads()
+            self.session = ort_cpu_session(onnx_path, self.threads)
             self.input_name = self.session.get_inputs()[0].name
             self.backend = "onnxruntime"
             self.onnx_path = Path(onnx_path)
@@ -144,6 +139,12 @@ class Predictor:
         """(B, ...) preprocessed batch -> (B, C) logits as float32."""
         if self.session is not None:
             return self.session.run(None, {self.input_name: x.numpy().astype(np.float32)})[0]
+        return self._forward_torch(x)
+
+    def _forward_single(self, x: torch.Tensor) -> np.ndarray:
+        return self.session_single.run(None, {self.input_name: x.numpy().astype(np.float32)})[0]
+
+    def _forward_torch(self, x: torch.Tensor) -> np.ndarray:
         with self._lock:
             if self.fast:
                 # fp32: evaluation, `predict` and the server must give a file the same probabilities whatever
@@ -154,8 +155,16 @@ class Predictor:
 
     # -- micro-batching of concurrent requests (the server turns it on)
     def start_batching(self, max_batch: int = 16, max_wait_ms: float = 5.0) -> Predictor:
+        """Concurrent requests share forward passes. With ONNX Runtime on several threads, one single-threaded
+        pass per thread runs at once while requests overlap (each core on its own pass: no intra-op barriers,
+        which stall when another process holds a core), and a lone request still gets every thread."""
         if self.batcher is None:
-            self.batcher = MicroBatcher(self.forward, max_batch, max_wait_ms)
+            if self.session is not None and self.threads > 1:
+                self.session_single = ort_cpu_session(self.onnx_path, 1)
+                self.batcher = MicroBatcher(self._forward_single, max_batch, max_wait_ms, workers=self.threads,
+                                            forward_alone=self.forward)
+            else:
+                self.batcher = MicroBatcher(self.forward, max_batch, max_wait_ms)
         return self
 
     def batch_slot(self):
@@ -202,6 +211,17 @@ class Predictor:
 
     def predict(self, inputs, top_k: int = 3) -> list[dict]:
         return self.postprocess(self.predict_proba(list(inputs)), top_k)
+
+
+def ort_cpu_session(path, threads: int):
+    """An ONNX Runtime CPU session on `threads` intra-op threads. Idle intra-op threads do not spin: on shared
+    cores (other requests decoding, other jobs) spinning costs more than it saves."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def check_audio_duration(src, limit_s: float) -> None:
