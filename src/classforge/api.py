@@ -166,7 +166,15 @@ def push(run_dir: str | Path, repo_id: str, **options) -> str:
 
 
 def serving_app(run_dir: str | Path, limits: dict | None = None, **options):
-    """The FastAPI app (REST API and, with ui=True, the web UI) serving a run; run it with uvicorn."""
+    """The FastAPI app (REST API and, with ui=True, the web UI) serving a run; `serve_app` runs it."""
     from classforge.serve.api import Limits, create_app
 
     return create_app(run_dir, limits=Limits(**(limits or {})), **options)
+
+
+def serve_app(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run a `serving_app` under uvicorn until interrupted, with its limits on slow and idle connections."""
+    from classforge.serve.http import serve
+
+    limits = app.state.limits
+    serve(app, host, port, limits.request_timeout_s, limits.max_connections, log_level)

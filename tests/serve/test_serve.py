@@ -400,3 +400,73 @@ def test_wrong_methods_get_405_with_a_json_body(exported_run, ui):
             assert r.status_code == 405, (ui, method, path, r.status_code, r.text[:200])
             assert r.headers["allow"] == allowed and r.json()["status"] == 405 and allowed in r.json()["error"]
         assert requests.get(srv.url + "/health", timeout=30).status_code == 200
+
+
+def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_silent_and_trickling_connections_are_closed_and_the_cap_answers_503(exported_run, test_images):
+    """Connections that never send a request, or send it a byte at a time, are closed once the request deadline
+    passes (they would otherwise hold a socket each for ever); a request that arrives in time is answered however
+    long the answer takes; beyond the connection cap requests get a 503 at once; the server keeps serving."""
+    import requests
+    import uvicorn
+
+    from classforge.serve.http import server_config
+
+    app = create_app(exported_run, Limits(), ui=False, batch_size=1)
+    port = free_port()
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, request_timeout_s=1.0, max_connections=12,
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while not server.started and time.time() - t0 < 60:
+            time.sleep(0.05)
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        trickling = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: "
+        cut = set()  # trickling connections the server closed while they were still sending
+        for step in range(14):  # headers that never finish, a few bytes at a time, for longer than the deadline
+            for i, s in enumerate(trickling):
+                try:
+                    s.sendall(head[step * 8:(step + 1) * 8] or b"a")
+                except (BrokenPipeError, ConnectionResetError):
+                    cut.add(i)
+            time.sleep(0.15)
+        assert all(_closed_by_server(s, 3.0) for s in silent)
+        assert all(i in cut or _closed_by_server(s, 3.0) for i, s in enumerate(trickling))
+        # the cap: 12 connections held open by clients that are still inside the deadline
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+        time.sleep(0.2)
+        r = requests.get(url + "/health", timeout=10)
+        assert r.status_code == 503
+        for s in held + silent + trickling:
+            s.close()
+        time.sleep(0.3)
+        p, _ = test_images[0]
+        ok = requests.post(url + "/predict", files={"file": (p.name, p.read_bytes())}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["results"][0]["label"]
+        # an answer that takes longer than the request deadline is still delivered
+        slow = app.state.predictor.forward
+
+        def slower(x):
+            time.sleep(1.5)
+            return slow(x)
+
+        app.state.predictor.forward = slower
+        late = requests.post(url + "/predict", files={"file": (p.name, p.read_bytes())}, timeout=30)
+        assert late.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.predictor.close()

@@ -58,6 +58,14 @@ def add_commands(app) -> None:
             help="Micro-batching: how long the first request waits for others to join its batch",
         ),
         threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: one per core)"),
+        request_timeout: float = typer.Option(
+            15.0,
+            "--request-timeout",
+            help="Seconds a client has to send a whole request; slower or silent connections are closed",
+        ),
+        max_connections: int = typer.Option(
+            256, "--max-connections", help="Open connections at most; beyond it requests get a 503 at once"
+        ),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level"),
     ):
         """Serve a run: REST API (POST /predict, GET /health, /labels, /metadata, docs at /docs) and a web UI at /.
@@ -65,9 +73,7 @@ def add_commands(app) -> None:
         Example: classforge serve runs/pets  then  curl -F file=@cat.jpg 'http://127.0.0.1:8000/predict?top_k=3'"""
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-        import uvicorn
-
-        from classforge.api import serving_app
+        from classforge.api import serve_app, serving_app
         from classforge.cli.console import console
         from classforge.cli.console import run_cmd as _run
 
@@ -77,6 +83,8 @@ def add_commands(app) -> None:
             max_pixels=max_pixels,
             max_audio_seconds=max_audio_seconds,
             max_decoding_mb=max_decoding_mb,
+            request_timeout_s=request_timeout,
+            max_connections=max_connections,
         )
         application = _run(
             serving_app,
@@ -104,5 +112,5 @@ def add_commands(app) -> None:
             f"serving {run_dir} ({p.spec.task}, {len(p.labels)} labels, backend {p.backend}) on "
             f"http://{shown}:{port}/  ·  API docs http://{shown}:{port}/docs"
         )
-        uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        serve_app(application, host=host, port=port, log_level=log_level)
         p.close()

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from classforge.core.errors import BadFile
 from classforge.runtime.predictor import Predictor
@@ -46,6 +47,8 @@ class Limits:
     max_top_k: int = 100
     max_decoding_mb: float = 1024.0  # decoded pixels/samples of all requests at once; beyond it requests wait
     busy_wait_s: float = 10.0  # how long a request waits for decode memory before a 503 with Retry-After
+    request_timeout_s: float = 15.0  # a request must arrive whole this soon after its connection (or answer)
+    max_connections: int = 256  # open connections; beyond it requests get a 503 at once
 
     @property
     def max_upload_bytes(self) -> int:
@@ -214,6 +217,9 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):  # a bug, not a bad input: say so, keep serving
+        if isinstance(e, ClientDisconnect):  # the client left (or was too slow) mid-request: nobody to answer
+            log.info("client left during %s", request.url.path)
+            return JSONResponse({"error": "client disconnected", "status": 499}, status_code=499)
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse({"error": f"internal error ({type(e).__name__}); the server keeps running",
                              "status": 500}, status_code=500)
