@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import random
 import shutil
 import tarfile
 import zipfile
@@ -148,6 +149,52 @@ def test_group_split_drops_cross_split_duplicates_from_evaluation(tmp_path):
         assert any("duplicate of" in why for _, why in rep.excluded)
 
 
+def _speakers_and_an_ungrouped_class(seed: int):
+    """An FSDD-like set: 10 digits x 6 speakers x 20 files, plus 160 'silence' files that no speaker pattern
+    matches (each its own group). The groups are not single-class, which once made the split drop class
+    balance: silence, the easy class, filled the test set."""
+    from classforge.data.discover import Sample
+
+    samples = [Sample(f"/x/{d}_{sp}_{k}.wav", f"{d}_{sp}_{k}.wav", str(d), sp)
+               for d in range(10) for sp in "abcdef" for k in range(20)]
+    samples += [Sample(f"/x/silence_{k}.wav", f"silence_{k}.wav", "silence", "") for k in range(160)]
+    random.Random(seed).shuffle(samples)
+    return samples
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_with_mixed_class_groups_keeps_groups_whole_and_classes_balanced(seed):
+    from classforge.data.split import class_share_warnings
+    from classforge.data.validate import FileInfo
+
+    samples = _speakers_and_an_ungrouped_class(seed)
+    info = {s.path: FileInfo(s.rel, True, sha1=f"{i:040x}") for i, s in enumerate(samples)}  # no duplicates
+    rep = make_split(samples, info, (0.7, 0.2, 0.1), seed=seed)
+    assert rep.method == "stratified by class, whole groups"
+    by_group: dict = {}
+    for s in samples:
+        if not s.group.startswith("#"):
+            by_group.setdefault(s.group, set()).add(s.split)
+    assert all(len(sp) == 1 for sp in by_group.values())  # a speaker never spans two splits
+    kept = [s for s in samples if s.split]
+    for split in ("train", "val", "test"):
+        part = [s for s in kept if s.split == split]
+        for label in {s.label for s in kept}:
+            data_share = sum(s.label == label for s in kept) / len(kept)
+            assert abs(sum(s.label == label for s in part) / len(part) - data_share) < 0.05, (split, label)
+    assert rep.warnings == [] and class_share_warnings(samples) == []
+
+
+def test_a_test_split_skewed_by_class_is_warned_about():
+    from classforge.data.split import class_share_warnings
+
+    samples = _speakers_and_an_ungrouped_class(0)
+    for s in samples:  # the old fallback: whole groups, blind to class, silence piling into test
+        s.split = "test" if s.label == "silence" or s.group == "a" else "train"
+    warned = class_share_warnings(samples)
+    assert warned and "'silence'" in warned[0] and "more than the data" in warned[0]
+
+
 def test_split_file_roundtrip(tmp_path, shapes_dir):
     ds = discover(shapes_dir)
     checked = validate(ds)
@@ -279,3 +326,25 @@ def test_archive_bombs_are_refused_and_leave_nothing(tmp_path, monkeypatch, kind
     assert left == []
     monkeypatch.setenv("CLASSFORGE_MAX_UNPACK_GB", "1")  # raised: the same archive unpacks
     assert len(list(resolve_root(arc).rglob("*.bin"))) == 4
+
+
+def test_odd_folders_are_named_not_silently_used_or_dropped(tmp_path):
+    """An empty class folder, a class with one file (no test file possible) and a symlink to a file outside DATA
+    are each said: in inspect's notes/warnings, and (the split's warnings) in every run's summary."""
+    from classforge.data.inspect import inspect_data
+
+    root = make_image_folder(tmp_path / "d", 12, kinds=("circle", "stripes"))
+    (root / "empty_class").mkdir()
+    (root / "lonely").mkdir()
+    shutil.copy(root / "circle" / "circle_000.png", root / "lonely" / "only.png")
+    outside = make_image_folder(tmp_path / "elsewhere", 1, kinds=("stripes",))
+    (root / "stripes" / "linked.png").symlink_to(outside / "stripes" / "stripes_000.png")
+    (root / "linked_class").symlink_to(outside / "stripes", target_is_directory=True)
+    before = tree_checksums(root)
+    js = inspect_data(str(root))["json"]
+    notes, warnings = " ".join(js["notes"]), " ".join(js["warnings"])
+    assert "empty_class" in notes and "not classes" in notes
+    assert "symbolic links to files outside" in notes and "2 file(s)" in notes
+    assert "'lonely' (1 file)" in warnings and "no test file" in warnings
+    assert js["per_class"]["linked_class"]["files"] == 1  # a linked folder is followed, not skipped
+    assert tree_checksums(root) == before

@@ -96,10 +96,12 @@ def test_evaluate_rescores_on_another_folder(linear_run, tmp_path):
     assert (tmp_path / "ev" / "report.html").is_file() and (tmp_path / "ev" / "predictions.csv").is_file()
 
 
-def test_bad_files_train_fine_and_are_reported(tmp_path):
+def test_bad_files_train_fine_and_are_reported(tmp_path, capsys):
     root = bad_image_folder(tmp_path / "bad")
     before = tree_checksums(root)
     run = classforge.train(root, tmp_path / "run", epochs=3)
+    said = capsys.readouterr().out
+    assert "5 file(s) skipped" in said and str(run / "report.html") in said  # the console summary says so
     html = (run / "report.html").read_text()
     for name in ("truncated.jpg", "empty.png", "notes.jpg", "tiny.png", "bomb.png"):
         assert name in html

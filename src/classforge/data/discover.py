@@ -163,13 +163,47 @@ def _kind(path: Path) -> str | None:
 
 
 def _files(root: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Every non-hidden file under root, in a stable order. Symlinked folders are followed (once each: a link
+    back up the tree does not loop)."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(filenames):
             if not fn.startswith("."):
                 out.append(Path(dirpath) / fn)
     return out
+
+
+def links_outside(root: Path, files: list[Path]) -> list[str]:
+    """Files (relative to root) that are, or sit in folders that are, symbolic links to places outside root."""
+    top = str(root.resolve())
+    return [str(f.relative_to(root)) for f in files
+            if not os.path.realpath(f).startswith(top + os.sep) and os.path.realpath(f) != top]
+
+
+def empty_class_folders(root: Path, samples: list[Sample]) -> list[str]:
+    """Top-level folders of a one-folder-per-class layout that yielded no file of the dataset's kind."""
+    used = {s.rel.split("/", 1)[0] for s in samples}
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in used)
+
+
+def _say_what_is_odd(root: Path, ds: Dataset) -> None:
+    """Notes on what a user would not guess: class folders that are empty (not classes), and files reached
+    through links that point outside the data folder (used, and read only)."""
+    if ds.layout == "folders":
+        empty = empty_class_folders(root, ds.samples)
+        if empty:
+            ds.notes.append(f"{len(empty)} folder(s) hold no usable file and are not classes: "
+                            f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    outside = links_outside(root, [Path(s.path) for s in ds.samples])
+    if outside:
+        ds.notes.append(f"{len(outside)} file(s) are symbolic links to files outside {root} (used, read only), "
+                        f"e.g. {outside[0]}")
 
 
 def discover(data: str | os.PathLike, labels_csv: str | None = None, label_from_name: str | None = None,
@@ -196,6 +230,8 @@ def discover(data: str | os.PathLike, labels_csv: str | None = None, label_from_
         if missing:
             ds.notes.append(f"--group-by matched no group in {missing} paths; each of those is its own group")
     _select_classes(ds, classes, max_classes)
+    if ds.samples and data:
+        _say_what_is_odd(root, ds)
     if not ds.samples:
         raise ClassforgeError(f"No labelled image or audio files found in {root}. Expected one folder per class, "
                               "train/val/test folders, --labels-csv or --label-from-name.")

@@ -50,7 +50,7 @@ def inspect_data(data: str, labels_csv=None, label_from_name=None, bins=None, cl
           "usable": len(checked.good), "skipped": [{"file": r, "reason": why} for r, why in checked.skipped],
           "duplicate_clusters": len(clusters), "split": {"method": rep.method, "counts": rep.counts},
           "excluded_cross_split_duplicates": [{"file": r, "reason": why} for r, why in rep.excluded],
-          "official_split": dict(given), "notes": ds.notes + rep.notes,
+          "official_split": dict(given), "notes": ds.notes + rep.notes, "warnings": list(rep.warnings),
           "per_class": {lab: {"files": per[lab]["n"], "skipped": per[lab]["skipped"], "splits": dict(per[lab]["splits"])}
                         for lab in labels}}
 
@@ -80,6 +80,8 @@ def inspect_data(data: str, labels_csv=None, label_from_name=None, bins=None, cl
                       f"copies that would straddle splits and are dropped from evaluation: {len(rep.excluded)}")
         for n in js["notes"]:
             console.print(f"[yellow]note:[/] {n}")
+        for w in js["warnings"]:
+            console.print(f"[bold yellow]warning:[/] {w}")
         if checked.skipped:
             st = Table(title=f"Problems: {len(checked.skipped)} files skipped")
             st.add_column("file")
@@ -87,7 +89,7 @@ def inspect_data(data: str, labels_csv=None, label_from_name=None, bins=None, cl
             for r, why in checked.skipped[:200]:
                 st.add_row(r, why)
             console.print(st)
-        else:
+        elif not js["warnings"]:
             console.print("[green]No problems found.[/]")
 
     return {"json": js, "print": show}

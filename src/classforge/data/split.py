@@ -23,6 +23,7 @@ class SplitReport:
     duplicate_clusters: int = 0
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # class shares of the test split far from the data's
 
 
 def _greedy(groups: list[tuple[str, list[Sample]]], fracs: tuple[float, float, float]) -> dict[str, str]:
@@ -35,6 +36,82 @@ def _greedy(groups: list[tuple[str, list[Sample]]], fracs: tuple[float, float, f
         k = max(range(3), key=lambda i: (targets[i] - counts[i], -i))
         out[g] = SPLITS[k]
         counts[k] += len(members)
+    return out
+
+
+def _stratified_groups(groups: list[tuple[str, list[Sample]]], fracs: tuple[float, float, float]) -> dict[str, str]:
+    """Whole groups to splits so that each split holds each class in about its share (the idea of scikit-learn's
+    StratifiedGroupKFold, for three splits of unequal size): large groups first, each to the split where it
+    lowers the squared distance of the per-class counts from their targets the most (relative to the class's
+    size, so that small classes count as much as large ones). Groups holding one class and single ungrouped files
+    fill in what the large groups left."""
+    labels = sorted({s.label for _, m in groups for s in m})
+    col = {c: i for i, c in enumerate(labels)}
+    total = [0] * len(labels)
+    vectors = []
+    for g, m in groups:
+        v = [0] * len(labels)
+        for s in m:
+            v[col[s.label]] += 1
+            total[col[s.label]] += 1
+        vectors.append((g, v))
+    order = sorted(range(len(vectors)), key=lambda i: -sum(vectors[i][1]))  # stable: the seeded shuffle breaks ties
+    sizes = [f * sum(total) for f in fracs]
+    for _ in range(3):
+        # Large groups can make a split bigger than its fraction; the classes' targets then follow the split's
+        # real size, so that each class keeps its share of every split (a second pass is usually enough).
+        targets = [[size * n / sum(total) for n in total] for size in sizes]
+        out, counts = _place(vectors, order, targets, fracs)
+        new_sizes = [float(sum(row)) for row in counts]
+        if new_sizes == sizes:
+            break
+        sizes = new_sizes
+    return out
+
+
+def _place(vectors, order, targets, fracs) -> tuple[dict[str, str], list[list[int]]]:
+    n_classes = len(targets[0])
+    total = [max(1e-9, sum(t[c] for t in targets)) for c in range(n_classes)]
+    counts = [[0] * n_classes for _ in fracs]
+    out = {}
+    for i in order:
+        g, v = vectors[i]
+
+        k = min((k for k in range(3) if fracs[k] > 0), key=lambda k, v=v: (_growth(counts[k], targets[k], v, total), k))
+        out[g] = SPLITS[k]
+        for c in range(n_classes):
+            counts[k][c] += v[c]
+    return out, counts
+
+
+def _growth(counts: list[int], targets: list[float], v: list[int], total: list[float]) -> float:
+    """How much adding a group's per-class counts `v` moves a split's counts away from its targets (squared,
+    relative to each class's size); negative when it fills a deficit."""
+    return sum(((counts[c] + v[c] - targets[c]) ** 2 - (counts[c] - targets[c]) ** 2) / total[c]
+               for c in range(len(v)) if v[c])
+
+
+def class_share_warnings(samples: list[Sample], split: str = "test", max_points: float = 5.0) -> list[str]:
+    """Classes missing from `split` (too few files to reach it), and classes whose share of `split` differs from
+    their share of all the data by more than `max_points` percentage points: the split's accuracy then weighs
+    that class more (or less) than the data does."""
+    kept = [s for s in samples if s.split]
+    part = [s for s in kept if s.split == split]
+    if not part:
+        return []
+    everywhere, there = Counter(s.label for s in kept), Counter(s.label for s in part)
+    out = []
+    absent = sorted(lab for lab in everywhere if not there.get(lab))
+    if absent:
+        few = ", ".join(f"{lab!r} ({everywhere[lab]} file{'s' if everywhere[lab] > 1 else ''})" for lab in absent[:8])
+        out.append(f"{len(absent)} class(es) have no {split} file, so their accuracy is not measured: {few}"
+                   f"{' ...' if len(absent) > 8 else ''}; add files to them")
+    for label in sorted(set(everywhere) - set(absent)):
+        data_share, split_share = everywhere[label] / len(kept), there.get(label, 0) / len(part)
+        if abs(split_share - data_share) * 100 > max_points:
+            out.append(f"class {label!r} is {split_share:.1%} of the {split} split but {data_share:.1%} of the data: "
+                       f"{split} accuracy weighs it {'more' if split_share > data_share else 'less'} than the data "
+                       "does (per-class figures in the report are not affected)")
     return out
 
 
@@ -59,9 +136,8 @@ def _assign(samples: list[Sample], fracs: tuple[float, float, float], seed: int)
             assignment.update(_greedy(by_label[label], fracs))
         method = "stratified"
     else:
-        groups.sort(key=lambda gm: -len(gm[1]))  # big groups first, then fill with small ones
-        assignment = _greedy(groups, fracs)
-        method = "group-balanced"
+        assignment = _stratified_groups(groups, fracs)
+        method = "stratified by class, whole groups"
     for g, m in groups:
         for s in m:
             s.split = assignment[g]
@@ -120,7 +196,8 @@ def make_split(samples: list[Sample], info: dict[str, FileInfo], fracs=(0.7, 0.2
         raise ClassforgeError(f"The split left no {' and no '.join(missing)} samples; check --split / the data")
     if not counts.get("val"):
         notes.append("No validation samples: early stopping watches the training loss")
-    return SplitReport({sp: counts.get(sp, 0) for sp in SPLITS}, method, len(clusters), excluded, notes)
+    return SplitReport({sp: counts.get(sp, 0) for sp in SPLITS}, method, len(clusters), excluded, notes,
+                       class_share_warnings(samples))
 
 
 def _resolve_duplicates(samples: list[Sample], clusters: list[list[int]]) -> list[tuple[str, str]]:

@@ -73,9 +73,10 @@ def summarize(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> dict:
 
 
 def run_warnings(summary: dict, test_labels: np.ndarray) -> list[str]:
-    """What a reader must know before trusting the numbers: training that stopped inside its first epoch, and a
-    test accuracy that chance (always answering the most frequent test class) would reach within its interval."""
-    out = []
+    """What a reader must know before trusting the numbers: a test split whose class shares differ from the
+    data's, training that stopped inside its first epoch, and a test accuracy that chance (always answering the
+    most frequent test class) would reach within its interval."""
+    out = list((summary.get("split") or {}).get("warnings", []))
     trainer = summary.get("trainer") or {}
     if trainer and trainer.get("epochs_run", 1) < 1:
         out.append(f"training stopped before one full epoch (by {trainer.get('stopped_by', 'its limit')}): "

@@ -297,6 +297,9 @@ def print_summary(run: Path, s: dict) -> None:
         how = f"the head on cached {ev['cached_features']['engine']} features (checked against {how})"
     print(f"\nTest accuracy {t['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={t['n']}), macro F1 {t['macro_f1']:.3f}, "
           f"ECE {t['ece']:.3f}; total {s['timing']['total_s']:.1f}s; scored with {how}")
+    if s.get("skipped"):
+        print(f"{s['skipped']} file(s) skipped (unreadable or not data): listed with reasons under 'Skipped files' "
+              f"in {run / 'report.html'}")
     for warning in s.get("warnings", []):
         print(f"Warning: {warning}")
     print(f"Report: {(run / 'report.html').resolve()}")
