@@ -125,7 +125,43 @@ def test_finetune_small_cnn_with_time_budget_and_resume(tmp_path):
     run2 = classforge.train(root, tmp_path / "ft", backbone="cnn_small", strategy="scratch",
                             epochs=len(rows) + 1, batch_size=16, resume=True, patience=1_000_000)
     rows2 = read_csv(run2 / "metrics.csv")
-    assert rows2[-1]["epoch"] == str(len(rows) + 1) and len(rows2) <= 3  # continued, not restarted
+    # continued, not restarted, and the history before the stop is kept: epochs 0..N-1, then N and N+1
+    assert [r["epoch"] for r in rows2] == [str(e) for e in range(len(rows) + 2)]
+    assert rows2[: len(rows)] == rows or [r["val_loss"] for r in rows2[: len(rows)]] == [r["val_loss"] for r in rows]
+    # a checkpoint cut short (a crash while it was written) is a clear error, not a traceback
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ClassforgeError, match="unreadable.*start again without --resume"):
+        classforge.train(root, tmp_path / "ft", backbone="cnn_small", strategy="scratch", epochs=len(rows) + 2,
+                         batch_size=16, resume=True)
+
+
+def test_resume_after_kill_keeps_every_epoch(tmp_path):
+    """kill -9 in the middle of training, then --resume: metrics.csv has every epoch, before and after."""
+    import signal
+
+    root = make_image_folder(tmp_path / "d", 16, kinds=("circle", "stripes"))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "classforge.cli", "train", str(root), "--out", str(out), "--backbone", "cnn_small",
+           "--strategy", "scratch", "--epochs", "100000", "--batch-size", "16", "--patience", "1000000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "CLASSFORGE_QUIET": "1"})
+    journal = out / "checkpoints" / "history.jsonl"
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 300:
+            lines = journal.read_text().splitlines() if journal.exists() else []
+            if len(lines) >= 4 and (out / "checkpoints" / "last.ckpt").exists():
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = [json.loads(x)["epoch"] for x in journal.read_text().splitlines()]
+    run = classforge.train(root, out, backbone="cnn_small", strategy="scratch", epochs=max(done) + 2,
+                           batch_size=16, resume=True, patience=1_000_000)
+    epochs = [int(r["epoch"]) for r in read_csv(run / "metrics.csv")]
+    assert epochs == list(range(max(done) + 3)), epochs  # 0 (before training) .. the last, no gap
 
 
 def test_two_stage_on_lite0(tmp_path):

@@ -27,7 +27,13 @@ from classforge.training.module import ClassifierModule, FileDataset, TensorBatc
 from classforge.training.optimizers import get_optimizer
 from classforge.training.prepared import audio_kwargs, class_weights, load_raws
 from classforge.training.schedules import SCHEDULES, parse_progressive
-from classforge.training.trainer import BestWeights, make_trainer, per_class_columns
+from classforge.training.trainer import (
+    BestWeights,
+    journal_path,
+    make_trainer,
+    per_class_columns,
+    read_journal,
+)
 from classforge.training.tricks import batch_transforms, step_rule
 
 
@@ -128,13 +134,22 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
         tune_lr(trainer, module, train_dl, val_dl, run)
     ckpt = run / "checkpoints" / "last.ckpt"
     rows = []
-    if val_dl is not None and not (cfg.resume and ckpt.exists()):
-        rows.append(pre_training_eval(trainer, module, val_dl, stage))
-        seed_best(trainer, module, rows[-1].get("val_loss"))
-    trainer.fit(module, train_dl, val_dl, ckpt_path=str(ckpt) if cfg.resume and ckpt.exists() else None)
+    if resuming:
+        check_checkpoint(ckpt)
+        rows = read_journal(run, stage)  # the epochs before the stop (a kill included), which Lightning forgets
+    else:
+        journal_path(run).unlink(missing_ok=True)
+        if val_dl is not None:
+            first = pre_training_eval(trainer, module, val_dl, stage)
+            hist.record(first)
+            hist.rows.remove(first)
+            rows.append(first)
+            seed_best(trainer, module, first.get("val_loss"))
+    trainer.fit(module, train_dl, val_dl, ckpt_path=str(ckpt) if resuming else None)
     model.backbone.set_grad_checkpointing(False)
     model.to(memory_format=torch.contiguous_format)
-    rows += hist.rows
+    resumed_at = min((r["epoch"] for r in hist.rows), default=None)
+    rows = [r for r in rows if resumed_at is None or r["epoch"] < resumed_at] + hist.rows
     write_per_class(run, rows, data.labels)
     extra["trainer"] = {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
                         "accelerator": type(trainer.accelerator).__name__, "precision": str(trainer.precision),
@@ -151,6 +166,19 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "threads": torch.get_num_threads(),
                         "forward_ops_per_sample": ops.get("ops"), "forward_macs_per_sample": ops.get("macs")}
     return rows
+
+
+def check_checkpoint(path: Path) -> None:
+    """--resume reads RUN/checkpoints/last.ckpt as plain tensors and containers (never arbitrary pickled
+    objects); a file cut short by a crash, or one that is not a training checkpoint, is a clear error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "state_dict" not in state or "epoch" not in state:
+            raise ValueError("not a training checkpoint (no weights or epoch in it)")
+    except Exception as e:  # noqa: BLE001 - truncated zip, wrong file, refused pickle: all the same advice
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ClassforgeError(f"checkpoint {path} is unreadable ({reason}): start again without --resume "
+                              "(or with another --out)") from None
 
 
 class FreezeBatchNorm(L.Callback):

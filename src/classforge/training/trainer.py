@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -41,10 +42,18 @@ class History(Callback):
     convention; the backward pass (about twice the forward) is not counted, so the machine really does
     roughly 3x `ops_per_s`."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, journal: Path | None = None):
         self.stage, self.rows, self._t = stage, [], time.time()
         self._tv: float | None = None
         self._val_s = 0.0
+        self.journal = journal  # rows are appended here as they come, so a killed run keeps its history
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.journal is not None:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.journal, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._t, self._tv, self._val_s = time.time(), None, 0.0
@@ -81,7 +90,7 @@ class History(Callback):
             if prog is not None and prog.t0 is not None:
                 row["elapsed_s"] = round(prog.elapsed(), 3)
         row.update(per_class_columns(pl_module))
-        self.rows.append(row)
+        self.record(row)
 
 
 def speed_columns(images: int, seconds: float, ops_per_sample: int | None) -> dict:
@@ -213,11 +222,33 @@ def resolve_precision(cfg: TrainConfig, accelerator: str) -> str:
     return "bf16-mixed" if fast_cpu_bf16() else "32-true"
 
 
+def journal_path(run: Path) -> Path:
+    """Each epoch's history row, written as it comes: what --resume puts back before the epochs it adds."""
+    return run / "checkpoints" / "history.jsonl"
+
+
+def read_journal(run: Path, stage: str) -> list[dict]:
+    """The rows of `stage` a previous (perhaps killed) run recorded; unreadable lines are left out."""
+    rows = []
+    try:
+        lines = journal_path(run).read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut off by the kill
+        if isinstance(row, dict) and row.get("stage") == stage:
+            rows.append(row)
+    return rows
+
+
 def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monitor: str, *,
                  distributed: bool = True, checkpoints: bool = True, precision: str | None = None,
                  max_time_s: float | None = None, extra_callbacks: list | None = None):
     ema = EMAWeights(cfg.ema) if cfg.ema else None
-    hist, best = History(stage), BestWeights(monitor, ema)
+    hist, best = History(stage, journal_path(run)), BestWeights(monitor, ema)
     # EMA first: its swap must precede every other callback's validation hooks
     callbacks = ([ema] if ema else []) + [hist, best, EarlyStopping(monitor=monitor, patience=cfg.patience, mode="min")]
     if checkpoints:
