@@ -102,7 +102,8 @@ def test_export_parity_on_32_real_images(exported_run):
     parts = np.concatenate([s.run(None, {"input": x[:1].numpy()})[0], s.run(None, {"input": x[1:].numpy()})[0]])
     with torch.inference_mode():
         ref = model(x).numpy()
-    bound = TOLERANCE * report["parity"]["scale"]
+    # the bound from this test's own reference logits, not from the exporter's report
+    bound = TOLERANCE * max(1.0, float(np.abs(ref).max()) / 10)
     assert np.abs(whole - parts).max() <= bound and np.abs(whole - ref).max() <= bound
 
 
@@ -123,16 +124,25 @@ def test_int8_quantization_reports_agreement(sane_run, exported_run):
     files = [str(f) for f, _, _ in run_files(sane_run, ("test",))]
     fp32 = classforge.load(sane_run).predict_proba(files)
     assert (p.predict_proba(files).argmax(1) == fp32.argmax(1)).mean() >= 0.8
-    # every export with --quantize reports the agreement, whatever the head
-    assert 0 <= json.loads((exported_run / "export.json").read_text())["int8"]["top1_agreement"] <= 1
+    # every export with --quantize reports the agreement, whatever the head: the int8 and fp32 files' top-1
+    # agreement on the same real inputs, recomputed here
+    from classforge.runtime.export import parity_inputs
+    from classforge.runtime.predictor import Predictor
+
+    reported = json.loads((exported_run / "export.json").read_text())["int8"]
+    ref = classforge.load(exported_run, backend="torch")
+    x, _ = parity_inputs(exported_run, Predictor(ref.model, ref.spec, ref.labels, fast=False), reported["n"])
+    runs = [ort.InferenceSession(str(exported_run / name), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})[0] for name in ("model.onnx", "model.int8.onnx")]
+    assert reported["top1_agreement"] == pytest.approx(float((runs[0].argmax(1) == runs[1].argmax(1)).mean()))
 
 
 def test_predictor_prefers_onnx_and_agrees_with_torch(exported_run):
     files = [str(f) for f, _, _ in run_files(exported_run, ("test",))]
     fast, slow = classforge.load(exported_run), classforge.load(exported_run, backend="torch")
     assert fast.backend == "onnxruntime" and slow.backend == "torch"
-    a, b = fast.predict_proba(files), slow.predict_proba(files)  # torch may run bf16 autocast: looser bound
-    assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() < 0.05
+    a, b = fast.predict_proba(files), slow.predict_proba(files)  # both fp32: the same probabilities
+    assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() < 1e-3
 
 
 def test_model_card_front_matter(exported_run):

@@ -161,7 +161,7 @@ def _bad_cases(test_images) -> dict:
         "a path instead of a file": dict(data={"file": "/etc/passwd"}, status=422, says="file"),
         "oversized body": dict(files={"file": ("big.jpg", os.urandom(3 * 2**20), "image/jpeg")}, status=413,
                                says="too large"),
-        "too many files": dict(files=[("file", (f"{i}.jpg", jpg)) for i in range(5)], status=400, says="files"),
+        "too many files": dict(files=[("file", (f"{i}.jpg", jpg)) for i in range(5)], status=413, says="files"),
         "bad top_k": dict(files={"file": ("a.jpg", jpg)}, params={"top_k": "many"}, status=422, says="top_k"),
     }
 

@@ -67,7 +67,7 @@ def test_audio_run_reports_skipped_files(audio_run):
     s = json.loads((audio_run / "summary.json").read_text())
     assert s["task"] == "audio" and s["backbone"] == "audio_cnn" and s["classes"] == 3
     html = (audio_run / "report.html").read_text()
-    for name, why in [("zero_length.wav", ""), ("silent.wav", "silent"), ("corrupt.ogg", "")]:
+    for name, why in [("zero_length.wav", "no audio"), ("silent.wav", "silent"), ("corrupt.ogg", "cannot decode")]:
         assert name in html and why in html
     with open(audio_run / "split.csv") as f:
         kept = {Path(r["path"]).name for r in csv.DictReader(f)}
@@ -101,9 +101,12 @@ def test_audio_predict_matches_evaluation(audio_run, sounds):
 
 
 def test_audio_report_has_players(audio_run):
+    """One player per mistake shown (the 12 most confident); with no mistakes, none and the report says so."""
     html = (audio_run / "report.html").read_text()
-    if "No mistakes." not in html:
-        assert "<audio controls" in html
+    with open(audio_run / "predictions.csv") as f:
+        wrong = sum(r["predicted"] != r["true"] for r in csv.DictReader(f))
+    assert html.count("<audio controls") == min(12, wrong)
+    assert ("No mistakes." in html) == (wrong == 0)
 
 
 def test_augment_to_variants_inherit_the_training_split(sounds, tmp_path):
@@ -114,8 +117,12 @@ def test_augment_to_variants_inherit_the_training_split(sounds, tmp_path):
         rows = list(csv.DictReader(f))
     train = [r for r in rows if r["split"] == "train"]
     assert len(train) > 0 and s["split"]["counts"]["test"] > 0
-    html = (run / "report.html").read_text()
-    assert "variants of" in html and "none of validation or test recordings" in html
+    # every variant is a training file, made from a training recording: none comes from a val/test recording
+    variants = [r for r in rows if "#variant" in r["path"]]
+    sources = {r["path"].split("#variant")[0] for r in variants}
+    assert variants and all(r["split"] == "train" for r in variants)
+    assert sources == {r["path"] for r in train if "#variant" not in r["path"]}
+    assert "variants of" in (run / "report.html").read_text()
     cache = Path(os.environ["CLASSFORGE_CACHE"]) / "augmented"
     assert any(cache.rglob("*.wav"))
     assert not any(p.name.endswith("_v00.wav") for p in sounds.rglob("*"))  # nothing written into the data

@@ -200,6 +200,9 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         msg = str(e.detail)
+        if msg.startswith("Too many files"):  # the multipart parser's own limit: the same answer as /predict's
+            return JSONResponse({"error": f"too many files (more than {limits.max_files}, --max-files)",
+                                 "status": 413}, status_code=413)
         if msg == "There was an error parsing the body":
             cause = e.__cause__
             msg = (f"could not parse the multipart body ({cause})" if cause else msg) + \
