@@ -15,6 +15,7 @@ from conftest import bad_image_folder, make_image_folder, tree_checksums
 
 import classforge
 from classforge.core.errors import ClassforgeError
+from classforge.data.rundata import run_files
 
 RUN_FILES = ["config.yaml", "labels.json", "split.csv", "model.safetensors", "model.json", "metrics.csv",
              "summary.json", "predictions.csv", "per_class.csv", "confusion_matrix.png", "curves.png", "report.html"]
@@ -79,10 +80,15 @@ def test_second_run_reuses_embedding_cache(linear_run, shapes_dir, tmp_path):
 
 
 def test_run_loads_without_training_code(linear_run):
-    """A run needs only safetensors + JSON: load it in a fresh interpreter that blocks lightning."""
-    code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"
+    """A run needs only safetensors + JSON: load it and predict in a fresh interpreter that blocks lightning and
+    every way to unpickle (pickle.load/loads, torch.load)."""
+    files = [str(f) for f, _, _ in run_files(linear_run, ("test",))][:2]
+    code = ("import sys, pickle, torch; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"
+            "def refuse(*a, **k): raise AssertionError('unpickling attempted')\n"
+            "pickle.load = pickle.loads = torch.load = refuse; pickle.Unpickler = refuse\n"
             "import classforge\n"
             f"p = classforge.load({str(linear_run)!r}, backend='torch')\n"
+            f"p.predict({files!r})\n"
             "print(len(p.labels))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
