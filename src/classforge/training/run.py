@@ -239,7 +239,11 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
         print(f"  {split}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed")
         for k in ("cached", "computed"):
             extra["embeddings"][k] += stats[k]
+        for k in ("build_s", "loop_s"):  # the engine's one-time export/trace; decoding + forward passes
+            extra["embeddings"][k] = round(extra["embeddings"].get(k, 0.0) + stats.get(k, 0.0), 3)
     timing["embedding_s"] += time.time() - t
+    if extra["embeddings"].get("loop_s"):
+        extra["embeddings"]["files_per_s"] = round(extra["embeddings"]["computed"] / extra["embeddings"]["loop_s"], 1)
     for note in {e.note for e in engines.values() if e.note}:
         data.notes.append(note)
     ytr = np.repeat(np.array(data.y("train")), feats["train"].shape[1])
