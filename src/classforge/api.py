@@ -28,8 +28,10 @@ def load(run_dir: str | Path, backend: str = "auto"):
     return Predictor.from_run(run_dir, backend=backend)
 
 
-def predict(run_dir: str | Path, paths, top_k: int = 3) -> list[dict]:
-    return load(run_dir).predict(list(paths), top_k=top_k)
+def predict(run_dir: str | Path, inputs, top_k: int = 3):
+    """One input -> one result; a list -> a list. Inputs as for Predictor.predict: paths, bytes, PIL or numpy
+    images, torch image tensors, (waveform, sample_rate) pairs."""
+    return load(run_dir).predict(inputs, top_k=top_k)
 
 
 def predict_files(run_dir: str | Path, files: list[str], top_k: int = 3, backend: str = "auto") -> list[dict]:

@@ -15,7 +15,7 @@ import soundfile as sf
 from conftest import SHARED, tree_checksums
 
 import classforge
-from classforge.core.errors import ClassforgeError
+from classforge.core.errors import BadFile, ClassforgeError
 
 MN04 = SHARED / "weights" / "mn04_as_mAP_432.pt"
 
@@ -98,6 +98,22 @@ def test_audio_predict_matches_evaluation(audio_run, sounds):
     assert out.returncode == 0, out.stderr[-2000:]
     for r, p in zip(rows, json.loads(out.stdout)):
         assert p["label"] == r["predicted"] and abs(p["probability"] - float(r["probability"])) < 1e-4
+
+
+def test_predict_takes_waveforms_with_their_rate(audio_run, sounds):
+    """(waveform, sample_rate) pairs, numpy or torch, mono or stereo, at any rate: the same answer as the file."""
+    import torch
+
+    p = classforge.load(audio_run)
+    path = sounds / "high" / "stereo_44k.wav"
+    want = p.predict(str(path))
+    wave, rate = sf.read(path, dtype="float32")  # (T, 2) at 44.1 kHz
+    for name, x in {"numpy stereo": (wave, rate), "torch (C, T)": (torch.from_numpy(wave.T.copy()), rate),
+                    "numpy mono": (wave.mean(1), rate)}.items():
+        got = p.predict(x)
+        assert got["label"] == want["label"] and abs(got["probability"] - want["probability"]) < 1e-3, name
+    with pytest.raises(BadFile, match="sample rate"):
+        p.predict(wave.mean(1))  # a bare waveform: its rate cannot be guessed
 
 
 def test_audio_report_has_players(audio_run):

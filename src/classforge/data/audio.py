@@ -82,8 +82,37 @@ def inspect_audio(path) -> dict:
     return {k: info[k] for k in ("duration_s", "sample_rate", "channels", "frames", "format", "subtype")}
 
 
+def waveform_with_rate(src) -> tuple[np.ndarray, int] | None:
+    """(waveform, sample rate) given as a pair, the waveform a numpy array or a torch tensor of shape (T,),
+    (T, C) or (C, T) with C <= 8, as mono float32 (T,); None when `src` is not such a pair. A bare array is an
+    error: its sample rate cannot be guessed."""
+    if hasattr(src, "shape") and not isinstance(src, (bytes, bytearray)):
+        raise BadFile("a waveform needs its sample rate: pass (waveform, sample_rate)")
+    if not (isinstance(src, tuple) and len(src) == 2 and hasattr(src[0], "shape")):
+        return None
+    wave, rate = src
+    a = wave.detach().cpu().numpy() if not isinstance(wave, np.ndarray) else wave
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim == 2:
+        a = a.mean(axis=0 if a.shape[0] <= 8 < a.shape[1] else 1)
+    if a.ndim != 1 or a.size == 0:
+        raise BadFile(f"a waveform must be (T,), (T, C) or (C, T) with samples, not {tuple(np.shape(wave))}")
+    if not np.isfinite(a).all():
+        raise BadFile("contains NaN or infinite samples")
+    if not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise BadFile(f"sample rate must be a positive integer, not {rate!r}")
+    return a, int(rate)
+
+
 def load_audio(src, sample_rate: int) -> np.ndarray:
-    """Path or bytes -> mono (mean of channels) float32 (T,) at sample_rate (soxr HQ resampling)."""
+    """Path, bytes or (waveform, sample rate) -> mono (mean of channels) float32 (T,) at sample_rate (soxr HQ
+    resampling)."""
+    given = waveform_with_rate(src)
+    if given is not None:
+        mono, rate = given
+        if rate != sample_rate:
+            mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
+        return np.ascontiguousarray(mono, dtype=np.float32)
     data, info = _decode(src)
     mono = data.mean(axis=1)
     if info["sample_rate"] != sample_rate:

@@ -26,6 +26,8 @@ def open_image(src, max_pixels: int = 89_478_485, draft: int = 0) -> Image.Image
     `draft`: let JPEG decode at a reduced scale (DCT scaling) as long as both sides stay >= draft pixels."""
     if isinstance(src, Image.Image):
         img = src
+    elif is_array(src):
+        img = array_to_image(src)
     else:
         if isinstance(src, (bytes, bytearray)):
             if len(src) == 0:
@@ -69,6 +71,37 @@ def open_image(src, max_pixels: int = 89_478_485, draft: int = 0) -> Image.Image
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img)
     return img.convert("RGB")
+
+
+def is_array(x) -> bool:
+    return isinstance(x, np.ndarray) or type(x).__module__ == "torch" and hasattr(x, "numpy")
+
+
+def array_to_image(a) -> Image.Image:
+    """A numpy image (H, W) or (H, W, C) with C = 1, 3 or 4, or a torch tensor (C, H, W) as torchvision holds
+    images, as a PIL image. uint8 is taken as is; floats in [0, 1] are scaled by 255 (other floats by their own
+    range); uint16 by its full range."""
+    if not isinstance(a, np.ndarray):
+        a = a.detach().cpu().numpy()
+        if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+            a = a.transpose(1, 2, 0)  # torch's (C, H, W)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or 0 in a.shape:
+        raise BadFile(f"an image array must be (H, W) or (H, W, 3|4) (a tensor (3, H, W)), not {tuple(a.shape)}")
+    if a.dtype == np.uint8:
+        out = a
+    elif a.dtype == np.uint16:
+        out = np.clip(np.rint(a.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
+        f = np.nan_to_num(a.astype(np.float32))
+        lo, hi = float(f.min()), float(f.max())
+        f = f * 255.0 if lo >= 0.0 and hi <= 1.0 else (f - lo) / max(hi - lo, 1e-12) * 255.0
+        out = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+    else:
+        raise BadFile(f"cannot read an image array of dtype {a.dtype}")
+    return Image.fromarray(np.ascontiguousarray(out), mode={2: "L", 3: "RGB", 4: "RGBA"}[out.ndim if out.ndim == 2
+                                                                                       else out.shape[-1]])
 
 
 def to_8bit(img: Image.Image) -> Image.Image:

@@ -209,8 +209,33 @@ class Predictor:
                         "top_k": [{"label": self.labels[i], "probability": float(p[i])} for i in order]})
         return res
 
-    def predict(self, inputs, top_k: int = 3) -> list[dict]:
+    def predict(self, inputs, top_k: int = 3):
+        """One input -> one result dict; a list (or any iterable) of inputs -> a list of results. An input is a
+        path (str or Path), the file's bytes, a PIL image, a numpy image (H, W) / (H, W, C), uint8 or float, a
+        torch image tensor (C, H, W), or for audio (waveform, sample_rate) with a numpy or torch waveform."""
+        if is_one_input(inputs):
+            return self.postprocess(self.predict_proba([inputs]), top_k)[0]
         return self.postprocess(self.predict_proba(list(inputs)), top_k)
+
+    def predict_iter(self, inputs, top_k: int = 3, batch_size: int = 32):
+        """Results one by one, in order, `batch_size` inputs at a time: for lists too large to hold at once."""
+        chunk: list = []
+        for item in inputs:
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                yield from self.postprocess(self.predict_proba(chunk, batch_size), top_k)
+                chunk = []
+        if chunk:
+            yield from self.postprocess(self.predict_proba(chunk, batch_size), top_k)
+
+
+def is_one_input(x) -> bool:
+    """A single input rather than a collection of them (a string is one path, not its characters)."""
+    from PIL import Image
+
+    if isinstance(x, (str, Path, bytes, bytearray, memoryview, Image.Image)) or hasattr(x, "shape"):
+        return True
+    return isinstance(x, tuple) and len(x) == 2 and hasattr(x[0], "shape") and isinstance(x[1], (int, np.integer))
 
 
 def ort_cpu_session(path, threads: int):
