@@ -16,6 +16,7 @@ from conftest import bad_image_folder, make_image_folder, tree_checksums
 import classforge
 from classforge.core.errors import ClassforgeError
 from classforge.data.rundata import run_files
+from classforge.training.checkpoints import checkpoint_dir
 
 RUN_FILES = ["config.yaml", "labels.json", "split.csv", "model.safetensors", "model.json", "metrics.csv",
              "summary.json", "predictions.csv", "per_class.csv", "confusion_matrix.png", "curves.png", "report.html"]
@@ -121,21 +122,24 @@ def test_finetune_small_cnn_with_time_budget_and_resume(tmp_path):
     t0 = time.time()
     # epochs far beyond what 8 s allow on any machine (an idle 2-core CPU ran 200 epochs of this in 8 s)
     run = classforge.train(root, tmp_path / "ft", backbone="cnn_small", strategy="scratch", epochs=100_000,
-                           time_budget="8s", batch_size=16, patience=1_000_000)
+                           time_budget="8s", batch_size=16, patience=1_000_000, keep_checkpoints=True)
     assert time.time() - t0 < 120
     rows = read_csv(run / "metrics.csv")
     assert rows[0]["epoch"] == "0" and rows[0]["val_acc"]  # evaluation before the first epoch
     assert 1 <= len(rows) - 1 < 100_000  # stopped by the budget, not by the epoch count
     assert json.loads((run / "summary.json").read_text())["trainer"]["stopped_by"] == "time budget"
-    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # the run folder holds no pickle: the checkpoints --resume needs are in the cache (kept, as asked)
+    assert not list(run.rglob("*.ckpt")) and not (run / "lightning_logs").exists()
+    assert (checkpoint_dir(run) / "last.ckpt").is_file()
     run2 = classforge.train(root, tmp_path / "ft", backbone="cnn_small", strategy="scratch",
-                            epochs=len(rows) + 1, batch_size=16, resume=True, patience=1_000_000)
+                            epochs=len(rows) + 1, batch_size=16, resume=True, patience=1_000_000,
+                            keep_checkpoints=True)
     rows2 = read_csv(run2 / "metrics.csv")
     # continued, not restarted, and the history before the stop is kept: epochs 0..N-1, then N and N+1
     assert [r["epoch"] for r in rows2] == [str(e) for e in range(len(rows) + 2)]
     assert rows2[: len(rows)] == rows or [r["val_loss"] for r in rows2[: len(rows)]] == [r["val_loss"] for r in rows]
     # a checkpoint cut short (a crash while it was written) is a clear error, not a traceback
-    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt = checkpoint_dir(run) / "last.ckpt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(ClassforgeError, match="unreadable.*start again without --resume"):
         classforge.train(root, tmp_path / "ft", backbone="cnn_small", strategy="scratch", epochs=len(rows) + 2,
@@ -152,12 +156,12 @@ def test_resume_after_kill_keeps_every_epoch(tmp_path):
            "--strategy", "scratch", "--epochs", "100000", "--batch-size", "16", "--patience", "1000000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "CLASSFORGE_QUIET": "1"})
-    journal = out / "checkpoints" / "history.jsonl"
+    journal = checkpoint_dir(out) / "history.jsonl"
     t0 = time.time()
     try:
         while time.time() - t0 < 300:
             lines = journal.read_text().splitlines() if journal.exists() else []
-            if len(lines) >= 4 and (out / "checkpoints" / "last.ckpt").exists():
+            if len(lines) >= 4 and (checkpoint_dir(out) / "last.ckpt").exists():
                 break
             time.sleep(0.2)
     finally:
@@ -168,6 +172,8 @@ def test_resume_after_kill_keeps_every_epoch(tmp_path):
                            batch_size=16, resume=True, patience=1_000_000)
     epochs = [int(r["epoch"]) for r in read_csv(run / "metrics.csv")]
     assert epochs == list(range(max(done) + 3)), epochs  # 0 (before training) .. the last, no gap
+    # it succeeded: its checkpoints are gone from the cache, and none was ever in the run folder
+    assert not checkpoint_dir(run).exists() and not list(run.rglob("*.ckpt"))
 
 
 def test_two_stage_on_lite0(tmp_path):

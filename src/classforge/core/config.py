@@ -395,7 +395,13 @@ class TrainConfig:
         flags=("--out", "-o"),
     )
     resume: bool = setting(
-        default=False, group="output", help="Continue from RUN/checkpoints/last.ckpt", flags=("--resume",)
+        default=False, group="output", flags=("--resume",),
+        help="Continue a run that stopped (crash, kill, Ctrl-C) from its last checkpoint, kept in the cache",
+    )
+    keep_checkpoints: bool = setting(
+        default=False, group="output", flags=("--keep-checkpoints",),
+        help="Keep the training checkpoints (in the cache, not the run folder) after a run succeeds, so that "
+             "--resume can train it further",
     )
     top_k: int = setting(default=3, group="output", help="Classes listed per file in predictions.csv")
     # tracking

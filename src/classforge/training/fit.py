@@ -23,16 +23,15 @@ from classforge.data.image import small_image
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.anatomy import operations_per_sample
 from classforge.models.registry import Classifier
+from classforge.training.checkpoints import checkpoint_dir, journal_path, read_journal
 from classforge.training.module import ClassifierModule, FileDataset, TensorBatchDataset
 from classforge.training.optimizers import get_optimizer
 from classforge.training.prepared import audio_kwargs, class_weights, load_raws
 from classforge.training.schedules import SCHEDULES, parse_progressive
 from classforge.training.trainer import (
     BestWeights,
-    journal_path,
     make_trainer,
     per_class_columns,
-    read_journal,
 )
 from classforge.training.tricks import batch_transforms, step_rule
 
@@ -97,7 +96,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_dl, val_dl, fast = make_loaders(model, data, cfg)
-    resuming = cfg.resume and (run / "checkpoints" / "last.ckpt").exists()
+    resuming = cfg.resume and (checkpoint_dir(run) / "last.ckpt").exists()
     if stage == "scratch" and not resuming and not cfg.weights:
         if model.backbone.init_from_data(init_batch(train_dl.dataset, seed=cfg.seed)):
             extra["data_init"] = "patch-whitening stem fitted on training images"
@@ -132,7 +131,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
     trainer, hist = make_trainer(cfg, run, stage, epochs, monitor, extra_callbacks=frozen_bn)
     if cfg.lr == "auto":
         tune_lr(trainer, module, train_dl, val_dl, run)
-    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt = checkpoint_dir(run) / "last.ckpt"
     rows = []
     if resuming:
         check_checkpoint(ckpt)
@@ -169,7 +168,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
 
 
 def check_checkpoint(path: Path) -> None:
-    """--resume reads RUN/checkpoints/last.ckpt as plain tensors and containers (never arbitrary pickled
+    """--resume reads the run's last.ckpt (in the cache) as plain tensors and containers (never arbitrary pickled
     objects); a file cut short by a crash, or one that is not a training checkpoint, is a clear error."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

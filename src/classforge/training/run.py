@@ -37,6 +37,7 @@ from classforge.models.registry import entry as registry_entry
 from classforge.runtime import embeddings as emb
 from classforge.runtime.engines import engine_for, exact_engine, resolve_eval_engine
 from classforge.runtime.threads import adapted_threads
+from classforge.training.checkpoints import checkpoint_dir
 from classforge.training.head import fit_head
 from classforge.training.prepared import Prepared, audio_kwargs, class_weights, prepare_data, views_per_class
 from classforge.training.tracking import check_tracker, track_run
@@ -108,7 +109,19 @@ def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classif
     print_summary(run, summary)
     if cfg.track:
         track_run(run, cfg.track, cfg.track_uri)
+    settle_checkpoints(run, cfg)
     return run
+
+
+def settle_checkpoints(run: Path, cfg: TrainConfig) -> None:
+    """A run that succeeded needs no checkpoint (model.safetensors is the model): they go, unless kept."""
+    where = checkpoint_dir(run)
+    if not where.exists():
+        return
+    if cfg.keep_checkpoints:
+        print(f"Checkpoints kept for --resume: {where}")
+    else:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def resolve_for_data(cfg: TrainConfig, data: Prepared) -> TrainConfig:

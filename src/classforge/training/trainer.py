@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from classforge.core.config import TrainConfig, parse_duration
 from classforge.core.errors import ClassforgeError
 from classforge.runtime.engines import fast_cpu_bf16
+from classforge.training.checkpoints import checkpoint_dir, journal_path
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
@@ -222,28 +223,6 @@ def resolve_precision(cfg: TrainConfig, accelerator: str) -> str:
     return "bf16-mixed" if fast_cpu_bf16() else "32-true"
 
 
-def journal_path(run: Path) -> Path:
-    """Each epoch's history row, written as it comes: what --resume puts back before the epochs it adds."""
-    return run / "checkpoints" / "history.jsonl"
-
-
-def read_journal(run: Path, stage: str) -> list[dict]:
-    """The rows of `stage` a previous (perhaps killed) run recorded; unreadable lines are left out."""
-    rows = []
-    try:
-        lines = journal_path(run).read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut off by the kill
-        if isinstance(row, dict) and row.get("stage") == stage:
-            rows.append(row)
-    return rows
-
-
 def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monitor: str, *,
                  distributed: bool = True, checkpoints: bool = True, precision: str | None = None,
                  max_time_s: float | None = None, extra_callbacks: list | None = None):
@@ -255,9 +234,9 @@ def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monit
         # Best by the monitor, plus the latest epoch as last.ckpt for --resume. Lightning 2.6 refreshes
         # `save_last` only when a top-k checkpoint is written (i.e. when the monitor improves), so a separate
         # unmonitored checkpoint keeps last.ckpt at the latest epoch.
-        callbacks.append(ModelCheckpoint(dirpath=run / "checkpoints", filename=f"{stage}-best", monitor=monitor,
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir(run), filename=f"{stage}-best", monitor=monitor,
                                          save_top_k=1, mode="min"))
-        callbacks.append(ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir(run), filename="last", monitor=None, save_top_k=1,
                                          enable_version_counter=False))
     callbacks += (extra_callbacks or []) + RUN_CALLBACKS
     budget = max_time_s if max_time_s is not None else parse_duration(cfg.time_budget)
@@ -265,7 +244,7 @@ def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monit
     accelerator = cfg.accelerator if distributed else ("cpu" if not torch.cuda.is_available() else cfg.accelerator)
     kw = dict(accelerator=accelerator, devices=devices, max_epochs=max_epochs, callbacks=callbacks,
               precision=precision or resolve_precision(cfg, cfg.accelerator),
-              logger=L.pytorch.loggers.CSVLogger(str(run), name="lightning_logs", version=stage),
+              logger=L.pytorch.loggers.CSVLogger(str(checkpoint_dir(run)), name="lightning_logs", version=stage),
               enable_checkpointing=checkpoints, enable_model_summary=False, log_every_n_steps=10,
               enable_progress_bar=os.environ.get("CLASSFORGE_QUIET") != "1", num_sanity_val_steps=0,
               deterministic=False)
