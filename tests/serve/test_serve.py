@@ -470,3 +470,29 @@ def test_silent_and_trickling_connections_are_closed_and_the_cap_answers_503(exp
         server.should_exit = True
         thread.join(timeout=10)
         app.state.predictor.close()
+
+
+def test_predict_takes_a_json_body_with_base64_files(server, test_images):
+    """The same answers from a JSON body as from multipart, and clear 4xx answers for a broken one."""
+    import base64
+
+    import requests
+
+    (p0, _), (p1, _) = test_images[0], test_images[1]
+    multi = requests.post(server.url + "/predict?top_k=2", files=[("file", (p0.name, p0.read_bytes())),
+                                                                   ("file", (p1.name, p1.read_bytes()))]).json()
+    body = {"files": [{"filename": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in (p0, p1)],
+            "top_k": 2}
+    js = requests.post(server.url + "/predict", json=body)
+    assert js.status_code == 200 and js.json()["results"] == multi["results"]
+    one = requests.post(server.url + "/predict", json={"data": base64.b64encode(p0.read_bytes()).decode()})
+    assert one.status_code == 200 and one.json()["results"][0]["label"] == multi["results"][0]["label"]
+    for bad, status, says in [({"files": [{"data": "not base64!"}]}, 400, "base64"),
+                              ({"files": []}, 400, "no file"), ({"data": ""}, 400, "empty file"),
+                              ({"data": base64.b64encode(b"hello").decode()}, 415, "not an image"),
+                              ({**body, "top_k": 0}, 422, "top_k"),
+                              ({"files": [body["files"][0]] * 5}, 413, "too many files")]:
+        r = requests.post(server.url + "/predict", json=bad)
+        assert r.status_code == status and says in r.json()["error"], (bad, r.status_code, r.text[:200])
+    raw = requests.post(server.url + "/predict", data=b"{broken", headers={"Content-Type": "application/json"})
+    assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]

@@ -2,7 +2,8 @@
 
     app = create_app("runs/x")            # uvicorn.run(app, host="127.0.0.1", port=8000)
 
-POST /predict (multipart, field `file`, repeatable; `top_k` as query or form field) -> labels + probabilities,
+POST /predict (multipart, field `file`, repeatable; `top_k` as query or form field; or a JSON body with the files
+in base64) -> labels + probabilities,
 GET /health, GET /labels, GET /metadata, OpenAPI docs at /docs. Every bad input gets a 4xx JSON body
 `{"error": "...", "status": N}` that says what was wrong; uploads are held in memory (never written under a name
 from the request) and no path from a request is ever opened."""
@@ -261,9 +262,14 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
         top_k_form: int | None = Form(None, alias="top_k", ge=1, description="How many labels per file"),
         top_k: int | None = Query(None, ge=1, description="How many labels per file (default 3)"),
     ):
-        """multipart/form-data with one or more parts named `file`. Returns, per file in the order sent, the
-        top label and the `top_k` labels with their probabilities."""
+        """multipart/form-data with one or more parts named `file`, or a JSON body
+        `{"files": [{"filename": "a.jpg", "data": "<base64>"}], "top_k": 3}`. Returns, per file in the order
+        sent, the top label and the `top_k` labels with their probabilities."""
         files = file or []
+        if not files and request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
+            items, json_top_k = await _json_items(request, limits)
+            k = min(top_k or json_top_k or 3, limits.max_top_k, len(predictor.labels))
+            return await run_in_threadpool(_infer, predictor, items, k, name, budget)
         if not files:
             raise ApiError(400, _no_file_message(await _field_names(request), limits))
         if len(files) > limits.max_files:  # the form limit normally stops this earlier
@@ -328,6 +334,47 @@ def _preprocess_within(predictor: Predictor, data: bytes, budget: DecodeBudget |
         return predictor.preprocess(data)
     with budget.reserve(decoded_size(data, predictor.spec.task)):
         return predictor.preprocess(data)
+
+
+JSON_FORM = ('{"files": [{"filename": "a.jpg", "data": "<base64 of the file>"}], "top_k": 3} or '
+             '{"data": "<base64>"}')
+
+
+async def _json_items(request: Request, limits: Limits) -> tuple[list[tuple[str | None, bytes]], int | None]:
+    """A JSON body: {"files": [{"filename": ..., "data": base64}, ...], "top_k": k} or {"data": base64}."""
+    import base64
+    import binascii
+
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, f"the body is not valid JSON; send {JSON_FORM}") from None
+    entries = body.get("files") if isinstance(body, dict) else None
+    if entries is None and isinstance(body, dict) and "data" in body:
+        entries = [body]
+    if not isinstance(entries, list) or not entries:
+        raise ApiError(400, f"no file in the JSON body; send {JSON_FORM}, or multipart/form-data with a part "
+                            "named 'file'")
+    if len(entries) > limits.max_files:
+        raise ApiError(413, f"too many files ({len(entries)} > {limits.max_files}, --max-files)")
+    items = []
+    for i, entry in enumerate(entries):
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        label = name or f"file #{i + 1}"
+        raw = entry.get("data") if isinstance(entry, dict) else None
+        if not isinstance(raw, str):
+            raise ApiError(400, f"{label}: 'data' must be the file's bytes as a base64 string")
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{label}: 'data' is not valid base64") from None
+        if not data:
+            raise ApiError(400, f"{label}: empty file (0 bytes)")
+        items.append((name if isinstance(name, str) else None, data))
+    top_k = body.get("top_k") if isinstance(body, dict) else None
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ApiError(422, "invalid request: top_k must be a positive integer")
+    return items, top_k
 
 
 async def _field_names(request: Request) -> list[str]:
