@@ -496,3 +496,22 @@ def test_predict_takes_a_json_body_with_base64_files(server, test_images):
         assert r.status_code == status and says in r.json()["error"], (bad, r.status_code, r.text[:200])
     raw = requests.post(server.url + "/predict", data=b"{broken", headers={"Content-Type": "application/json"})
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]
+
+
+def test_api_docs_pages_need_no_internet(server):
+    """/docs and /redoc load their scripts and styles from this server: no URL in the page leaves it."""
+    import re
+
+    import requests
+
+    for page in ("/docs", "/redoc"):
+        r = requests.get(server.url + page, timeout=10)
+        assert r.status_code == 200
+        urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", r.text)
+        assert urls and not [u for u in urls if u.startswith(("http:", "https:", "//"))], urls
+        for u in urls:
+            if u.startswith("/docs-assets/"):
+                assert requests.get(server.url + u, timeout=10).status_code == 200, u
+        assert "https://" not in r.text and "http://" not in r.text
+    spec = requests.get(server.url + "/openapi.json", timeout=10).json()
+    assert "/predict" in spec["paths"]

@@ -182,7 +182,7 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
     name = run.resolve().name
     task = predictor.spec.task
 
-    about = dict(title=f"classforge: {name}", version="1",
+    about = dict(title=f"classforge: {name}", version="1", docs_url=None, redoc_url=None,
                  description=f"{task.capitalize()} classifier `{name}` ({len(predictor.labels)} labels, backend "
                              f"{predictor.backend}). POST files to /predict; the web UI is at /.")
     try:  # the multipart parser stops counting files/fields early (FastAPI >= 0.16x); /predict checks again
@@ -283,6 +283,7 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
             items.append((f.filename, data))
         return await run_in_threadpool(_infer, predictor, items, k, name, budget)
 
+    _offline_docs(app)
     _refuse_other_methods(app, {"/health": "GET", "/labels": "GET", "/metadata": "GET", "/predict": "POST"})
     if ui:
         import gradio as gr
@@ -293,6 +294,34 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
         app = gr.mount_gradio_app(app, demo, path="/", allowed_paths=allowed, max_file_size=limits.max_upload_bytes,
                                   footer_links=["api"])
     return app
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from files installed with the serve extra (fastapi-offline's copies of
+    the Swagger UI and ReDoc bundles), not from a CDN: the pages work on a machine without internet."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    try:
+        import fastapi_offline
+    except ImportError:  # pragma: no cover - the serve extra installs it
+        log.warning("fastapi-offline is not installed: no /docs page (pip install 'classforge[serve]')")
+        return
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc():
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title}: API",
+                              redoc_js_url="/docs-assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)
 
 
 def _refuse_other_methods(app: FastAPI, routes: dict[str, str]) -> None:
