@@ -39,11 +39,12 @@ def open_page(browser, url: str):
     return page, outside
 
 
-def upload_and_read_label(browser, url: str, file: Path) -> str:
+def upload_and_read_label(browser, url: str, file: Path, submit: bool = True) -> str:
     page, outside = open_page(browser, url)
     try:
         page.set_input_files("input[type=file]", str(file))
-        page.get_by_role("button", name="Submit").click()
+        if submit:
+            page.get_by_role("button", name="Submit").click()
         label = page.wait_for_selector('[data-testid="label-output-value"]', timeout=60_000).inner_text().strip()
         assert not outside, f"the page reached beyond loopback: {outside[:3]}"
         return label
@@ -69,6 +70,11 @@ def ui_server(exported_run):
 def test_upload_image_shows_label(browser, ui_server, exported_run):
     path, truth = correctly_predicted(exported_run, ui_server.app.state.predictor)
     assert upload_and_read_label(browser, ui_server.url + "/", path) == truth
+
+
+def test_upload_alone_predicts_without_submit(browser, ui_server, exported_run):
+    path, truth = correctly_predicted(exported_run, ui_server.app.state.predictor)
+    assert upload_and_read_label(browser, ui_server.url + "/", path, submit=False) == truth
 
 
 def test_random_test_sample_tab(browser, ui_server, exported_run):

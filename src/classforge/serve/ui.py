@@ -68,6 +68,9 @@ def create_ui(predictor, run_dir: str | Path, limits):
             raise gr.Error("upload a file first" if task == "image" else "upload or record a sound first")
         return classify_bytes(Path(path).read_bytes(), int(k))
 
+    def classify_if_given(path: str | None, k: float):
+        return classify(path, k) if path else None
+
     def random_sample():
         if not test_files:
             raise gr.Error("the run's test files are not available on this machine")
@@ -101,6 +104,9 @@ def create_ui(predictor, run_dir: str | Path, limits):
                 gr.Examples(examples=sorted(str(p) for p in Path(example_dir).iterdir()), inputs=inp,
                             label="Examples from the test split")
             btn.click(classify, [inp, k], out, api_name="classify", concurrency_limit=4)
+            # predict as soon as a file arrives (upload, paste, recording, an example); Submit re-runs it, e.g.
+            # after changing top-k. A cleared input clears the answer instead of raising an error.
+            inp.change(classify_if_given, [inp, k], out, api_name=False, concurrency_limit=4)
         with gr.Tab("Random test sample"):
             gr.Markdown("Draw a file from the run's test split: see it, its true label, and the top-2 predictions.")
             draw = gr.Button("Draw a random test sample", variant="primary")
