@@ -6,13 +6,14 @@ import copy
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 
 from classforge.core.config import TrainConfig, parse_duration
 from classforge.core.errors import ClassforgeError
@@ -20,6 +21,8 @@ from classforge.runtime.engines import fast_cpu_bf16
 from classforge.training.checkpoints import checkpoint_dir, journal_path
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# the checkpoint folder already holds the epoch journal (and, on --resume, the checkpoints): expected
+warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
 warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
@@ -92,6 +95,7 @@ class History(Callback):
                 row["elapsed_s"] = round(prog.elapsed(), 3)
         row.update(per_class_columns(pl_module))
         self.record(row)
+        say_epoch(row, trainer.max_epochs)
 
 
 def speed_columns(images: int, seconds: float, ops_per_sample: int | None) -> dict:
@@ -223,6 +227,47 @@ def resolve_precision(cfg: TrainConfig, accelerator: str) -> str:
     return "bf16-mixed" if fast_cpu_bf16() else "32-true"
 
 
+def say_epoch(row: dict, max_epochs: int | None) -> None:
+    """One line per epoch that stays on screen and in logs (the live bar disappears when the epoch ends)."""
+    if os.environ.get("CLASSFORGE_QUIET") == "1" or not is_global_zero_process():
+        return
+    from tqdm.auto import tqdm
+
+    total = f"/{max_epochs}" if max_epochs and max_epochs < BUDGET_SHOWN_EPOCHS else ""
+    parts = [f"epoch {row['epoch']}{total}"]
+    for key, name in (("train_loss", "train loss"), ("val_loss", "val loss"), ("val_acc", "val acc")):
+        if row.get(key) is not None:
+            parts.append(f"{name} {row[key]:.4f}" if "loss" in key else f"{name} {row[key]:.3f}")
+    parts.append(f"{row['epoch_time_s']:.1f} s")
+    if row.get("images_per_s"):
+        parts.append(f"{row['images_per_s']:,.0f} images/s")
+    tqdm.write("  " + ", ".join(parts), file=sys.stderr)
+
+
+def is_global_zero_process() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("GLOBAL_RANK", "0"))) == 0 and \
+        int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+class EpochBar(TQDMProgressBar):
+    """Lightning's bar with the epoch counted from 1 out of the real total ("Epoch 2/5"; "Epoch 2" under a time
+    budget) and without its logger version number. Only on a terminal: logs get History's rows instead."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        total = trainer.max_epochs
+        shown = f"/{total}" if total and 0 < total < BUDGET_SHOWN_EPOCHS else ""
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}{shown}")
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+BUDGET_SHOWN_EPOCHS = 10_000  # a larger max_epochs is a time budget's open end: the bar shows no total
+
+
 def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monitor: str, *,
                  distributed: bool = True, checkpoints: bool = True, precision: str | None = None,
                  max_time_s: float | None = None, extra_callbacks: list | None = None):
@@ -239,6 +284,9 @@ def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monit
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir(run), filename="last", monitor=None, save_top_k=1,
                                          enable_version_counter=False))
     callbacks += (extra_callbacks or []) + RUN_CALLBACKS
+    bar = os.environ.get("CLASSFORGE_QUIET") != "1" and sys.stderr.isatty()
+    if bar:
+        callbacks.append(EpochBar())
     budget = max_time_s if max_time_s is not None else parse_duration(cfg.time_budget)
     devices = _devices(cfg.devices) if distributed else 1
     accelerator = cfg.accelerator if distributed else ("cpu" if not torch.cuda.is_available() else cfg.accelerator)
@@ -246,7 +294,7 @@ def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monit
               precision=precision or resolve_precision(cfg, cfg.accelerator),
               logger=L.pytorch.loggers.CSVLogger(str(checkpoint_dir(run)), name="lightning_logs", version=stage),
               enable_checkpointing=checkpoints, enable_model_summary=False, log_every_n_steps=10,
-              enable_progress_bar=os.environ.get("CLASSFORGE_QUIET") != "1", num_sanity_val_steps=0,
+              enable_progress_bar=bar, num_sanity_val_steps=0,
               deterministic=False)
     if distributed:
         kw.update(num_nodes=cfg.num_nodes, strategy=cfg.dist_strategy)
