@@ -105,3 +105,27 @@ def test_pokemon_sprite_gets_its_name(browser, tmp_path_factory):
     with ServerThread(create_app(run)) as s:
         path, truth = correctly_predicted(run, s.app.state.predictor)
         assert upload_and_read_label(browser, s.url + "/", path) == truth
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_report_fits_the_screen_and_every_image_loads(browser, linear_run, width):
+    """report.html at desktop and phone width: nothing wider than the window, every image decoded, the per-class
+    table sorts on a click, and the page asks for nothing outside the file."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    outside = []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+    try:
+        page.goto((linear_run / "report.html").as_uri(), timeout=60_000)
+        page.wait_for_load_state("load")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), \
+            page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        images = page.evaluate("[...document.images].map(i => [i.complete, i.naturalWidth])")
+        assert images and all(done and w > 0 for done, w in images)
+        header = page.locator("table.sortable th", has_text="F1")
+        header.click()
+        f1 = page.evaluate("[...document.querySelectorAll('table.sortable tr')].slice(1)"
+                           ".map(r => parseFloat(r.children[3].textContent))")
+        assert f1 == sorted(f1)
+        assert not outside
+    finally:
+        page.close()

@@ -124,7 +124,8 @@ def write_artifacts(run: Path, summary: dict, labels: list[str], results: dict, 
     mistakes = rp.worst_mistakes(ss, labels, y, probs)
     summary["timing"]["total_s"] = time.time() - t_start
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    rp.write_html(run, summary, labels, m["per_class"], mistakes, skipped, excluded, notes, summary["task"])
+    rp.write_html(run, summary, labels, m["per_class"], mistakes, skipped, excluded, notes, summary["task"],
+                  confusion=m["confusion"])
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -6,7 +6,6 @@ import base64
 import csv
 import html
 import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -154,10 +153,12 @@ def _media_tag(abs_path: str, task: str) -> str:
             mime = _AUDIO_MIME.get(p.suffix.lower(), "audio/wav")
             return f'<audio controls preload="none" src="data:{mime};base64,{base64.b64encode(data).decode()}"></audio>'
         img = open_image(p)
+        small = max(img.size) < 96  # shown enlarged: crisp pixels rather than a blur
         img.thumbnail((160, 160))
         buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=85)
-        return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+        img.save(buf, "PNG" if small else "JPEG", **({} if small else {"quality": 85}))
+        mime, cls = ("png", ' class="small"') if small else ("jpeg", "")
+        return f'<img{cls} src="data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
     except Exception:  # noqa: BLE001 - a missing file must not break the report
         return "<em>(unavailable)</em>"
 
@@ -171,25 +172,65 @@ def worst_mistakes(samples, labels, y_true, probs, n: int = 12) -> list[dict]:
              "p_true": float(probs[i, y_true[i]])} for i in wrong]
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;padding:0 1em;color:#222}
 .warning{background:#fff3cd;border:1px solid #d9a400;border-radius:6px;padding:.6em 1em}
 h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ddd;padding:4px 9px;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
+.scroll{overflow-x:auto;max-width:100%}img{max-width:100%;height:auto}th.sort{cursor:pointer}
 .cards{display:flex;gap:1em;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:8px;padding:.8em 1.2em}
 .big{font-size:1.8em;font-weight:600}.gal{display:flex;flex-wrap:wrap;gap:12px}
-.gal div{width:180px;font-size:.85em;border:1px solid #eee;padding:6px}.gal img{max-width:170px}
-.gal audio{width:170px}.warn{color:#a40}details{margin:1em 0}"""
+.gal div{width:180px;font-size:.85em;border:1px solid #eee;padding:6px;overflow-wrap:anywhere}
+.gal img{width:170px;max-width:100%}.gal img.small{image-rendering:pixelated}
+.gal audio{width:170px;max-width:100%}.warn{color:#a40}details{margin:1em 0}
+@media (max-width:600px){body{margin:1em auto}.card{padding:.5em .8em}.big{font-size:1.4em}}"""
+
+# Click a header of a sortable table to sort by that column (numbers as numbers), again to reverse.
+_SORT_JS = """document.querySelectorAll('table.sortable').forEach(t=>{t.querySelectorAll('th').forEach((th,i)=>{
+th.classList.add('sort');th.title='sort';th.onclick=()=>{const rows=[...t.querySelectorAll('tr')].slice(1);
+const up=th.dataset.up!=='1';th.dataset.up=up?'1':'0';const key=r=>{const v=r.children[i].textContent;
+const n=parseFloat(v.replace(/,/g,''));return isNaN(n)?v:n};rows.sort((a,b)=>{const x=key(a),y=key(b);
+return (x<y?-1:x>y?1:0)*(up?1:-1)});rows.forEach(r=>t.appendChild(r))}})});"""
 
 
-def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
+def _table(headers: list[str], rows: list[list], left: int = 1, sortable: bool = False) -> str:
     th = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(str(h))}</th>' for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{html.escape(str(c))}</td>'
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
+    cls = ' class="sortable"' if sortable else ""
+    return f'<div class="scroll"><table{cls}><tr>{th}</tr>{body}</table></div>'
+
+
+def confused_pairs(confusion, labels: list[str], n: int = 15) -> list[list]:
+    """The most frequent (true, predicted) mistakes: [true, predicted, count, share of the true class]."""
+    import numpy as np
+
+    c = np.asarray(confusion)
+    off = c.copy()
+    np.fill_diagonal(off, 0)
+    order = np.dstack(np.unravel_index(np.argsort(-off, axis=None), off.shape))[0][:n]
+    rows = []
+    for i, j in order:
+        if off[i, j] <= 0:
+            break
+        rows.append([labels[i], labels[j], int(off[i, j]), f"{off[i, j] / max(1, c[i].sum()):.1%}"])
+    return rows
+
+
+def _split_sizes(counts: dict) -> str:
+    return " · ".join(f"{k} {v:,}" for k, v in counts.items()) if counts else ""
+
+
+def _parameters(summary: dict) -> str:
+    p = summary["params"]
+    if summary.get("strategy") == "linear" and p.get("head"):
+        return f'{p["total"]:,} in all; {p["head"]:,} trained (the head: the backbone stays frozen)'
+    return f'{p["total"]:,} in all; {p["trainable"]:,} trained'
+
 
 
 def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict, mistakes: list[dict],
-               skipped: list, excluded: list, notes: list[str], task: str, extra_sections: list[str] = ()):
+               skipped: list, excluded: list, notes: list[str], task: str, extra_sections: list[str] = (),
+               confusion=None):
     t, v = summary["test"], summary.get("val") or {}
     lo, hi = t["accuracy_ci95"]
     cards = [
@@ -211,15 +252,19 @@ def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict
                  ["classes", summary["classes"]], ["data", summary.get("data", "")],
                  ["scored with", (summary.get("evaluation") or {}).get("engine", "torch-fp32")],
                  ["split", summary.get("split", {}).get("method", "")],
-                 ["split sizes", json.dumps(summary.get("split", {}).get("counts", {}))],
-                 ["parameters (total / trainable)", f'{summary["params"]["total"]:,} / {summary["params"]["trainable"]:,}'],
+                 ["split sizes", _split_sizes(summary.get("split", {}).get("counts", {}))],
+                 ["parameters", _parameters(summary)],
                  ["timing", ", ".join(f"{k} {v:.1f}s" for k, v in summary["timing"].items())]]
     skipped_html = _table(["file", "reason"], [list(s) for s in skipped]) if skipped else "<p>None.</p>"
     excl_html = _table(["file", "reason"], [list(s) for s in excluded]) if excluded else "<p>None.</p>"
     notes_html = "".join(f'<li>{html.escape(n)}</li>' for n in notes)
     warnings_html = "".join(f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>'
                             for w in summary.get("warnings") or [])
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>classforge report</title>
+    pairs = confused_pairs(confusion, labels) if confusion is not None and len(labels) > 2 else []
+    pairs_html = ("<h2>Most confused pairs (test)</h2>" + _table(["true", "predicted as", "files", "of the class"],
+                                                                   pairs, left=2)) if pairs else ""
+    doc = f"""<!doctype html><html><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>classforge report</title>
 <style>{_CSS}</style></head><body>
 <h1>classforge report</h1><p class="sub">{html.escape(summary["backbone"])} · {html.escape(summary["strategy"])} ·
 {summary["classes"]} classes · {html.escape(summary.get("created", ""))}</p>
@@ -229,12 +274,15 @@ def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict
 <h2>Training curves</h2>{_img_tag(run / "curves.png", 900) or '<p>No per-epoch curves for this run.</p>'}
 {_img_tag(run / "lr_finder.png", 450)}
 <h2>Confusion matrix</h2>{_img_tag(run / "confusion_matrix.png", 700)}
+{pairs_html}
 <h2>Calibration</h2>{_img_tag(run / "reliability.png", 380)}
-<h2>Per-class metrics (test)</h2>{_table(["class", "precision", "recall", "F1", "support"], pc_rows)}
+<h2>Per-class metrics (test)</h2><p class="sub">Click a column to sort.</p>
+{_table(["class", "precision", "recall", "F1", "support"], pc_rows, sortable=True)}
 <h2>Worst mistakes (most confident wrong predictions)</h2><div class="gal">{gal or '<p>No mistakes.</p>'}</div>
 {''.join(extra_sections)}
 <h2>Skipped files ({len(skipped)})</h2>{skipped_html}
 <h2>Excluded duplicates ({len(excluded)})</h2>{excl_html}
 <p class="sub">Files: summary.json, metrics.csv, predictions.csv, per_class.csv, split.csv, config.yaml.</p>
+<script>{_SORT_JS}</script>
 </body></html>"""
     write_text_for_browser(run / "report.html", doc)

@@ -152,4 +152,8 @@ class Classifier(nn.Module):
 def count_params(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": int(total), "trainable": int(trainable)}
+    out = {"total": int(total), "trainable": int(trainable)}
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module):  # what a linear run trains: the backbone stays frozen
+        out["head"] = int(sum(p.numel() for p in head.parameters()))
+    return out
