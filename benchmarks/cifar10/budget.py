@@ -171,7 +171,7 @@ def run(args) -> None:
         torch.set_num_threads(args.threads)
 
     out = Path(args.out)
-    recipe = dict(RECIPE, time_budget=args.budget)
+    recipe = dict(RECIPE, train_budget=args.budget)  # the record is about training time: --train-budget
     for kv in args.set or []:
         k, v = kv.split("=", 1)
         recipe[k] = v if isinstance(RECIPE.get(k), str) else load_yaml(v)  # numbers, dicts: YAML
@@ -206,7 +206,7 @@ def report(args) -> None:
     t = s["test"]
     lo, hi = t["accuracy_ci95"]
     plot_curve(run, rows)
-    lines = [f"# CIFAR-10 under 256K parameters, {meta.get('recipe', {}).get('time_budget', '?')} of training "
+    lines = [f"# CIFAR-10 under 256K parameters, {meta.get('recipe', {}).get('train_budget', meta.get('recipe', {}).get('time_budget', '?'))} of training "
              f"on CPU ({meta.get('start', '')[:16].replace('T', ' ')})", "",
              f"- Machine: {meta.get('machine', machine())}; channels_last, precision {tr.get('precision')}, "
              f"{tr.get('threads', '?')} torch threads. Load average {meta.get('load_at_start', '?')} at start, "

@@ -44,7 +44,7 @@ def sweep_batch(cfg: TrainConfig, batch_sizes: list[int], time_s: float, out: Pa
         lr = cfg.lr
         if scale_lr:  # linear scaling rule (Goyal et al. 2017) around base_batch
             lr = str(resolve_lr(cfg, cfg.strategy, resolve_optimizer(cfg)) * bs / base_batch)
-        run_cfg = cfg.replace(batch_size=bs, lr=lr, time_budget=f"{time_s}s", epochs=0, out=str(out / f"bs{bs}"))
+        run_cfg = cfg.replace(batch_size=bs, lr=lr, train_budget=f"{time_s}s", epochs=0, out=str(out / f"bs{bs}"))
         run = train(run_cfg)
         rows.append(summarise(run, bs))
         write_table(out / "sweep_batch.csv", rows)

@@ -160,10 +160,10 @@ def test_channels_last_reaches_weights_and_inputs():
 # ------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def budget_run(tiny, tmp_path_factory):
-    """cnn_small from scratch with the step schedule under an 8-second budget (no --epochs)."""
+    """cnn_small from scratch with the step schedule under a 20-second budget for the whole run (no --epochs)."""
     out = tmp_path_factory.mktemp("runs") / "budget"
     t0 = time.time()
-    run = classforge.train(tiny, out, backbone="cnn_small", strategy="scratch", time_budget="8s", batch_size=8,
+    run = classforge.train(tiny, out, backbone="cnn_small", strategy="scratch", time_budget="20s", batch_size=8,
                            patience=1000, schedule="step")
     return run, time.time() - t0
 
@@ -202,9 +202,15 @@ def test_time_budget_stops_training_and_schedule_reaches_its_end(budget_run):
     assert lrs[0] == pytest.approx(0.01)
     assert lrs[-1] == pytest.approx(0.0001)  # the last plateau: the schedule ran to the end of the budget
     assert {round(x, 6) for x in lrs} <= {0.0001, 0.001, 0.01}
-    # the last epoch ends at the budget (the Timer checks after every batch), not an epoch count later
+    # --time-budget is the whole run's: training got what was left after preparing, minus what scoring keeps
+    plan = s["time_budget"]
+    assert plan["whole_run_s"] == 20 and plan["before_training_s"] > 0 and plan["reserved_for_scoring_s"] >= 3
+    assert plan["training_s"] == pytest.approx(20 - plan["before_training_s"] - plan["reserved_for_scoring_s"],
+                                               abs=0.2)
+    assert s["trainer"]["time_budget_s"] == plan["training_s"]
+    # the last epoch ends at the training share (the Timer checks after every batch), not an epoch count later
     longest = max(float(r["epoch_time_s"]) for r in rows)
-    assert 6.0 <= float(rows[-1]["elapsed_s"]) <= 8 + longest + 2
+    assert 0.75 * plan["training_s"] <= float(rows[-1]["elapsed_s"]) <= plan["training_s"] + longest + 2
     assert took < 120
 
 

@@ -92,7 +92,8 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
     spec = model.backbone.spec
     if cfg.schedule not in SCHEDULES:
         raise ClassforgeError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {cfg.schedule!r}")
-    budget = parse_duration(cfg.time_budget)
+    whole_run = parse_duration(cfg.time_budget)
+    budget = parse_duration(cfg.train_budget) or whole_run
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_dl, val_dl, fast = make_loaders(model, data, cfg)
@@ -144,6 +145,16 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
             hist.rows.remove(first)
             rows.append(first)
             seed_best(trainer, module, first.get("val_loss"))
+    if whole_run and not cfg.train_budget and extra.get("started_at"):
+        val_s = rows[0].get("val_time_s", 0.0) if rows and rows[0].get("epoch") == 0 else 0.0
+        share = plan_training_time(budget, extra["started_at"], len(data.of("val")), len(data.of("test")), val_s)
+        set_training_time(trainer, module, share["training_s"])
+        extra["time_budget"] = share
+        print(f"Time budget {share['whole_run_s']:.0f} s for the whole run: {share['before_training_s']:.0f} s "
+              f"spent before training, {share['reserved_for_scoring_s']:.0f} s kept for scoring, "
+              f"{share['training_s']:.0f} s to train")
+        if share["note"]:
+            data.notes.append(share["note"])
     trainer.fit(module, train_dl, val_dl, ckpt_path=str(ckpt) if resuming else None)
     model.backbone.set_grad_checkpointing(False)
     model.to(memory_format=torch.contiguous_format)
@@ -155,7 +166,8 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "epochs_run": trainer.current_epoch, "stopped_by": stop_reason(trainer),
                         "optimizer": optimizer, "lr": module.lr, "schedule": cfg.schedule,
                         "optimizer_args": dict(cfg.optimizer_args) or None,
-                        "weight_decay": module.weight_decay, "time_budget_s": budget,
+                        "weight_decay": module.weight_decay,
+                        "time_budget_s": extra.get("time_budget", {}).get("training_s", budget),
                         "data_path": data_path_desc(fast, cfg.cutout),
                         "progressive_resize": [{"until": u, "size": sz} for u, sz in plan] or None,
                         "sam": cfg.sam or None,
@@ -165,6 +177,38 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "threads": torch.get_num_threads(),
                         "forward_ops_per_sample": ops.get("ops"), "forward_macs_per_sample": ops.get("macs")}
     return rows
+
+
+SCORING_MARGIN = 1.5  # final scoring decodes every file again (and may export first): slower per file than val
+SCORING_FIXED_S = 3.0  # export, report and plots
+
+
+def plan_training_time(budget_s: float, started_at: float, val_files: int, test_files: int,
+                       val_seconds: float) -> dict:
+    """--time-budget is the whole run's: what training may take is the budget minus what came before (checking
+    files, embeddings for two-stage, the validation before training) minus what scoring will take after,
+    estimated from the measured validation pass."""
+    spent = time.time() - started_at
+    per_file = val_seconds / val_files if val_files and val_seconds else 0.0
+    reserve = per_file * (val_files + test_files) * SCORING_MARGIN + SCORING_FIXED_S
+    training = budget_s - spent - reserve
+    note = ""
+    if training < 0.1 * budget_s:
+        training = max(1.0, 0.1 * budget_s)
+        note = (f"--time-budget {budget_s:.0f} s leaves little for training: {spent:.0f} s went to preparing, "
+                f"{reserve:.0f} s are kept for scoring; trained for {training:.0f} s (give a larger budget)")
+    return {"whole_run_s": round(budget_s, 1), "before_training_s": round(spent, 1),
+            "reserved_for_scoring_s": round(reserve, 1), "training_s": round(training, 1), "note": note}
+
+
+def set_training_time(trainer, module, seconds: float) -> None:
+    """The Timer that stops training, and the schedule that plans over the same clock, get `seconds`."""
+    from lightning.pytorch.callbacks import Timer
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, Timer):
+            cb._duration = float(seconds)  # Timer keeps its limit here; there is no public setter
+    module.progress.budget_s = float(seconds)
 
 
 def check_checkpoint(path: Path) -> None:

@@ -91,7 +91,7 @@ def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classif
     cfg.save(run / "config.yaml")
     write_split(run / "split.csv", data.samples)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
-    extra: dict = {"threads": threads}
+    extra: dict = {"threads": threads, "started_at": t0}  # started_at: --time-budget counts the whole run
     history: list[dict] = []
     feature_logits: dict = {}  # val/test logits from exact cached features: the scoring pass need not run again
     if cfg.strategy in ("linear", "two-stage"):
@@ -102,6 +102,7 @@ def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classif
         timing["fit_s"] += time.time() - t
         if not is_global_zero():
             return run  # DDP workers stop here; rank 0 saves and evaluates
+    extra.pop("started_at", None)
     save_model(run, model, cfg, data.labels)
     write_metrics(run, history)
     summary = evaluate_run(run, data, cfg, model, extra_timing=timing, t_start=t0, extra=extra,

@@ -287,7 +287,8 @@ def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monit
     bar = os.environ.get("CLASSFORGE_QUIET") != "1" and sys.stderr.isatty()
     if bar:
         callbacks.append(EpochBar())
-    budget = max_time_s if max_time_s is not None else parse_duration(cfg.time_budget)
+    budget = max_time_s if max_time_s is not None else (parse_duration(cfg.train_budget)
+                                                         or parse_duration(cfg.time_budget))
     devices = _devices(cfg.devices) if distributed else 1
     accelerator = cfg.accelerator if distributed else ("cpu" if not torch.cuda.is_available() else cfg.accelerator)
     kw = dict(accelerator=accelerator, devices=devices, max_epochs=max_epochs, callbacks=callbacks,
