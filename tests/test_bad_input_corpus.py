@@ -46,6 +46,25 @@ def _cli(*args, env: dict | None = None, timeout: int = 600) -> subprocess.Compl
                           timeout=timeout, env={**os.environ, "CLASSFORGE_QUIET": "1", **(env or {})})
 
 
+def _check_files(cases: list[Case], skipped: dict[str, str], out: subprocess.CompletedProcess, run: Path) -> bool:
+    """Each case skipped with its reason (inspect's list) or used (the run's split.csv); returns whether the
+    train output held a traceback."""
+    tb = "Traceback" in out.stdout + out.stderr
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(run / "split.csv", encoding="utf-8", errors="surrogateescape") as f:
+        used = {r["path"] for r in csv.DictReader(f)}
+    for case in cases:
+        if case.expect == "skip":
+            ok = case.name in skipped and case.says in skipped[case.name]
+            detail = skipped.get(case.name, "not listed")
+        else:
+            ok = case.name in used
+            detail = "in split.csv" if ok else f"missing from split.csv ({skipped.get(case.name)})"
+        _record(case, ok, tb, detail)
+        assert ok, (case, detail)
+    return tb
+
+
 # ------------------------------------------------------------------------------------------------ images
 def _images(root: Path) -> list[Case]:
     make_image_folder(root, 12, kinds=("circle", "stripes"))
@@ -120,19 +139,7 @@ def test_image_corpus_train_reports_every_case(tmp_path):
     found = json.loads(js.stdout)
     skipped = {d["file"]: d["reason"].lower() for d in found["skipped"]}
     out = _cli("train", root, "--out", tmp_path / "run", "--epochs", "3")
-    tb = "Traceback" in out.stdout + out.stderr
-    assert out.returncode == 0, out.stderr[-3000:]
-    with open(tmp_path / "run" / "split.csv", encoding="utf-8", errors="surrogateescape") as f:
-        used = {r["path"] for r in csv.DictReader(f)}
-    for case in cases:
-        if case.expect == "skip":
-            ok = case.name in skipped and case.says in skipped[case.name]
-            detail = skipped.get(case.name, "not listed")
-        else:
-            ok = case.name in used
-            detail = "in split.csv" if ok else "missing from split.csv"
-        _record(case, ok, tb, detail)
-        assert ok, (case, detail)
+    tb = _check_files(cases, skipped, out, tmp_path / "run")
     assert not tb
     assert tree_checksums(root) == before
 
@@ -194,19 +201,7 @@ def test_audio_corpus_train_reports_every_case(tmp_path):
     skipped = {d["file"]: d["reason"].lower() for d in json.loads(js.stdout)["skipped"]}
     out = _cli("train", root, "--out", tmp_path / "run", "--backbone", "audio_cnn", "--strategy", "scratch",
                "--epochs", "1")
-    tb = "Traceback" in out.stdout + out.stderr
-    assert out.returncode == 0, out.stderr[-3000:]
-    with open(tmp_path / "run" / "split.csv") as f:
-        used = {r["path"] for r in csv.DictReader(f)}
-    for case in cases:
-        if case.expect == "skip":
-            ok = case.name in skipped and case.says in skipped[case.name]
-            detail = skipped.get(case.name, "not listed")
-        else:
-            ok = case.name in used
-            detail = "in split.csv" if ok else f"missing from split.csv ({skipped.get(case.name)})"
-        _record(case, ok, tb, detail)
-        assert ok, (case, detail)
+    tb = _check_files(cases, skipped, out, tmp_path / "run")
     assert not tb and tree_checksums(root) == before
 
 
