@@ -79,3 +79,30 @@ def test_runs_say_when_training_stopped_early_or_the_result_is_chance(tiny, tmp_
     s = json.loads((run / "summary.json").read_text())
     assert any("within reach of chance" in w for w in s["warnings"]), s["test"]
     assert "Warning:</b> test accuracy" in (run / "report.html").read_text()
+
+
+def test_ordered_bins_count_near_misses():
+    from classforge.evaluation.metrics import bin_order, ordinal_metrics
+
+    labels = ["10-20", "0-10", "20+", "10-"]  # --bins names, in any order; '10-' is no bin name
+    assert bin_order(labels[:3]) == [1, 0, 2] and bin_order(labels) is None and bin_order(["cat", "dog"]) is None
+    y = np.array([0, 1, 2, 2])  # true ranks 1, 0, 2, 2
+    probs = np.eye(3)[[0, 2, 2, 1]]  # predicted 10-20 (right), 20+ (two off), 20+ (right), 0-10 (two off)
+    o = ordinal_metrics(labels[:3], y, probs)
+    assert o == {"within_one_bin": 0.5, "mean_abs_bin_error": 1.0}
+
+
+def test_binned_run_reports_within_one_bin(tmp_path):
+    """A run on numeric labels with --bins: summary.json and the report give the near-miss figures too."""
+    from conftest import draw_sample
+
+    rng = np.random.default_rng(0)
+    for i in range(60):  # the label is the number of stripes: 0-2 / 2-4 / 4+ from three kinds
+        kind, age = [("circle", 1), ("stripes", 3), ("checker", 5)][i % 3]
+        draw_sample(kind, rng).save(tmp_path / f"{age}_{i:03d}.png")
+    run = classforge.train(tmp_path, tmp_path.parent / "binned", label_from_name=r"^(?P<label>\d+)_",
+                           bins="0,2,4", epochs=20)
+    s = json.loads((run / "summary.json").read_text())
+    o = s["test"]["ordinal"]
+    assert 0 <= o["mean_abs_bin_error"] <= 2 and o["within_one_bin"] >= s["test"]["accuracy"]
+    assert "within one bin" in (run / "report.html").read_text()

@@ -16,7 +16,7 @@ from classforge.core.files import open_csv
 from classforge.data.discover import discover
 from classforge.data.validate import validate
 from classforge.evaluation import report as rp
-from classforge.evaluation.metrics import run_warnings, summarize
+from classforge.evaluation.metrics import ordinal_metrics, run_warnings, summarize
 from classforge.models.registry import count_params
 from classforge.runtime.engines import resolve_eval_engine
 from classforge.runtime.export import export_checked
@@ -106,6 +106,10 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
         "samples_per_class": {c: int(n) for c, n in zip(data.labels, np.bincount(data.y("train"), minlength=len(data.labels)))},
         **(extra or {}),
     }
+    if getattr(cfg, "bins", None):
+        ordinal = ordinal_metrics(data.labels, results["test"][1], results["test"][2])
+        if ordinal:
+            summary["test"]["ordinal"] = ordinal
     summary["warnings"] = run_warnings(summary, results["test"][1])
     write_artifacts(run, summary, data.labels, results, data.checked.skipped, data.split.excluded, data.notes,
                     cfg.top_k, t_start)

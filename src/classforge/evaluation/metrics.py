@@ -88,3 +88,32 @@ def run_warnings(summary: dict, test_labels: np.ndarray) -> list[str]:
             out.append(f"test accuracy {summary['test']['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}) is within "
                        f"reach of chance ({chance:.3f}: always answering the most frequent class)")
     return out
+
+
+def bin_order(labels: list[str]) -> list[int] | None:
+    """Each label's rank among ordered bins ('0-3', '3-10', '10+' as --bins names them), or None when the
+    labels are not such bins."""
+    lows = []
+    for lab in labels:
+        try:
+            lows.append(float(lab.split("-")[0].rstrip("+")) if not lab.startswith("-") else float("nan"))
+        except ValueError:
+            return None
+    if any(low != low for low in lows) or len(set(lows)) != len(lows):
+        return None
+    order = sorted(range(len(labels)), key=lambda i: lows[i])
+    rank = [0] * len(labels)
+    for r, i in enumerate(order):
+        rank[i] = r
+    return rank
+
+
+def ordinal_metrics(labels: list[str], y: np.ndarray, probs: np.ndarray) -> dict | None:
+    """For ordered bins (ages, sizes): how often the prediction is the right bin or a neighbour, and the mean
+    distance in bins. Exact accuracy alone counts 20-30 for 30-40 as wrong as 0-10."""
+    rank = bin_order(labels)
+    if rank is None or not len(y):
+        return None
+    r = np.asarray(rank)
+    dist = np.abs(r[np.asarray(probs).argmax(1)] - r[np.asarray(y)])
+    return {"within_one_bin": float((dist <= 1).mean()), "mean_abs_bin_error": float(dist.mean())}

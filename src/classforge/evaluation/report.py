@@ -240,6 +240,10 @@ def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict
         ("val accuracy", f'{v.get("accuracy", float("nan")):.3f}', f"n={v.get('n', 0)}"),
         ("time", f'{summary["timing"]["total_s"]:.0f} s', "total wall time"),
     ]
+    if t.get("ordinal"):  # ordered bins: a neighbouring bin is a near miss
+        o = t["ordinal"]
+        cards.insert(1, ("within one bin", f'{o["within_one_bin"]:.3f}',
+                         f'mean error {o["mean_abs_bin_error"]:.2f} bins'))
     cards_html = "".join(f'<div class="card"><div>{a}</div><div class="big">{b}</div><div class="sub">{c}</div></div>'
                          for a, b, c in cards)
     pc_rows = [[lab, f"{per_class_test['precision'][i]:.3f}", f"{per_class_test['recall'][i]:.3f}",

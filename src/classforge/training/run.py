@@ -315,6 +315,9 @@ def print_summary(run: Path, s: dict) -> None:
         how = f"the head on cached {ev['cached_features']['engine']} features (checked against {how})"
     print(f"\nTest accuracy {t['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={t['n']}), macro F1 {t['macro_f1']:.3f}, "
           f"ECE {t['ece']:.3f}; total {s['timing']['total_s']:.1f}s; scored with {how}")
+    if t.get("ordinal"):
+        print(f"Within one bin {t['ordinal']['within_one_bin']:.3f}, mean error "
+              f"{t['ordinal']['mean_abs_bin_error']:.2f} bins (exact {t['accuracy']:.3f})")
     if s.get("skipped"):
         print(f"{s['skipped']} file(s) skipped (unreadable or not data): listed with reasons under 'Skipped files' "
               f"in {run / 'report.html'}")
