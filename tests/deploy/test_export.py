@@ -157,6 +157,8 @@ def test_model_card_front_matter(exported_run):
     for section in ("## Data", "## Metrics", "## Intended use", "## Limitations", "### ONNX"):
         assert section in card.text
     assert str(s["data"]) not in card.content  # the card names the data folder, not a local path
+    # classforge is not on PyPI: the install line names the extra and says where the package comes from
+    assert 'pip install "classforge[serve]"' in card.text and "wheel or source checkout" in card.text
     # callable alone, with a licence
     out = write_model_card(exported_run, license="apache-2.0")
     assert ModelCard.load(out).data.license == "apache-2.0"

@@ -101,7 +101,10 @@ def body(run: Path) -> str:
                f"({spec.get('interpolation')}), centre crop {spec.get('size')} px, scaled to [0, 1], normalised "
                f"with mean {_round(spec.get('mean'))} and std {_round(spec.get('std'))}; shape (B, 3, {spec.get('size')}, "
                f"{spec.get('size')})")
-    lines += ["## How to use", "", "```bash", "pip install classforge",
+    extras = "audio,serve" if meta.get("task") == "audio" else "serve"
+    lines += ["## How to use", "", "```bash",
+              f'pip install "classforge[{extras}]"   # from a classforge wheel or source checkout: '
+              f'pip install "/path/to/classforge[{extras}]"',
               f"classforge predict {name} FILE...        # top-3 labels with probabilities",
               f"classforge serve {name}                  # REST API + web UI on http://127.0.0.1:8000", "```", "",
               f"Input: {inp}. Output: logits over the labels above, in `labels.json` order.", ""]
