@@ -106,3 +106,19 @@ def test_binned_run_reports_within_one_bin(tmp_path):
     o = s["test"]["ordinal"]
     assert 0 <= o["mean_abs_bin_error"] <= 2 and o["within_one_bin"] >= s["test"]["accuracy"]
     assert "within one bin" in (run / "report.html").read_text()
+
+
+def test_many_classes_get_a_readable_confusion_view(tmp_path):
+    """151 classes: the plot keeps the 30 most confused, labelled; the pairs table names the worst pairs."""
+    from classforge.evaluation.report import confused_pairs, most_confused_classes, plot_confusion
+
+    n = 151
+    cm = np.diag(np.full(n, 10))
+    cm[5, 5], cm[5, 140] = 4, 6  # class 5 is mostly taken for class 140
+    cm[77, 77], cm[77, 3] = 8, 2
+    keep = most_confused_classes(cm)
+    assert len(keep) == 30 and {5, 140, 77, 3} <= set(keep) and keep == sorted(keep)
+    labels = [f"c{i:03d}" for i in range(n)]
+    assert confused_pairs(cm, labels)[:2] == [["c005", "c140", 6, "60.0%"], ["c077", "c003", 2, "20.0%"]]
+    plot_confusion(tmp_path / "cm.png", cm, labels)
+    assert (tmp_path / "cm.png").stat().st_size > 10_000

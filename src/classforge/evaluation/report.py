@@ -38,11 +38,34 @@ def write_per_class(path: Path, labels: list[str], pc: dict):
                         int(pc["support"][i])])
 
 
+MAX_CONFUSION_CLASSES = 30  # beyond this a full matrix has no readable labels
+
+
+def most_confused_classes(cm: np.ndarray, k: int = MAX_CONFUSION_CLASSES) -> list[int]:
+    """The k classes with the most mistakes, as true or as predicted class, in label order."""
+    off = np.asarray(cm, dtype=float).copy()
+    np.fill_diagonal(off, 0)
+    share = off / np.maximum(np.asarray(cm).sum(axis=1, keepdims=True), 1)
+    weight = share.sum(axis=1) + share.sum(axis=0)
+    return sorted(np.argsort(-weight, kind="stable")[:k].tolist())
+
+
 def plot_confusion(path: Path, cm: np.ndarray, labels: list[str]):
+    """The whole matrix with labels up to MAX_CONFUSION_CLASSES classes; beyond, the rows and columns of the
+    classes with the most mistakes, labelled (the most confused pairs table in the report lists the rest)."""
+    title = "Confusion matrix (test)"
+    cm = np.asarray(cm)
+    if len(labels) > MAX_CONFUSION_CLASSES:
+        keep = most_confused_classes(cm)
+        title = f"Confusion among the {len(keep)} most confused of {len(labels)} classes (test)"
+        full_rows = cm.sum(axis=1, keepdims=True)[keep]
+        cm, labels = cm[np.ix_(keep, keep)], [labels[i] for i in keep]
+    else:
+        full_rows = cm.sum(axis=1, keepdims=True)
     n = len(labels)
     size = min(24, max(5, 0.35 * n + 3))
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    norm = cm / np.maximum(full_rows, 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     if n <= 40:
@@ -56,7 +79,7 @@ def plot_confusion(path: Path, cm: np.ndarray, labels: list[str]):
                                 color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("Confusion matrix (test)")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
