@@ -199,6 +199,7 @@ _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px
 .warning{background:#fff3cd;border:1px solid #d9a400;border-radius:6px;padding:.6em 1em}
 h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ddd;padding:4px 9px;text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
+td.l{overflow-wrap:anywhere}td.l:first-child{overflow-wrap:normal;white-space:nowrap}
 .scroll{overflow-x:auto;max-width:100%}img{max-width:100%;height:auto}th.sort{cursor:pointer}
 .cards{display:flex;gap:1em;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:8px;padding:.8em 1.2em}
 .big{font-size:1.8em;font-weight:600}.gal{display:flex;flex-wrap:wrap;gap:12px}
@@ -297,7 +298,7 @@ def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict
 {summary["classes"]} classes · {html.escape(summary.get("created", ""))}</p>
 {warnings_html}<div class="cards">{cards_html}</div>
 {f'<ul class="warn">{notes_html}</ul>' if notes else ''}
-<h2>Run</h2>{_table(["", ""], info_rows)}
+<h2>Run</h2>{_table(["", ""], info_rows, left=2)}
 <h2>Training curves</h2>{_img_tag(run / "curves.png", 900) or '<p>No per-epoch curves for this run.</p>'}
 {_img_tag(run / "lr_finder.png", 450)}
 <h2>Confusion matrix</h2>{_img_tag(run / "confusion_matrix.png", 700)}
