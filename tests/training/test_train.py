@@ -181,6 +181,9 @@ def test_two_stage_on_lite0(tmp_path):
     run = classforge.train(root, tmp_path / "ts", strategy="two-stage", epochs=1, batch_size=8)
     stages = {r["stage"] for r in read_csv(run / "metrics.csv")}
     assert stages == {"head", "two-stage"}
+    # a finished fine-tune leaves no pickle in its folder, and its checkpoints are gone from the cache
+    assert not list(run.rglob("*.ckpt")) and not (run / "lightning_logs").exists()
+    assert not checkpoint_dir(run).exists()
     s = json.loads((run / "summary.json").read_text())
     assert s["test"]["accuracy"] >= 0.75 and s["params"]["trainable"] == s["params"]["total"]
 
