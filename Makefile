@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[audio,serve,hpo,hf,track,preprocess,dev]'
+	$(PIP) install -q -e '.[audio,serve,hpo,hf,track,preprocess,audit,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

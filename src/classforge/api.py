@@ -21,6 +21,18 @@ def train_config(cfg) -> Path:
     return run_train(cfg)
 
 
+def audit(data: str, out: str | Path, folds: int = 5, accept_top: int = 0, **options) -> dict:
+    """Audit the labels of DATA into OUT (audit.csv, audit.html, corrected_labels.csv, audit.json); options are
+    TrainConfig keys for the data and the backbone (labels_csv, classes, backbone, ...). Returns the summary."""
+    from classforge.core.config import TrainConfig
+    from classforge.runtime.threads import adapted_threads
+    from classforge.training.audit import run_audit
+
+    cfg = TrainConfig().replace(data=str(data), **options)
+    with adapted_threads(cfg.threads):
+        return run_audit(cfg, Path(out), folds=folds, accept_top=accept_top)
+
+
 def load(run_dir: str | Path, backend: str = "auto"):
     """A Predictor for a run directory: `.predict(paths, top_k=3)`, `.predict_proba(paths)`, `.labels`."""
     from classforge.runtime.predictor import Predictor

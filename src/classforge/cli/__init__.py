@@ -12,7 +12,19 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import typer  # noqa: E402
 
-from classforge.cli import basics, calibrate, card, compare, describe, export, search, serve, track, train  # noqa: E402
+from classforge.cli import (  # noqa: E402
+    audit,
+    basics,
+    calibrate,
+    card,
+    compare,
+    describe,
+    export,
+    search,
+    serve,
+    track,
+    train,
+)
 from classforge.cli.console import console  # noqa: E402
 from classforge.core.errors import ClassforgeError  # noqa: E402
 
@@ -44,7 +56,7 @@ def _main(
 
 
 # the order of `classforge --help`: the flow first, then analysis, then integrations
-for _module in (basics, train, describe, export, card, serve, compare, search, calibrate, track):
+for _module in (basics, train, describe, export, card, serve, compare, search, calibrate, audit, track):
     _module.add_commands(app)
 
 

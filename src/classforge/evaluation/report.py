@@ -165,7 +165,7 @@ _AUDIO_MIME = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", 
                ".opus": "audio/ogg", ".mp3": "audio/mpeg"}
 
 
-def _media_tag(abs_path: str, task: str) -> str:
+def media_tag(abs_path: str, task: str) -> str:
     """A thumbnail (images) or an audio player (sounds), embedded so report.html travels alone."""
     p = Path(abs_path)
     try:
@@ -273,7 +273,7 @@ def write_html(run: Path, summary: dict, labels: list[str], per_class_test: dict
     pc_rows = [[lab, f"{per_class_test['precision'][i]:.3f}", f"{per_class_test['recall'][i]:.3f}",
                 f"{per_class_test['f1'][i]:.3f}", int(per_class_test["support"][i])] for i, lab in enumerate(labels)]
     gal = "".join(
-        f'<div>{_media_tag(m["path"], task)}<br><b>true:</b> {html.escape(m["true"])}<br>'
+        f'<div>{media_tag(m["path"], task)}<br><b>true:</b> {html.escape(m["true"])}<br>'
         f'<b>predicted:</b> {html.escape(m["predicted"])} ({m["probability"]:.2f})<br>'
         f'<span class="sub">p(true)={m["p_true"]:.2f}<br>{html.escape(m["rel"])}</span></div>' for m in mistakes)
     info_rows = [["task", task], ["backbone", summary["backbone"]], ["strategy", summary["strategy"]],
