@@ -61,7 +61,8 @@ def run_audit(cfg: TrainConfig, out: Path, folds: int = 5, accept_top: int = 0) 
     accepted = write_corrected_labels(out / "corrected_labels.csv", samples, findings, accept_top)
     summary = {"data": str(cfg.data), "task": ds.task, "files": len(samples), "classes": len(labels),
                "folds": k, "backbone": backbone, "out_of_fold_accuracy": float((probs.argmax(1) == y).mean()),
-               "label_issues": sum(f.reason.startswith("label") for f in findings),
+               "label_issues": sum(f.reason.startswith("label issue:") for f in findings),
+               "weaker_label_issues": sum(f.reason.startswith("label issue (weaker)") for f in findings),
                "conflicting_duplicates": sum(f.reason.startswith("near-duplicate") for f in findings),
                "outliers": sum(f.reason.startswith("outlier") for f in findings),
                "overlapping_classes": overlap[:10], "accepted": accepted, "skipped": len(checked.skipped),
@@ -124,10 +125,15 @@ def label_issues(cleanlab, samples, labels, y, probs) -> list[Finding]:
     first, each with the label the heads favour."""
     ranked = cleanlab.filter.find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
     quality = cleanlab.rank.get_label_quality_scores(y, probs)
+    flagged = set(int(i) for i in ranked)
+    # then the files whose heads favour another class but confident learning did not flag: weaker suspects,
+    # still worth a look (with many small classes the flagged set alone misses flips)
+    weaker = [i for i in np.argsort(quality) if int(i) not in flagged and probs[i].argmax() != y[i]]
     out = []
-    for i in ranked:
+    for i in [*ranked, *weaker]:
         s, j = samples[i], int(probs[i].argmax())
-        reason = (f"label issue: the heads that did not see it give {labels[j]} {probs[i, j]:.2f} and "
+        kind = "label issue" if int(i) in flagged else "label issue (weaker)"
+        reason = (f"{kind}: the heads that did not see it give {labels[j]} {probs[i, j]:.2f} and "
                   f"{labels[y[i]]} {probs[i, y[i]]:.2f}")
         out.append(Finding(s, labels[y[i]], labels[j], float(1 - quality[i]), reason))
     return out
