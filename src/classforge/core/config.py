@@ -338,13 +338,13 @@ class TrainConfig:
     extract_engine: str = setting(
         default="auto",
         group="hardware",
-        help="How the frozen backbone runs for cached embeddings: auto (torch with bf16 autocast where the CPU has native bf16, or on a GPU; else ONNX Runtime fp32, 2.5x faster than torch fp32 on an AVX2 CPU) | torch | onnx",
+        help="How the frozen backbone runs for cached embeddings: auto (ONNX Runtime fp32 on a CPU, one single-threaded pass per core, features exact; torch with fp16 autocast on a GPU) | torch (bf16 autocast where the CPU has native bf16) | onnx",
         flags=("--extract-engine",),
     )
     eval_engine: str = setting(
         default="auto",
         group="hardware",
-        help="How the trained model is scored on val/test: auto (ONNX Runtime where --extract-engine auto picks it, i.e. CPUs without native bf16; else PyTorch fp32) | torch | onnx. onnx exports RUN/model.onnx (parity-checked against PyTorch), which predict and serve then use too",
+        help="How the trained model is scored on val/test: auto (a linear run scores from its exact cached features, checked through PyTorch; other strategies through ONNX Runtime where extraction uses it) | torch | onnx. onnx exports RUN/model.onnx (parity-checked against PyTorch), which predict and serve then use too",
         flags=("--eval-engine",),
     )
     # augmentation

@@ -68,7 +68,7 @@ EVAL_ENGINES = ("auto", "torch", "onnx")
 
 def resolve_eval_engine(name: str, extract_engine: str = "auto") -> str:
     """--eval-engine -> 'torch' or 'onnx' for the final evaluation. 'auto' follows the extraction engine: ONNX
-    Runtime where extraction resolves to it (CPUs without native bf16), else PyTorch fp32."""
+    Runtime where extraction resolves to it (a CPU with onnxruntime), else PyTorch fp32."""
     if name not in EVAL_ENGINES:
         raise ClassforgeError(f"--eval-engine must be one of {', '.join(EVAL_ENGINES)}, not {name!r}")
     if name != "auto":
