@@ -33,25 +33,35 @@ def audit(data: str, out: str | Path, folds: int = 5, accept_top: int = 0, **opt
         return run_audit(cfg, Path(out), folds=folds, accept_top=accept_top)
 
 
-def load(run_dir: str | Path, backend: str = "auto"):
-    """A Predictor for a run directory: `.predict(paths, top_k=3)`, `.predict_proba(paths)`, `.labels`."""
+def update(run_dir: str | Path, data: str | None, out: str | Path, **options) -> Path:
+    """A new run from a linear or two-stage run and DATA as it is now (new files, new class folders): the head is
+    refit on cached embeddings, the old files keep their split. Returns the new run directory."""
+    from classforge.training.update import update_run
+
+    return update_run(run_dir, data, out, **options)
+
+
+def load(run_dir: str | Path, backend: str = "auto", unknown: bool = True):
+    """A Predictor for a run directory: `.predict(paths, top_k=3)`, `.predict_proba(paths)`, `.labels`. Inputs
+    unlike every class get label "unknown" (the closest class in `best_label`) unless unknown=False."""
     from classforge.runtime.predictor import Predictor
 
-    return Predictor.from_run(run_dir, backend=backend)
+    return Predictor.from_run(run_dir, backend=backend, unknown=unknown)
 
 
-def predict(run_dir: str | Path, inputs, top_k: int = 3):
+def predict(run_dir: str | Path, inputs, top_k: int = 3, unknown: bool = True):
     """One input -> one result; a list -> a list. Inputs as for Predictor.predict: paths, bytes, PIL or numpy
     images, torch image tensors, (waveform, sample_rate) pairs."""
-    return load(run_dir).predict(inputs, top_k=top_k)
+    return load(run_dir, unknown=unknown).predict(inputs, top_k=top_k)
 
 
-def predict_files(run_dir: str | Path, files: list[str], top_k: int = 3, backend: str = "auto") -> list[dict]:
+def predict_files(run_dir: str | Path, files: list[str], top_k: int = 3, backend: str = "auto",
+                  unknown: bool = True) -> list[dict]:
     """Per-file results; a bad file gets an error entry instead of stopping the others."""
     from classforge.runtime.threads import adapted_threads
 
     with adapted_threads():
-        return _predict_each(load(run_dir, backend), files, top_k)
+        return _predict_each(load(run_dir, backend, unknown), files, top_k)
 
 
 def _predict_each(p, files: list[str], top_k: int) -> list[dict]:

@@ -17,13 +17,13 @@ pytestmark = pytest.mark.trains
 
 def test_exact_engine_scores_from_cached_features(shapes_dir, tmp_path, monkeypatch):
     scored = []
-    real = predictor_module.Predictor.predict_logits
+    real = predictor_module.Predictor.predict_outputs  # every scoring pass goes through it
 
     def counting(self, inputs, *a, **k):
         scored.append(len(inputs))
         return real(self, inputs, *a, **k)
 
-    monkeypatch.setattr(predictor_module.Predictor, "predict_logits", counting)
+    monkeypatch.setattr(predictor_module.Predictor, "predict_outputs", counting)
     run = classforge.train(shapes_dir, tmp_path / "r", epochs=20, extract_engine="onnx", eval_engine="torch")
     s = json.loads((run / "summary.json").read_text())
     check = s["evaluation"]["cached_features"]
@@ -31,7 +31,7 @@ def test_exact_engine_scores_from_cached_features(shapes_dir, tmp_path, monkeypa
     assert check["passed"] and check["files_checked"] == k and check["max_abs_logit_diff"] < 1e-3
     assert scored == [k]  # the predictor ran on the parity files only, not on every val and test file
     # the reported figures are what the shipped model gives: score every test file through it here
-    monkeypatch.setattr(predictor_module.Predictor, "predict_logits", real)
+    monkeypatch.setattr(predictor_module.Predictor, "predict_outputs", real)
     with open(run / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     data = s["data"]
@@ -45,7 +45,7 @@ def test_inexact_features_are_not_used_for_scores(shapes_dir, tmp_path, monkeypa
     """A failed parity check (features that are not the shipped model's) falls back to scoring every file."""
     from classforge.evaluation import evaluate
 
-    monkeypatch.setattr(evaluate, "parity", lambda ref, out: {"max_abs_diff": 1.0, "passed": False})
+    monkeypatch.setattr(evaluate, "parity", lambda ref, out, **kw: {"max_abs_diff": 1.0, "passed": False})
     run = classforge.train(shapes_dir, tmp_path / "r", epochs=5, extract_engine="onnx", eval_engine="torch")
     s = json.loads((run / "summary.json").read_text())
     assert s["evaluation"]["cached_features"]["passed"] is False

@@ -20,6 +20,7 @@ from classforge.cli import (  # noqa: E402
     compare,
     describe,
     export,
+    grow,
     search,
     serve,
     track,
@@ -56,7 +57,7 @@ def _main(
 
 
 # the order of `classforge --help`: the flow first, then analysis, then integrations
-for _module in (basics, train, describe, export, card, serve, compare, search, calibrate, audit, track):
+for _module in (basics, train, describe, export, card, serve, compare, search, calibrate, audit, grow, track):
     _module.add_commands(app)
 
 

@@ -92,11 +92,16 @@ def add_commands(app: typer.Typer) -> None:
             "--backend",
             help="auto (ONNX Runtime if model.onnx exists) | torch | onnx | int8 (model.int8.onnx from export --quantize int8)",
         ),
+        no_unknown: bool = typer.Option(
+            False, "--no-unknown",
+            help="Answer with the closest class even for files unlike every class (default: 'unknown' for them)",
+        ),
     ):
-        """Predict the class of files with a trained run."""
+        """Predict the class of files with a trained run. A file unlike every class is answered "unknown" (with
+        its closest class beside it), unless --no-unknown."""
         from classforge.api import predict_files
 
-        results = run_cmd(predict_files, run_dir, files, top_k=top_k, backend=backend)
+        results = run_cmd(predict_files, run_dir, files, top_k=top_k, backend=backend, unknown=not no_unknown)
         if as_json:
             print(json.dumps(results, indent=2))
             raise typer.Exit(1 if any("error" in r for r in results) else 0)
@@ -105,7 +110,11 @@ def add_commands(app: typer.Typer) -> None:
                 console.print(f"[red]{r['file']}: {r['error']}[/]")
                 continue
             top = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
-            console.print(f"{r['file']}: [bold]{r['label']}[/] ({r['probability']:.3f})   top-{top_k}: {top}")
+            if r.get("unknown"):
+                console.print(f"{r['file']}: [bold]unknown[/] (unlike every class; closest {r['best_label']} "
+                              f"{r['probability']:.3f})   top-{top_k}: {top}")
+            else:
+                console.print(f"{r['file']}: [bold]{r['label']}[/] ({r['probability']:.3f})   top-{top_k}: {top}")
         if any("error" in r for r in results):
             raise typer.Exit(1)
 

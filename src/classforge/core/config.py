@@ -412,6 +412,16 @@ class TrainConfig:
              "--resume can train it further",
     )
     top_k: int = setting(default=3, group="output", help="Classes listed per file in predictions.csv")
+    unknown_recall: float = setting(
+        default=0.95, group="output", flags=("--unknown-recall",),
+        help="Answer 'unknown' for inputs unlike every class: the threshold keeps this share of the validation "
+             "files known (0 = no unknown answer)",
+    )
+    unknown_dir: str | None = setting(
+        default=None, group="output", flags=("--unknown-dir",),
+        help="A folder of files that belong to none of the classes: the report and summary.json then say how "
+             "well 'unknown' separates them (AUROC, share wrongly accepted)",
+    )
     # tracking
     track: str | None = setting(
         default=None,

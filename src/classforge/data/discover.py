@@ -179,6 +179,14 @@ def _files(root: Path) -> list[Path]:
     return out
 
 
+def media_files(folder: str | os.PathLike, task: str) -> list[Path]:
+    """The image (or audio) files anywhere under a folder, labels aside (e.g. files of no known class)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ClassforgeError(f"{folder} is not a folder")
+    return [f for f in _files(root) if _kind(f) == task]
+
+
 def links_outside(root: Path, files: list[Path]) -> list[str]:
     """Files (relative to root) that are, or sit in folders that are, symbolic links to places outside root."""
     top = str(root.resolve())

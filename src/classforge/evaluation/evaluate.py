@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from classforge.core.config import TrainConfig
 from classforge.core.environment import environment
@@ -16,23 +17,26 @@ from classforge.core.files import open_csv
 from classforge.data.discover import discover
 from classforge.data.validate import validate
 from classforge.evaluation import report as rp
+from classforge.evaluation.changes import update_figures, update_section
 from classforge.evaluation.metrics import ordinal_metrics, run_warnings, summarize
+from classforge.evaluation.open_set import choose_threshold, open_set_section, open_set_summary, plot_open_set
 from classforge.models.registry import count_params
 from classforge.runtime.engines import resolve_eval_engine
 from classforge.runtime.export import export_checked
-from classforge.runtime.onnx import parity
-from classforge.runtime.predictor import Predictor
+from classforge.runtime.onnx import add_metadata, parity
+from classforge.runtime.predictor import Predictor, update_run_meta
 
 
 def _public(m: dict) -> dict:
     return {k: v for k, v in m.items() if k not in ("confusion", "per_class")}
 
 
-def score(predictor: Predictor, samples, labels: list[str], desc: str) -> tuple[np.ndarray, np.ndarray]:
+def score(predictor: Predictor, samples, labels: list[str], desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """True classes, probabilities and unknown scores (None for a run without them) of labelled files."""
     idx = {c: i for i, c in enumerate(labels)}
     y = np.array([idx[s.label] for s in samples], dtype=int)
-    probs = predictor.predict_proba([s.path for s in samples], progress_desc=desc)
-    return y, probs
+    logits, unknown = predictor.split_outputs(predictor.predict_outputs([s.path for s in samples], progress_desc=desc))
+    return y, predictor.probs(logits) if len(logits) else logits, unknown
 
 
 def eval_predictor(run: Path, model, labels: list[str], cfg, few_files: bool = False) -> tuple[Predictor, dict]:
@@ -66,8 +70,8 @@ def from_features(predictor: Predictor, data, feature_logits: dict | None) -> di
     if not feature_logits or len(feature_logits.get("test", ())) != len(test) or not test:
         return None
     k = min(PARITY_FILES, len(test))
-    ref = predictor.predict_logits([s.path for s in test[:k]])
-    check = parity(ref, feature_logits["test"][:k])
+    ref = predictor.predict_outputs([s.path for s in test[:k]])
+    check = parity(ref, feature_logits["test"][:k], classes=len(predictor.labels))
     return {"engine": feature_logits["engine"], "files_checked": k, "max_abs_logit_diff": check["max_abs_diff"],
             "passed": check["passed"]}
 
@@ -81,7 +85,7 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
     check = from_features(predictor, data, feature_logits)
     if check is not None:
         eval_info["cached_features"] = check
-    results = {}
+    results, unknown = {}, {}
     idx = {c: i for i, c in enumerate(data.labels)}
     for split in ("val", "test"):
         ss = data.of(split)
@@ -89,10 +93,12 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
             continue
         if check and check["passed"]:
             y = np.array([idx[s.label] for s in ss], dtype=int)
-            probs = predictor.probs(feature_logits[split])
+            logits, unknown[split] = predictor.split_outputs(feature_logits[split])
+            probs = predictor.probs(logits)
         else:
-            y, probs = score(predictor, ss, data.labels, f"Evaluating {split}")
+            y, probs, unknown[split] = score(predictor, ss, data.labels, f"Evaluating {split}")
         results[split] = (ss, y, probs, summarize(y, probs, len(data.labels)))
+    open_set = measure_open_set(run, predictor, cfg, unknown)
     timing = {"total_s": 0.0, **extra_timing, "eval_s": time.time() - t}
     summary = {
         "task": model.backbone.spec.task, "backbone": cfg.backbone, "strategy": cfg.strategy,
@@ -106,20 +112,77 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
         "samples_per_class": {c: int(n) for c, n in zip(data.labels, np.bincount(data.y("train"), minlength=len(data.labels)))},
         **(extra or {}),
     }
+    if open_set:
+        summary["open_set"] = open_set
+    if summary.get("update"):
+        summary["update"] = update_figures(summary["update"], *results["test"][:3], data.labels)
     if getattr(cfg, "bins", None):
         ordinal = ordinal_metrics(data.labels, results["test"][1], results["test"][2])
         if ordinal:
             summary["test"]["ordinal"] = ordinal
     summary["warnings"] = run_warnings(summary, results["test"][1])
     write_artifacts(run, summary, data.labels, results, data.checked.skipped, data.split.excluded, data.notes,
-                    cfg.top_k, t_start)
+                    cfg.top_k, t_start, unknown.get("test"))
     return summary
 
 
+def measure_open_set(run: Path, predictor: Predictor, cfg, unknown: dict) -> dict | None:
+    """Choose the unknown threshold on the validation split's scores, write it into model.json (and model.onnx's
+    metadata), score --unknown-dir files if given, and plot the scores. None for a run without the score."""
+    if unknown.get("test") is None:
+        return None
+    if unknown.get("val") is None or not len(unknown["val"]):
+        print("No validation files: the run answers with a class whatever the input (no unknown threshold)")
+        return None
+    threshold = choose_threshold(unknown["val"], cfg.unknown_recall)
+    meta = update_run_meta(run, open_set={**_saved_open_set(run), "threshold": threshold})
+    predictor.open_set = meta["open_set"]
+    if (run / "model.onnx").is_file():
+        add_metadata(run / "model.onnx", meta, predictor.labels)
+    foreign = None
+    if cfg.unknown_dir:
+        foreign = unknown_dir_scores(predictor, cfg.unknown_dir)
+    result = open_set_summary(threshold, cfg.unknown_recall, unknown["val"], unknown["test"], foreign,
+                              cfg.unknown_dir)
+    plot_open_set(run / "open_set.png", unknown["test"], threshold, foreign)
+    return result
+
+
+def _saved_open_set(run: Path) -> dict:
+    return json.loads((run / "model.json").read_text()).get("open_set") or {}
+
+
+def unknown_dir_scores(predictor: Predictor, folder: str, batch_size: int = 32) -> np.ndarray:
+    """Unknown scores of the files under a folder of no class; unreadable files are left out, and said so."""
+    from classforge.core.errors import BadFile
+    from classforge.core.progress import progress
+    from classforge.data.discover import media_files
+
+    files = media_files(folder, predictor.spec.task)
+    if not files:
+        raise ClassforgeError(f"--unknown-dir {folder} holds no {predictor.spec.task} files")
+    xs, bad, scores = [], 0, []
+    for f in progress(files, total=len(files), desc="Scoring --unknown-dir", unit="file"):
+        try:
+            xs.append(predictor.preprocess(f))
+        except BadFile:
+            bad += 1
+        if len(xs) == batch_size:
+            scores.append(predictor.split_outputs(predictor.forward(torch.stack(xs)))[1])
+            xs = []
+    if xs:
+        scores.append(predictor.split_outputs(predictor.forward(torch.stack(xs)))[1])
+    if bad:
+        print(f"--unknown-dir: {bad} unreadable file(s) left out")
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
 def write_artifacts(run: Path, summary: dict, labels: list[str], results: dict, skipped, excluded, notes,
-                    top_k: int, t_start: float) -> None:
+                    top_k: int, t_start: float, unknown_scores: np.ndarray | None = None) -> None:
     ss, y, probs, m = results["test"]
-    rp.write_predictions(run / "predictions.csv", [s.rel for s in ss], labels, y, probs, top_k)
+    open_set = summary.get("open_set")
+    rp.write_predictions(run / "predictions.csv", [s.rel for s in ss], labels, y, probs, top_k,
+                         unknown_scores if open_set else None, (open_set or {}).get("threshold"))
     rp.write_per_class(run / "per_class.csv", labels, m["per_class"])
     rp.plot_confusion(run / "confusion_matrix.png", m["confusion"], labels)
     rp.plot_reliability(run / "reliability.png", y, probs)
@@ -128,8 +191,10 @@ def write_artifacts(run: Path, summary: dict, labels: list[str], results: dict, 
     mistakes = rp.worst_mistakes(ss, labels, y, probs)
     summary["timing"]["total_s"] = time.time() - t_start
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    sections = [update_section(summary["update"])] if summary.get("update") else []
+    sections += [open_set_section(run, open_set)] if open_set else []
     rp.write_html(run, summary, labels, m["per_class"], mistakes, skipped, excluded, notes, summary["task"],
-                  confusion=m["confusion"])
+                  sections, confusion=m["confusion"])
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -164,7 +229,7 @@ def evaluate(run_dir: str | Path, data: str | None = None, out: str | Path | Non
     good = [s for s in checked.good if s.label in set(labels)]
     if not good:
         raise ClassforgeError(f"No files of this run's classes ({', '.join(labels[:10])}...) found in {data}")
-    y, probs = score(predictor, good, labels, "Evaluating")
+    y, probs, _ = score(predictor, good, labels, "Evaluating")
     m = summarize(y, probs, len(labels))
     out = Path(out) if out else run / "evaluations" / Path(str(data)).name
     out.mkdir(parents=True, exist_ok=True)

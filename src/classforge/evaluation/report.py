@@ -18,15 +18,23 @@ from classforge.core.files import open_csv, write_text_for_browser
 from classforge.data.image import open_image
 
 
-def write_predictions(path: Path, rels: list[str], labels: list[str], y_true, probs: np.ndarray, top_k: int = 3):
+def write_predictions(path: Path, rels: list[str], labels: list[str], y_true, probs: np.ndarray, top_k: int = 3,
+                      unknown_scores: np.ndarray | None = None, threshold: float | None = None):
+    """One row per file; with the run's unknown score, two more columns: the score and whether the run would
+    answer "unknown" (`predicted` stays the best class, so accuracy reads the same)."""
     k = min(top_k, len(labels))
+    scored = unknown_scores is not None and threshold is not None
     with open_csv(path, "w") as f:
         w = csv.writer(f)
-        w.writerow(["path", "true", "predicted", "probability", "correct", "top_k"])
-        for rel, t, p in zip(rels, y_true, probs):
+        w.writerow(["path", "true", "predicted", "probability", "correct", "top_k"]
+                   + (["unknown_score", "unknown"] if scored else []))
+        for i, (rel, t, p) in enumerate(zip(rels, y_true, probs)):
             order = np.argsort(-p)[:k]
-            w.writerow([rel, labels[t], labels[order[0]], f"{p[order[0]]:.6f}", int(order[0] == t),
-                        ";".join(f"{labels[i]}:{p[i]:.4f}" for i in order)])
+            row = [rel, labels[t], labels[order[0]], f"{p[order[0]]:.6f}", int(order[0] == t),
+                   ";".join(f"{labels[j]}:{p[j]:.4f}" for j in order)]
+            if scored:
+                row += [f"{unknown_scores[i]:.4f}", int(unknown_scores[i] > threshold)]
+            w.writerow(row)
 
 
 def write_per_class(path: Path, labels: list[str], pc: dict):

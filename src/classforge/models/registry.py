@@ -137,13 +137,15 @@ def backbone_task(name: str) -> str:
 
 
 class Classifier(nn.Module):
-    """Backbone + linear head. The whole model a run saves (model.safetensors) and exports."""
+    """Backbone + linear head. The whole model a run saves (model.safetensors) and exports. `open_set` (set once
+    training is over, see models.open_set) scores how foreign an input is; forward() stays logits only."""
 
     def __init__(self, backbone: Backbone, num_classes: int, dropout: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self.open_set: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.backbone(x)))

@@ -18,6 +18,7 @@ import torch
 from classforge.core.errors import BadFile, ClassforgeError
 from classforge.core.spec import InputSpec
 from classforge.data.rundata import run_files
+from classforge.models.open_set import WithUnknownScore, shipped
 from classforge.runtime.onnx import (
     OPSET,
     TOLERANCE,
@@ -72,13 +73,16 @@ def export_checked(run_dir: str | Path, n_parity: int = 32, tolerance: float = T
     # The preprocessing is the Predictor's own (torch backend), so the tensors are exactly what serving feeds.
     pre = Predictor(model, InputSpec.from_dict(meta["spec"]), labels, fast=False)
     x, source = parity_inputs(run, pre, n_parity)
-    ref = run_torch(model, x)
+    net = shipped(model)
+    if isinstance(net, WithUnknownScore):
+        net.named_outputs()  # ONNX users read `logits` and `unknown_score` by name
+    ref = run_torch(net, x)
     onnx_path = run / "model.onnx"
     (run / "export.json").unlink(missing_ok=True)
-    exporter = torch_to_onnx(model, x[:2], onnx_path, opset)
+    exporter = torch_to_onnx(net, x[:2], onnx_path, opset)
     add_metadata(onnx_path, meta, labels)
     session = ort_session(onnx_path)
-    res = parity(ref, run_ort(session, x), tolerance)
+    res = parity(ref, run_ort(session, x), tolerance, classes=len(labels))
     res.update(n=len(x), source=source, batch_sizes=sorted({len(x[i:i + 8]) for i in range(0, len(x), 8)}))
     report = _report(onnx_path, session, opset, exporter, meta, labels, res)
     if not res["passed"]:
@@ -105,6 +109,10 @@ def _report(onnx_path: Path, session, opset: int, exporter: str, meta: dict, lab
                   else "RGB image resized, centre-cropped and normalised by spec.mean/std"},
         "output": {"name": session.get_outputs()[0].name, "shape": session.get_outputs()[0].shape,
                    "what": "logits (softmax gives probabilities)"},
+        **({"unknown_score": {"name": session.get_outputs()[1].name, "shape": session.get_outputs()[1].shape,
+                              "what": "distance to the nearest class (models.open_set); above "
+                                      "model.json open_set.threshold the answer is 'unknown'"}}
+           if len(session.get_outputs()) > 1 else {}),
         "task": meta["task"], "backbone": meta["backbone"], "labels": labels, "spec": meta["spec"],
         "parity": res, "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                                     "onnxruntime": ort.__version__},

@@ -16,15 +16,20 @@ from classforge.core.errors import BadFile, ClassforgeError
 from classforge.core.progress import progress
 from classforge.core.spec import InputSpec
 from classforge.data.preprocess import make_preprocessor
+from classforge.models.open_set import MahalanobisScore, shipped
 from classforge.models.registry import Classifier, create_backbone
 from classforge.runtime.batching import MicroBatcher
 from classforge.runtime.decode import decoded_batches
 from classforge.runtime.engines import forward_batches, prepare_fast
+from classforge.runtime.onnx import as_columns
 
 
 def build_model(meta: dict) -> Classifier:
     backbone = create_backbone(meta["backbone"], pretrained=False, **meta.get("backbone_kwargs", {}))
-    return Classifier(backbone, meta["num_classes"], meta.get("dropout", 0.0))
+    model = Classifier(backbone, meta["num_classes"], meta.get("dropout", 0.0))
+    if meta.get("open_set"):
+        model.open_set = MahalanobisScore(meta["num_classes"], backbone.feature_dim)
+    return model
 
 
 def load_run_model(run_dir: str | Path) -> tuple[Classifier, dict, list[str]]:
@@ -66,12 +71,19 @@ class Predictor:
     """predict_proba(inputs) -> (N, C) probabilities; predict(inputs, top_k) -> list of dicts.
     Inputs are paths, bytes or PIL images / waveforms. Thread-safe: concurrent calls share one model.
     The server calls start_batching(): forward_batched() then joins requests that arrive together into one
-    forward pass (classforge.runtime.batching). max_audio_seconds refuses long recordings before decoding."""
+    forward pass (classforge.runtime.batching). max_audio_seconds refuses long recordings before decoding.
+
+    forward() returns the model's outputs: (B, C) logits, and for a run with an open-set score one more column,
+    the unknown score (see models.open_set). `open_set` (from model.json: the threshold) turns results whose
+    score is above it into label "unknown"; `unknown=False` keeps the best class whatever the score."""
 
     def __init__(self, model: torch.nn.Module | None, spec: InputSpec, labels: list[str], onnx_path=None,
                  device: str = "cpu", max_pixels: int = 89_478_485, fast: bool = True,
-                 max_audio_seconds: float | None = None, threads: int | None = None):
+                 max_audio_seconds: float | None = None, threads: int | None = None, unknown: bool = True):
+        model = shipped(model) if model is not None else None
         self.model, self.spec, self.labels, self.device = model, spec, list(labels), device
+        self.open_set: dict | None = None  # {"threshold": ..., ...} from model.json once the run has chosen it
+        self.unknown = unknown
         self.pre = make_preprocessor(spec, augment="none", max_pixels=max_pixels)
         self.max_audio_seconds = max_audio_seconds
         self.fast = fast
@@ -114,6 +126,8 @@ class Predictor:
             p = cls(model, InputSpec.from_dict(meta["spec"]), labels, device=device, **kw)
         p.meta = meta
         p.temperature = float(meta.get("temperature", 1.0))
+        if (meta.get("open_set") or {}).get("threshold") is not None:
+            p.open_set = meta["open_set"]
         return p
 
     # -- preprocess -> forward -> postprocess
@@ -136,13 +150,13 @@ class Predictor:
         return torch.stack([self.preprocess(s) for s in items])
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
-        """(B, ...) preprocessed batch -> (B, C) logits as float32."""
+        """(B, ...) preprocessed batch -> (B, C) logits as float32 [+ the unknown score column]."""
         if self.session is not None:
-            return self.session.run(None, {self.input_name: x.numpy().astype(np.float32)})[0]
+            return as_columns(self.session.run(None, {self.input_name: x.numpy().astype(np.float32)}))
         return self._forward_torch(x)
 
     def _forward_single(self, x: torch.Tensor) -> np.ndarray:
-        return self.session_single.run(None, {self.input_name: x.numpy().astype(np.float32)})[0]
+        return as_columns(self.session_single.run(None, {self.input_name: x.numpy().astype(np.float32)}))
 
     def _forward_torch(self, x: torch.Tensor) -> np.ndarray:
         with self._lock:
@@ -182,8 +196,8 @@ class Predictor:
             self.batcher.close()
             self.batcher = None
 
-    def predict_logits(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
-        """(N, C) float32 logits of N files (paths or bytes), `batch_size` at a time, with a progress bar."""
+    def predict_outputs(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
+        """(N, C [+ 1]) float32 outputs of N files (paths or bytes), `batch_size` at a time, with a progress bar."""
         out = []
         bar = progress(range(len(inputs)), total=len(inputs), desc=progress_desc or "Predicting", unit="file")
         for chunk, x in decoded_batches(inputs, self._preprocess_batch, batch_size):
@@ -192,21 +206,47 @@ class Predictor:
         bar.close()
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
+    def predict_logits(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
+        """(N, C) float32 logits of N files."""
+        return self.split_outputs(self.predict_outputs(inputs, batch_size, progress_desc))[0]
+
     def predict_proba(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
         logits = self.predict_logits(inputs, batch_size, progress_desc)
         return self.probs(logits) if len(logits) else logits
 
+    def split_outputs(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, C [+ 1]) outputs -> (B, C) logits and the (B,) unknown scores (None for a run without them)."""
+        c = len(self.labels)
+        return outputs[:, :c], (outputs[:, c] if outputs.shape[1] > c else None)
+
     def probs(self, logits) -> np.ndarray:
         """(B, C) logits -> probabilities, with the run's calibration temperature."""
-        return softmax(np.asarray(logits, dtype=np.float32) / np.float32(self.temperature))
+        return softmax(np.asarray(logits, dtype=np.float32)[:, :len(self.labels)] / np.float32(self.temperature))
 
-    def postprocess(self, probs: np.ndarray, top_k: int = 3) -> list[dict]:
+    def results(self, outputs: np.ndarray, top_k: int = 3, unknown: bool | None = None) -> list[dict]:
+        """Forward outputs -> result dicts (postprocess with the unknown scores)."""
+        logits, scores = self.split_outputs(np.asarray(outputs, np.float32))
+        return self.postprocess(self.probs(logits), top_k, scores, unknown)
+
+    def postprocess(self, probs: np.ndarray, top_k: int = 3, unknown_scores: np.ndarray | None = None,
+                    unknown: bool | None = None) -> list[dict]:
+        """Result dicts: label, probability, top_k. With the run's open-set threshold, every result also says
+        `unknown_score`, and one above the threshold is labelled "unknown" (its best class and probability stay
+        in `best_label` / `probability` and top_k) unless unknown=False (default: the Predictor's setting)."""
         k = max(1, min(top_k, len(self.labels)))
+        threshold = (self.open_set or {}).get("threshold")
+        flag = self.unknown if unknown is None else unknown
         res = []
-        for p in probs:
+        for i, p in enumerate(probs):
             order = np.argsort(-p)[:k]
-            res.append({"label": self.labels[order[0]], "probability": float(p[order[0]]),
-                        "top_k": [{"label": self.labels[i], "probability": float(p[i])} for i in order]})
+            r = {"label": self.labels[order[0]], "probability": float(p[order[0]]),
+                 "top_k": [{"label": self.labels[j], "probability": float(p[j])} for j in order]}
+            if unknown_scores is not None and threshold is not None:
+                r["unknown_score"] = round(float(unknown_scores[i]), 4)
+                r["unknown"] = bool(flag and unknown_scores[i] > threshold)
+                if r["unknown"]:
+                    r = {"label": UNKNOWN, "best_label": r["label"], **{k2: v for k2, v in r.items() if k2 != "label"}}
+            res.append(r)
         return res
 
     def predict(self, inputs, top_k: int = 3):
@@ -214,8 +254,8 @@ class Predictor:
         path (str or Path), the file's bytes, a PIL image, a numpy image (H, W) / (H, W, C), uint8 or float, a
         torch image tensor (C, H, W), or for audio (waveform, sample_rate) with a numpy or torch waveform."""
         if is_one_input(inputs):
-            return self.postprocess(self.predict_proba([inputs]), top_k)[0]
-        return self.postprocess(self.predict_proba(list(inputs)), top_k)
+            return self.results(self.predict_outputs([inputs]), top_k)[0]
+        return self.results(self.predict_outputs(list(inputs)), top_k)
 
     def predict_iter(self, inputs, top_k: int = 3, batch_size: int = 32):
         """Results one by one, in order, `batch_size` inputs at a time: for lists too large to hold at once."""
@@ -223,10 +263,13 @@ class Predictor:
         for item in inputs:
             chunk.append(item)
             if len(chunk) == batch_size:
-                yield from self.postprocess(self.predict_proba(chunk, batch_size), top_k)
+                yield from self.results(self.predict_outputs(chunk, batch_size), top_k)
                 chunk = []
         if chunk:
-            yield from self.postprocess(self.predict_proba(chunk, batch_size), top_k)
+            yield from self.results(self.predict_outputs(chunk, batch_size), top_k)
+
+
+UNKNOWN = "unknown"  # the label of an input the open-set score finds foreign to every class
 
 
 def is_one_input(x) -> bool:

@@ -3,7 +3,8 @@
     app = create_app("runs/x")            # uvicorn.run(app, host="127.0.0.1", port=8000)
 
 POST /predict (multipart, field `file`, repeatable; `top_k` as query or form field; or a JSON body with the files
-in base64) -> labels + probabilities,
+in base64) -> labels + probabilities; a file unlike every class is labelled "unknown" when the run has an unknown
+threshold (`unknown=false` as query or form field, or in the JSON body, keeps the best class instead),
 GET /health, GET /labels, GET /metadata, OpenAPI docs at /docs. Every bad input gets a 4xx JSON body
 `{"error": "...", "status": N}` that says what was wrong; uploads are held in memory (never written under a name
 from the request) and no path from a request is ever opened."""
@@ -70,9 +71,12 @@ class Score(BaseModel):
 
 class FileResult(BaseModel):
     filename: str | None
-    label: str
-    probability: float
+    label: str  # "unknown" when the file is unlike every class (then best_label is the closest class)
+    probability: float  # of the best class
     top_k: list[Score]
+    best_label: str | None = None
+    unknown: bool | None = None  # None: the run has no unknown threshold
+    unknown_score: float | None = None  # distance to the nearest class; above the run's threshold: "unknown"
 
 
 class PredictResponse(BaseModel):
@@ -261,15 +265,20 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
                                                                "the field for several files"),
         top_k_form: int | None = Form(None, alias="top_k", ge=1, description="How many labels per file"),
         top_k: int | None = Query(None, ge=1, description="How many labels per file (default 3)"),
+        unknown_form: bool | None = Form(None, alias="unknown", description="false: never answer 'unknown'"),
+        unknown: bool | None = Query(None, description="false: answer with the closest class even for files "
+                                                       "unlike every class (default true)"),
     ):
         """multipart/form-data with one or more parts named `file`, or a JSON body
         `{"files": [{"filename": "a.jpg", "data": "<base64>"}], "top_k": 3}`. Returns, per file in the order
-        sent, the top label and the `top_k` labels with their probabilities."""
+        sent, the top label and the `top_k` labels with their probabilities. A file unlike every class gets
+        label "unknown", its closest class in `best_label`, unless `unknown=false`."""
         files = file or []
         if not files and request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
-            items, json_top_k = await _json_items(request, limits)
+            items, json_top_k, json_unknown = await _json_items(request, limits)
             k = min(top_k or json_top_k or 3, limits.max_top_k, len(predictor.labels))
-            return await run_in_threadpool(_infer, predictor, items, k, name, budget)
+            flag = _first_given(unknown, json_unknown)
+            return await run_in_threadpool(_infer, predictor, items, k, name, budget, flag)
         if not files:
             raise ApiError(400, _no_file_message(await _field_names(request), limits))
         if len(files) > limits.max_files:  # the form limit normally stops this earlier
@@ -281,7 +290,8 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
             if not data:
                 raise ApiError(400, f"{_name(f)}: empty file (0 bytes)")
             items.append((f.filename, data))
-        return await run_in_threadpool(_infer, predictor, items, k, name, budget)
+        flag = _first_given(unknown, unknown_form)
+        return await run_in_threadpool(_infer, predictor, items, k, name, budget, flag)
 
     _offline_docs(app)
     _refuse_other_methods(app, {"/health": "GET", "/labels": "GET", "/metadata": "GET", "/predict": "POST"})
@@ -336,8 +346,12 @@ def _refuse_other_methods(app: FastAPI, routes: dict[str, str]) -> None:
         app.add_api_route(path, refuse, methods=[m for m in others if m != allowed], include_in_schema=False)
 
 
+def _first_given(*flags: bool | None) -> bool:
+    return next((f for f in flags if f is not None), True)
+
+
 def _infer(predictor: Predictor, items: list[tuple[str | None, bytes]], k: int, name: str,
-           budget: DecodeBudget | None = None) -> dict:
+           budget: DecodeBudget | None = None, unknown: bool = True) -> dict:
     one_torch_thread()
     with predictor.batch_slot():
         xs = []
@@ -351,8 +365,8 @@ def _infer(predictor: Predictor, items: list[tuple[str | None, bytes]], k: int, 
                 raise ApiError(503, f"the server is decoding as much as it may hold at once "
                                     f"({budget.max_bytes / 2**20:g} MB, --max-decoding-mb); try again shortly",
                                headers={"Retry-After": str(max(1, round(budget.wait_s / 2)))}) from None
-        logits = predictor.forward_batched(torch.stack(xs))
-    res = predictor.postprocess(predictor.probs(logits), k)
+        outputs = predictor.forward_batched(torch.stack(xs))
+    res = predictor.results(outputs, k, unknown)
     return {"results": [{"filename": fn, **r} for (fn, _), r in zip(items, res)], "backend": predictor.backend,
             "model": name}
 
@@ -369,8 +383,10 @@ JSON_FORM = ('{"files": [{"filename": "a.jpg", "data": "<base64 of the file>"}],
              '{"data": "<base64>"}')
 
 
-async def _json_items(request: Request, limits: Limits) -> tuple[list[tuple[str | None, bytes]], int | None]:
-    """A JSON body: {"files": [{"filename": ..., "data": base64}, ...], "top_k": k} or {"data": base64}."""
+async def _json_items(request: Request, limits: Limits) -> tuple[list[tuple[str | None, bytes]], int | None,
+                                                                 bool | None]:
+    """A JSON body: {"files": [{"filename": ..., "data": base64}, ...], "top_k": k, "unknown": bool} or
+    {"data": base64}."""
     import base64
     import binascii
 
@@ -403,7 +419,10 @@ async def _json_items(request: Request, limits: Limits) -> tuple[list[tuple[str 
     top_k = body.get("top_k") if isinstance(body, dict) else None
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ApiError(422, "invalid request: top_k must be a positive integer")
-    return items, top_k
+    unknown = body.get("unknown") if isinstance(body, dict) else None
+    if unknown is not None and not isinstance(unknown, bool):
+        raise ApiError(422, "invalid request: unknown must be true or false")
+    return items, top_k, unknown
 
 
 async def _field_names(request: Request) -> list[str]:

@@ -49,7 +49,7 @@ def create_ui(predictor, run_dir: str | Path, limits):
     example_dir = _examples(test_files)
     max_k = min(10, len(labels))
 
-    def classify_bytes(data: bytes, k: int) -> dict[str, float]:
+    def classify_bytes(data: bytes, k: int) -> tuple[dict[str, float], str]:
         one_torch_thread()
         if len(data) > limits.max_upload_bytes:
             raise gr.Error(f"file too large ({len(data) / 2**20:.1f} MB > {limits.max_upload_mb:g} MB limit)")
@@ -58,9 +58,9 @@ def create_ui(predictor, run_dir: str | Path, limits):
                 x = predictor.preprocess(data)
             except BadFile as e:
                 raise gr.Error(f"cannot use this file: {e}") from None
-            logits = predictor.forward_batched(x[None])
-        probs = predictor.postprocess(predictor.probs(logits), int(k))[0]
-        return {t["label"]: t["probability"] for t in probs["top_k"]}
+            outputs = predictor.forward_batched(x[None])
+        result = predictor.results(outputs, int(k))[0]
+        return {t["label"]: t["probability"] for t in result["top_k"]}, unknown_note(result)
 
     def classify(path: str | None, k: float):
         # `path` is Gradio's own copy of the upload in its cache (Gradio checks it is one), never a user path.
@@ -69,16 +69,18 @@ def create_ui(predictor, run_dir: str | Path, limits):
         return classify_bytes(Path(path).read_bytes(), int(k))
 
     def classify_if_given(path: str | None, k: float):
-        return classify(path, k) if path else None
+        return classify(path, k) if path else (None, "")
 
     def random_sample():
         if not test_files:
             raise gr.Error("the run's test files are not available on this machine")
         path, truth, _ = random.choice(test_files)
         data = path.read_bytes()
-        scores = classify_bytes(data, 2)
+        scores, note = classify_bytes(data, 2)
         top = max(scores, key=scores.get)
         verdict = "Correct" if top == truth else f"Wrong (predicted {top})"
+        if note:
+            verdict += " · answered unknown"
         if task == "audio":
             wave = predictor.load(data)
             shown = (predictor.spec.sample_rate, (np.clip(wave, -1, 1) * 32767).astype(np.int16))
@@ -99,14 +101,16 @@ def create_ui(predictor, run_dir: str | Path, limits):
                                        label="Image (drag and drop, or click to upload)")
                     k = gr.Slider(1, max_k, value=min(3, max_k), step=1, label="How many labels (top-k)")
                     btn = gr.Button("Submit", variant="primary")
-                out = gr.Label(label="Prediction", num_top_classes=max_k)
+                with gr.Column():
+                    answer = gr.Markdown()
+                    out = gr.Label(label="Prediction", num_top_classes=max_k)
             if example_dir:
                 gr.Examples(examples=sorted(str(p) for p in Path(example_dir).iterdir()), inputs=inp,
                             label="Examples from the test split")
-            btn.click(classify, [inp, k], out, api_name="classify", concurrency_limit=4)
+            btn.click(classify, [inp, k], [out, answer], api_name="classify", concurrency_limit=4)
             # predict as soon as a file arrives (upload, paste, recording, an example); Submit re-runs it, e.g.
             # after changing top-k. A cleared input clears the answer instead of raising an error.
-            inp.change(classify_if_given, [inp, k], out, api_name=False, concurrency_limit=4)
+            inp.change(classify_if_given, [inp, k], [out, answer], api_name=False, concurrency_limit=4)
         with gr.Tab("Random test sample"):
             gr.Markdown("Draw a file from the run's test split: see it, its true label, and the top-2 predictions.")
             draw = gr.Button("Draw a random test sample", variant="primary")
@@ -122,6 +126,15 @@ def create_ui(predictor, run_dir: str | Path, limits):
             draw.click(random_sample, None, [sample, truth, top2, verdict], api_name="random_sample",
                        concurrency_limit=4)
     return demo, [example_dir] if example_dir else []
+
+
+def unknown_note(result: dict) -> str:
+    """The line above the probabilities when the answer is "unknown" (gr.Label always heads with its most
+    probable class, so the unknown answer is said here); empty otherwise."""
+    if not result.get("unknown"):
+        return ""
+    return (f"### unknown\nThis file is unlike every class the model knows (closest: {result['best_label']}, "
+            f"{result['probability']:.2f}). The probabilities below are shares among the known classes only.")
 
 
 def _summary_line(run: Path, predictor) -> str:

@@ -22,7 +22,10 @@ from classforge.core.config import DEFAULT_EPOCHS, DEFAULT_LR, TrainConfig
 
 
 def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.ndarray, yva: np.ndarray,
-             cfg: TrainConfig, run: Path, class_weights: torch.Tensor | None = None) -> list[dict]:
+             cfg: TrainConfig, run: Path, class_weights: torch.Tensor | None = None,
+             warm_start: bool = False, frozen_rows: int = 0) -> list[dict]:
+    """Train `head` on (N, D) features; warm_start begins from its current weights (`classforge update`) instead
+    of a fresh initialisation, and the first `frozen_rows` classes' weights then stay exactly as they were."""
     # Standardise the features (embeddings come at very different scales per backbone), train on that, then
     # fold the scaling into the Linear layer so the saved model still maps raw backbone features to logits.
     mu = xtr.mean(axis=0)
@@ -42,7 +45,16 @@ def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.nd
     steps_per_epoch = math.ceil(len(xt) / bs)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    head.reset_parameters()
+    kept = (head.weight[:frozen_rows].detach().clone(), head.bias[:frozen_rows].detach().clone())
+    if warm_start:  # the current weights act on raw features: the same map on the standardised ones
+        with torch.no_grad():
+            head.bias += head.weight @ torch.from_numpy(mu).float()
+            head.weight.mul_(torch.from_numpy(sigma))
+        hooks = [p.register_hook(lambda g: torch.cat([torch.zeros_like(g[:frozen_rows]), g[frozen_rows:]]))
+                 for p in (head.weight, head.bias)] if frozen_rows else []
+    else:
+        head.reset_parameters()
+        hooks = []
     opt = HeadAdamW(list(head.parameters()), lr=lr, weight_decay=1e-3, total_steps=epochs * steps_per_epoch)
     patience = max(cfg.patience, 10)
     threads = torch.get_num_threads()
@@ -51,10 +63,13 @@ def fit_head(head: torch.nn.Linear, xtr: np.ndarray, ytr: np.ndarray, xva: np.nd
         rows = _loop(head, xt, yt, xv, yv, epochs, bs, opt, g, class_weights, cfg, patience)
     finally:
         torch.set_num_threads(threads)
+    for h in hooks:
+        h.remove()
     with torch.no_grad():
         w = head.weight / torch.from_numpy(sigma).float()
         head.bias -= w @ torch.from_numpy(mu).float()
         head.weight.copy_(w)
+        head.weight[:frozen_rows], head.bias[:frozen_rows] = kept  # weight decay must not have moved them
     return rows
 
 

@@ -24,6 +24,7 @@ from classforge.data.preprocess import make_preprocessor
 from classforge.data.split import write_split
 from classforge.data.validate import FileInfo, file_sha1
 from classforge.evaluation.evaluate import evaluate_run
+from classforge.models.open_set import shipped
 from classforge.models.registry import (
     Classifier,
     backbone_task,
@@ -39,6 +40,7 @@ from classforge.runtime.engines import engine_for, exact_engine, resolve_eval_en
 from classforge.runtime.threads import adapted_threads
 from classforge.training.checkpoints import checkpoint_dir
 from classforge.training.head import fit_head
+from classforge.training.open_set import attach_open_set
 from classforge.training.prepared import Prepared, audio_kwargs, class_weights, prepare_data, views_per_class
 from classforge.training.tracking import check_tracker, track_run
 from classforge.training.tricks import check_tricks
@@ -86,16 +88,21 @@ def train_with(cfg: TrainConfig, threads: dict) -> Path:
 
 
 def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classifier, threads: dict,
-                     t0: float) -> Path:
-    """Write the config and split, fit the strategy, save the model, score it and write the report."""
+                     t0: float, update: dict | None = None) -> Path:
+    """Write the config and split, fit the strategy, fit the unknown score, save the model, score it and write
+    the report. `update` (from `classforge update`): the head starts from the model's current one, and the
+    summary and report compare with the run it updates."""
     cfg.save(run / "config.yaml")
     write_split(run / "split.csv", data.samples)
     timing = {"embedding_s": 0.0, "fit_s": 0.0}
     extra: dict = {"threads": threads, "started_at": t0}  # started_at: --time-budget counts the whole run
+    if update:
+        extra["update"] = update
     history: list[dict] = []
-    feature_logits: dict = {}  # val/test logits from exact cached features: the scoring pass need not run again
+    features: dict = {}  # cached features per split (train; val/test when an exact engine computed them)
     if cfg.strategy in ("linear", "two-stage"):
-        history += fit_head_on_embeddings(model, data, cfg, run, timing, extra, feature_logits)
+        history += fit_head_on_embeddings(model, data, cfg, run, timing, extra, features, warm_start=bool(update),
+                                          frozen_rows=(update or {}).get("frozen_rows", 0))
     if cfg.strategy in ("finetune", "two-stage", "scratch"):
         t = time.time()
         history += fit_network(model, data, cfg, run, cfg.strategy, extra)
@@ -103,15 +110,35 @@ def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classif
         if not is_global_zero():
             return run  # DDP workers stop here; rank 0 saves and evaluates
     extra.pop("started_at", None)
-    save_model(run, model, cfg, data.labels)
+    linear = cfg.strategy == "linear"  # only then are the cached features the final backbone's
+    t = time.time()
+    open_set = attach_open_set(model, data, cfg, features.get("train") if linear else None)
+    timing["fit_s"] += time.time() - t
+    save_model(run, model, cfg, data.labels, open_set)
     write_metrics(run, history)
     summary = evaluate_run(run, data, cfg, model, extra_timing=timing, t_start=t0, extra=extra,
-                           feature_logits=feature_logits if cfg.strategy == "linear" else None)
+                           feature_logits=outputs_from_features(model, features) if linear else None)
     print_summary(run, summary)
     if cfg.track:
         track_run(run, cfg.track, cfg.track_uri)
     settle_checkpoints(run, cfg)
     return run
+
+
+@torch.inference_mode()
+def outputs_from_features(model: Classifier, features: dict) -> dict | None:
+    """The shipped model's val/test outputs (logits [+ unknown score]) from exact cached features: the scoring
+    pass need not run the backbone again. None when the features came from an inexact engine."""
+    if "engine" not in features:
+        return None
+    net = shipped(model)
+    out: dict = {"engine": features["engine"]}
+    for split in ("val", "test"):
+        f = torch.from_numpy(features[split])
+        logits = model.head(f).float()
+        cols = [logits] if net is model else [logits, model.open_set(f)[:, None]]
+        out[split] = torch.cat(cols, 1).numpy()
+    return out
 
 
 def settle_checkpoints(run: Path, cfg: TrainConfig) -> None:
@@ -226,10 +253,10 @@ def is_global_zero() -> bool:
 
 # ----------------------------------------------------------------------------------------------- strategies
 def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, timing: dict,
-                           extra: dict, feature_logits: dict) -> list[dict]:
-    """Frozen backbone run once per file (cached on disk); the head trains on the cached tensors. For a linear
-    run the val and test files are embedded by an exact (fp32) engine, so `feature_logits` gets the shipped
-    model's val/test logits and no file goes through the backbone a second time for scoring."""
+                           extra: dict, features: dict, warm_start: bool = False, frozen_rows: int = 0) -> list[dict]:
+    """Frozen backbone run once per file (cached on disk); the head trains on the cached tensors. `features`
+    gets the training files' clean-view features, and for a linear run (whose val and test files an exact fp32
+    engine embeds) the val/test features too: no file then goes through the backbone a second time for scoring."""
     bb = model.backbone
     engine = engine_for(cfg.extract_engine)
     engines = {"train": engine, "val": engine}
@@ -264,14 +291,12 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     xtr = feats["train"].reshape(-1, feats["train"].shape[-1])
     xva, yva = feats["val"][:, 0], np.array(data.y("val"))
     t = time.time()
-    hist = fit_head(model.head, xtr, ytr, xva, yva, cfg, run, class_weights(data, cfg))
+    hist = fit_head(model.head, xtr, ytr, xva, yva, cfg, run, class_weights(data, cfg), warm_start, frozen_rows)
     timing["fit_s"] += time.time() - t
+    features["train"] = feats["train"][:, 0]
     if exact is not None and exact.exact:
         extra["embeddings"]["scoring_engine"] = exact.key
-        with torch.inference_mode():
-            for split in ("val", "test"):
-                feature_logits[split] = model.head(torch.from_numpy(feats[split][:, 0])).float().numpy()
-        feature_logits["engine"] = exact.key
+        features.update(val=feats["val"][:, 0], test=feats["test"][:, 0], engine=exact.key)
     return hist
 
 
@@ -282,7 +307,7 @@ def fit_network(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, 
     return fit_lightning(model, data, cfg, run, stage, extra)
 
 
-def save_model(run: Path, model: Classifier, cfg: TrainConfig, labels: list[str]) -> None:
+def save_model(run: Path, model: Classifier, cfg: TrainConfig, labels: list[str], open_set: dict | None = None) -> None:
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # ONNX files exported from earlier weights (a resumed run) no longer match: predict would pick them up
     for stale in ("model.onnx", "model.int8.onnx", "export.json"):
@@ -292,6 +317,8 @@ def save_model(run: Path, model: Classifier, cfg: TrainConfig, labels: list[str]
             "num_classes": len(labels), "dropout": cfg.dropout, "spec": model.backbone.spec.to_dict(),
             "task": model.backbone.spec.task, "weights_source": model.backbone.weights_source,
             "format": "classforge-run/1"}
+    if model.open_set is not None:  # its buffers are in the weights; the evaluation adds the threshold
+        meta["open_set"] = open_set or {"score": "mahalanobis"}
     (run / "model.json").write_text(json.dumps(meta, indent=2))
     (run / "labels.json").write_text(json.dumps(labels, indent=2))
 
