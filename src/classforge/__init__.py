@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-__all__ = ["train", "evaluate", "predict", "export", "load", "audit", "update"]
+__all__ = ["train", "evaluate", "predict", "export", "load", "audit", "update", "suggest"]
 __version__ = "0.1.0"
 
 

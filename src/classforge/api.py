@@ -41,6 +41,16 @@ def update(run_dir: str | Path, data: str | None, out: str | Path, **options) ->
     return update_run(run_dir, data, out, **options)
 
 
+def suggest(run_dir: str | Path, unlabelled: str | Path, n: int = 50, out: str | Path | None = None) -> dict:
+    """Which n files of an unlabelled folder to label next for a run: OUT (default RUN/suggestions) gets
+    suggestions.csv, suggestions.html and suggestions.json. Returns the summary."""
+    from classforge.runtime.threads import adapted_threads
+    from classforge.training.suggest import suggest_files
+
+    with adapted_threads():
+        return suggest_files(run_dir, unlabelled, n, out)
+
+
 def load(run_dir: str | Path, backend: str = "auto", unknown: bool = True):
     """A Predictor for a run directory: `.predict(paths, top_k=3)`, `.predict_proba(paths)`, `.labels`. Inputs
     unlike every class get label "unknown" (the closest class in `best_label`) unless unknown=False."""

@@ -129,3 +129,25 @@ def test_report_fits_the_screen_and_every_image_loads(browser, linear_run, width
         assert not outside
     finally:
         page.close()
+
+
+def test_upload_of_no_known_class_says_unknown(browser, ui_server, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"noise_{i}.png")
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(files[-1])
+    answers = ui_server.app.state.predictor.predict(files)
+    foreign = next((f for f, a in zip(files, answers) if a["label"] == "unknown"), None)
+    assert foreign is not None, f"no noise image was answered unknown: {answers}"
+    page, outside = open_page(browser, ui_server.url + "/")
+    try:
+        page.set_input_files("input[type=file]", str(foreign))
+        page.get_by_text("This file is unlike every class the model knows").wait_for(timeout=60_000)
+        closest = page.wait_for_selector('[data-testid="label-output-value"]', timeout=60_000).inner_text().strip()
+        assert closest == answers[files.index(foreign)]["best_label"] and not outside
+    finally:
+        page.close()

@@ -43,3 +43,28 @@ def add_commands(app) -> None:
         if "new_classes_test_accuracy" in u:
             console.print(f"New classes {', '.join(u['classes_added'])}: test accuracy "
                           f"{u['new_classes_test_accuracy']:.3f} ({u['new_classes_test_files']} files)")
+
+    @app.command("suggest")
+    def suggest_cmd(
+        run: str = typer.Argument(..., help="A trained run"),
+        unlabelled: str = typer.Argument(..., help="A folder of files not labelled yet (read only)"),
+        n: int = typer.Option(50, "--n", "-n", help="How many files to suggest"),
+        out: str = typer.Option(None, "--out", "-o", help="Folder for suggestions.csv and suggestions.html "
+                                                         "(default: RUN/suggestions)"),
+    ):
+        """Which files to label next: those the run is least sure of and least like what is labelled.
+
+        Each file goes through the run's backbone once (cached) and its head; files are picked one at a time by
+        uncertainty (a small margin between the two best classes) times the distance to the nearest labelled or
+        already picked file, so the list is neither a clump of near-identical hard files nor a set of easy
+        outliers. Copies and near copies of labelled files are left out, and said so.
+
+        Example: classforge suggest runs/insects unsorted/ --n 50  then label them and classforge update"""
+        from classforge.api import suggest
+        from classforge.cli.console import console
+        from classforge.cli.console import run_cmd as _run
+
+        s = _run(suggest, run, unlabelled, n, out)
+        console.print(f"{s['suggested']} of {s['files']} files suggested ({s['near_copies_skipped']} near copies "
+                      f"of labelled files and {s['unreadable']} unreadable left out)")
+        console.print(f"List: {s['out']}/suggestions.csv · gallery: {s['out']}/suggestions.html")

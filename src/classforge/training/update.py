@@ -16,6 +16,7 @@ from classforge.core.config import TrainConfig, parse_fractions
 from classforge.core.errors import ClassforgeError
 from classforge.core.files import open_csv
 from classforge.data.discover import discover
+from classforge.data.ops import attach_ops
 from classforge.data.split import SplitReport, make_split
 from classforge.data.validate import validate
 from classforge.models.registry import Classifier
@@ -41,15 +42,11 @@ def update_run(run_dir: str | Path, data: str | None, out: str | Path, **options
     cfg = base.replace(data=str(data or base.data), out=str(out), resume=False, **options)
     check_out(cfg)
     model, meta, old_labels = load_run_model(old)
-    # the weights the backbone was loaded with: the embedding cache is keyed by them
-    model.backbone.weights_source = meta.get("weights_source", model.backbone.weights_source)
+    reuse_backbone(model, meta, base, old)
     with adapted_threads(cfg.threads) as threads:
         t0 = time.time()
         prepared = prepare_update(cfg, old, old_labels)
         model = widened(model, old_labels, prepared.labels)
-        if base.strategy == "two-stage":
-            # the backbone was fine-tuned: its embeddings are its own, cached under the weights they come from
-            model.backbone.weights_source = f"run:{file_sha1(old / 'model.safetensors')}"
         change = what_changed(old, prepared, old_labels)
         added = ", ".join(change["classes_added"])
         print(f"Updating {old}: {change['files_added']} new file(s); "
@@ -58,6 +55,18 @@ def update_run(run_dir: str | Path, data: str | None, out: str | Path, **options
         run.mkdir(parents=True, exist_ok=True)
         # the head alone is refit, whatever the run's strategy: linear from here on
         return fit_and_evaluate(cfg.replace(strategy="linear"), run, prepared, model, threads, t0, update=change)
+
+
+def reuse_backbone(model: Classifier, meta: dict, cfg: TrainConfig, run: Path) -> None:
+    """The run's backbone as the embedding cache knows it: the source of its weights (pretrained ones for a
+    linear run; a backbone that trained with its head has embeddings of its own, keyed by the run's weights)
+    and the preprocessing ops of its input spec."""
+    if cfg.preprocess:
+        attach_ops(model.backbone, cfg.preprocess)
+    if cfg.strategy == "linear":
+        model.backbone.weights_source = meta.get("weights_source", model.backbone.weights_source)
+    else:
+        model.backbone.weights_source = f"run:{file_sha1(run / 'model.safetensors')}"
 
 
 def prepare_update(cfg: TrainConfig, old: Path, old_labels: list[str]) -> Prepared:
