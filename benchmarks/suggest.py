@@ -94,7 +94,7 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         start = list(np.random.default_rng(100 + seed).choice(len(pool), args.start, replace=False))
         for m in methods:
-            labelled, accs = list(start), []
+            labelled, accs, head = list(start), [], None
             r = np.random.default_rng(200 + seed)
             for size in sizes:
                 if size > len(labelled):

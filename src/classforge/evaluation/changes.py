@@ -1,5 +1,6 @@
-"""What `classforge update` changed, measured: the old classes' test files scored by the old run and by the new
-one (a new class taking their files counts as a mistake), the new classes' own accuracy, and the files added."""
+"""Report sections for how a run came about: what `classforge update` changed (the old classes' test files scored
+by the old run and by the new one, a new class taking their files counting as a mistake; the new classes' own
+accuracy; the files added), and the candidates `--strategy auto` tried (the leaderboard)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,19 @@ def update_section(u: dict) -> str:
            "classes' were fit.")
     return ('<h2>What changed</h2><p class="sub">The head was refit starting from the updated run\'s own; files '
             f'that run knew kept their split. {how}</p>' + rp._table(["", ""], rows, left=2))
+
+
+def candidates_section(a: dict) -> str:
+    """The report's leaderboard of --strategy auto: every candidate, the winner first in its own row order."""
+    def acc(r):
+        if r["val_accuracy"] is None:
+            return "—"
+        lo, hi = r["val_ci95"]
+        return f'{r["val_accuracy"]:.3f} ({lo:.3f}–{hi:.3f})'
+
+    rows = [[("★ " if r["winner"] else "") + html.escape(r["candidate"]), r["status"], acc(r), f'{r["seconds"]:.0f} s',
+             html.escape(r["why"])] for r in a["candidates"]]
+    return (f'<h2>Candidates (--strategy auto)</h2><p class="sub">Each candidate was scored on the validation split '
+            f'only; the best ({html.escape(a["winner"])}) was kept and scored on the test split once. Time budget '
+            f'{a["time_budget_s"]:.0f} s for the whole run; the candidates took {a["candidates_s"]:.0f} s.</p>'
+            + rp._table(["candidate", "status", "validation accuracy (95% CI)", "time", "note"], rows, left=2))

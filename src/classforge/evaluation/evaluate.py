@@ -17,7 +17,7 @@ from classforge.core.files import open_csv
 from classforge.data.discover import discover
 from classforge.data.validate import validate
 from classforge.evaluation import report as rp
-from classforge.evaluation.changes import update_figures, update_section
+from classforge.evaluation.changes import candidates_section, update_figures, update_section
 from classforge.evaluation.metrics import ordinal_metrics, run_warnings, summarize
 from classforge.evaluation.open_set import choose_threshold, open_set_section, open_set_summary, plot_open_set
 from classforge.models.registry import count_params
@@ -191,7 +191,8 @@ def write_artifacts(run: Path, summary: dict, labels: list[str], results: dict, 
     mistakes = rp.worst_mistakes(ss, labels, y, probs)
     summary["timing"]["total_s"] = time.time() - t_start
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    sections = [update_section(summary["update"])] if summary.get("update") else []
+    sections = [candidates_section(summary["auto"])] if summary.get("auto") else []
+    sections += [update_section(summary["update"])] if summary.get("update") else []
     sections += [open_set_section(run, open_set)] if open_set else []
     rp.write_html(run, summary, labels, m["per_class"], mistakes, skipped, excluded, notes, summary["task"],
                   sections, confusion=m["confusion"])

