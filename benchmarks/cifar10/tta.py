@@ -65,7 +65,8 @@ def score_modes(run_dir: str | Path, splits: tuple[str, ...] = ("val",), data: s
             bb.tta = mode
             t = time.perf_counter()
             step = max(1, batch_size // TTA_VIEWS[mode])
-            logits = np.concatenate([pred.forward(x[i:i + step]) for i in range(0, len(x), step)])
+            logits = np.concatenate([pred.split_outputs(pred.forward(x[i:i + step]))[0]
+                                     for i in range(0, len(x), step)])
             res["modes"][mode][sp] = {"accuracy": round(float((logits.argmax(1) == y).mean()), 4), "n": len(y),
                                       "images_per_s": round(len(y) / (time.perf_counter() - t))}
     bb.tta = res["trained_with"]

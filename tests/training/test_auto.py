@@ -60,3 +60,22 @@ def test_auto_without_a_budget_is_the_head_alone(shapes_dir, tmp_path):
     run = classforge.train(shapes_dir, tmp_path / "plain", epochs=5)
     assert not (run / "candidates.csv").exists()
     assert json.loads((run / "summary.json").read_text())["strategy"] == "linear"
+
+
+def test_time_budget_auto_is_derived_from_the_data_and_this_machine(shapes_dir, capsys):
+    from classforge.training.auto import AUTO_BUDGET_RANGE, whole_run_budget
+    from classforge.training.prepared import prepare_data
+
+    cfg = TrainConfig(data=str(shapes_dir), time_budget="auto")
+    data = prepare_data(cfg)
+    budget = whole_run_budget(cfg, data, candidates(cfg, "image")[0])
+    assert AUTO_BUDGET_RANGE[0] <= budget <= AUTO_BUDGET_RANGE[1]
+    assert f"--time-budget auto: {budget:.0f} s ({len(data.samples)} files" in capsys.readouterr().out
+    assert whole_run_budget(cfg.replace(time_budget="2m"), data, candidates(cfg, "image")[0]) == 120
+
+
+def test_time_budget_auto_needs_strategy_auto(shapes_dir, tmp_path):
+    from classforge.core.errors import ClassforgeError
+
+    with pytest.raises(ClassforgeError, match="--time-budget auto goes with --strategy auto"):
+        classforge.train(shapes_dir, tmp_path / "x", strategy="finetune", time_budget="auto")

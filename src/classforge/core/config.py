@@ -169,7 +169,9 @@ class TrainConfig:
     strategy: str = setting(
         default="auto",
         group="model",
-        help="auto (default: linear, or scratch for backbones without pretrained weights such as cnn*) | linear (cached embeddings + head) | finetune | two-stage | scratch",
+        help="auto (default: linear, or scratch for backbones without pretrained weights such as cnn*; with "
+             "--time-budget, the best of several candidates on validation) | linear (cached embeddings + head) | "
+             "finetune | two-stage | scratch",
         flags=("--strategy", "-s"),
     )
     dropout: float = setting(
@@ -267,8 +269,10 @@ class TrainConfig:
     time_budget: str | None = setting(
         default=None,
         group="optimisation",
-        help="The whole run's time: 90s, 10m, 1h. Training gets what is left after checking and preparing the "
-             "data, minus what scoring will take; the LR schedule stretches to it (epochs unlimited unless --epochs)",
+        help="The whole run's time: 90s, 10m, 1h. With --strategy auto (the default), candidates (larger heads, "
+             "fine-tuning, from-scratch networks) are tried within it and the best on validation kept; 'auto' "
+             "derives it from the data size and this machine's speed. With a fixed strategy, training gets what "
+             "is left after preparing the data, minus what scoring will take",
         flags=("--time-budget",),
     )
     train_budget: str | None = setting(

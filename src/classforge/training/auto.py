@@ -44,6 +44,8 @@ MIN_EPOCHS = 3  # a network that cannot get this many epochs in its share is not
 FIRST_NETWORK_SHARE = 2 / 3
 STEP_BATCH = 8  # timed steps use this batch; step time scales with it
 FIXED_FINISH_S = 4.0  # report, plots, model card-free writes; the ONNX export for a network winner
+AUTO_BUDGET_HEADS = 30  # --time-budget auto: the time of this many default-head runs ...
+AUTO_BUDGET_RANGE = (120.0, 3600.0)  # ... within these bounds (seconds)
 
 
 @dataclass
@@ -94,10 +96,10 @@ def candidates(cfg: TrainConfig, task: str) -> list[Candidate]:
 
 def train_auto(cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: float) -> Path:
     """Run the candidates within the budget, keep the best on validation, finish it as the run."""
-    budget = parse_duration(cfg.time_budget)
+    todo = candidates(cfg, data.ds.task)
+    budget = whole_run_budget(cfg, data, todo[0])
     deadline = t0 + budget
     write_split(run / "split.csv", data.samples)
-    todo = candidates(cfg, data.ds.task)
     print(f"--strategy auto, --time-budget {budget:.0f} s for the whole run: {len(todo)} candidates "
           f"({', '.join(c.name for c in todo)}), scored on {len(data.of('val'))} validation files")
     outcomes: list[Outcome] = []
@@ -123,6 +125,25 @@ def train_auto(cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: f
         raise ClassforgeError("--strategy auto: no candidate finished; " + "; ".join(
             f"{o.candidate.name}: {o.why}" for o in outcomes))
     return finish_winner(run, data, best, outcomes, budget, t0)
+
+
+def whole_run_budget(cfg: TrainConfig, data: Prepared, first: Candidate) -> float:
+    """--time-budget in seconds; `auto`: AUTO_BUDGET_HEADS times what the first candidate's embeddings take on
+    this machine (timed forward passes), within AUTO_BUDGET_RANGE, printed."""
+    if str(cfg.time_budget).strip().lower() != "auto":
+        return parse_duration(cfg.time_budget)
+    from classforge.models.registry import Classifier, create_backbone
+    from classforge.training.run import backbone_kwargs
+
+    c = cfg.replace(backbone=first.backbone)
+    model = Classifier(create_backbone(first.backbone, pretrained=False, **backbone_kwargs(c, 0)), len(data.labels))
+    per_file = timed_forward_per_file(model) * 1.5
+    n = len(data.samples)
+    lo, hi = AUTO_BUDGET_RANGE
+    budget = min(hi, max(lo, AUTO_BUDGET_HEADS * n * per_file))
+    print(f"--time-budget auto: {budget:.0f} s ({n} files; {first.name} embeds about {1 / per_file:.0f} files/s "
+          f"here)")
+    return budget
 
 
 def _ran_network(outcomes: list[Outcome]) -> bool:

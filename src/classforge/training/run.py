@@ -52,6 +52,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.strategy not in STRATEGIES + ("auto",):
         raise ClassforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
     resolve_eval_engine(cfg.eval_engine, cfg.extract_engine)  # bad names fail now, not after training
+    if str(cfg.time_budget).strip().lower() == "auto" and cfg.strategy != "auto":
+        raise ClassforgeError("--time-budget auto goes with --strategy auto (the candidates share it); give "
+                              f"--strategy {cfg.strategy} a duration such as 10m")
     if cfg.track:
         check_tracker(cfg.track)  # an unknown tracker or missing package fails now, not after training
     if cfg.backbone not in ("auto", ""):
