@@ -454,3 +454,35 @@ def test_tta_views_count_the_forward_passes():
         with torch.no_grad():
             b(torch.randn(3, 3, 32, 32))
         assert sum(seen) == 3 * TTA_VIEWS[mode], mode
+
+
+def test_plain_cnn_is_the_measured_family_scaled_to_the_budget():
+    from classforge.models.small_cnn import MEASURED_FAMILY
+
+    default = create_backbone("cnn", pretrained=False)
+    assert {type(m).__name__ for m in default.modules()} >= {"PatchWhiten", "GELU"}
+    def with_head(budget: int) -> int:  # training passes the class count, so the head counts in the budget
+        b = create_backbone("cnn", pretrained=False, max_params=budget, num_classes=10)
+        return count_params(Classifier(b, 10))["total"]
+
+    assert 0.95 * 60_000 <= with_head(60_000) <= 60_000  # uses the budget, not a fixed net under it
+    assert 0.95 * 256_000 <= with_head(256_000) <= 256_000
+    # architecture arguments build from them instead, as before
+    assert params_with_head("cnn", widths=[8, 16]) < 5_000
+    assert MEASURED_FAMILY["block"] == "plainpool"
+
+
+@pytest.mark.trains
+def test_cnn_with_max_params_trains_with_the_measured_recipe(tiny, tmp_path):
+    import json
+
+    import classforge
+    from classforge.core.config import TrainConfig
+
+    run = classforge.train(tiny, tmp_path / "r", backbone="cnn", max_params=50_000, epochs=1, lr="0.05")
+    cfg = TrainConfig.load(run / "config.yaml")
+    assert (cfg.strategy, cfg.optimizer, cfg.schedule, cfg.cutout, cfg.label_smoothing) == \
+        ("scratch", "sgd", "onecycle", 12, 0.2)
+    assert cfg.lr == "0.05"  # what the user set stays
+    params = json.loads((run / "summary.json").read_text())["params"]["total"]
+    assert 0.9 * 50_000 <= params <= 50_000

@@ -759,13 +759,30 @@ _DESCRIPTIONS = {
 }
 
 
-@register_backbone("cnn", "image", description="From-scratch CNN: widths=, depth=, block=plain|plainpool|plainres|pooled|flat|residual "
-                   "(or one per stage: pooled,pooled,plain), act=relu|gelu|silu, se= (squeeze-excite reduction), "
-                   "fit_budget=, max_params=", input_desc="in_channels x input_size^2 (3x32x32)", budget_aware=True,
-                   stage_args=True)
+# What `--backbone cnn` builds when no architecture argument is given: the family measured best for 32-px inputs
+# (CIFAR-10 under 256K parameters in 60 CPU minutes, docs/small-cnns.md): VGG-order stages on a whitened stem, the
+# pool inside each stage, GELU, squeeze-excite. `--max-params N` scales its widths to use the whole budget.
+MEASURED_FAMILY = {**PRESETS["cnn_plain_256k"], "block": "plainpool", "act": "gelu", "se": 8}
+_ARCH_KEYS = set(_CNN_KEYS) - {"input_size", "in_channels", "tta"}
+# ... and how that family was trained: one-cycle SGD with Nesterov momentum, label smoothing, crop + flip + cutout
+# (benchmarks/cifar10/budget.py RECIPE); applied to `--strategy scratch` where the user left a key at its default
+MEASURED_RECIPE = {"optimizer": "sgd", "lr": "0.2", "momentum": 0.9, "weight_decay": 5e-4, "schedule": "onecycle",
+                   "label_smoothing": 0.2, "augment": "cifar", "cutout": 12, "batch_size": 256}
+
+
+@register_backbone("cnn", "image", description="From-scratch CNN. Alone (or with --max-params N, scaled to use it): "
+                   "the family and recipe measured best on CIFAR-10; or built from widths=, depth=, "
+                   "block=plain|plainpool|plainres|pooled|flat|residual (or one per stage: pooled,pooled,plain), "
+                   "act=relu|gelu|silu, se= (squeeze-excite reduction), fit_budget=",
+                   input_desc="in_channels x input_size^2 (3x32x32)", budget_aware=True, stage_args=True,
+                   recipes={"scratch": MEASURED_RECIPE})
 def cnn(pretrained: bool = False, weights: str | None = None, **kwargs) -> SmallCNN:
     # `pretrained` is accepted for the common factory signature; these nets have no published weights.
-    return build_cnn("cnn", PRESETS["cnn_small"], weights=weights, **kwargs)
+    if _ARCH_KEYS & set(kwargs):
+        return build_cnn("cnn", PRESETS["cnn_small"], weights=weights, **kwargs)
+    if kwargs.get("max_params") and not kwargs.get("fit_budget"):
+        kwargs["fit_budget"] = kwargs["max_params"]  # the measured family, as large as the budget allows
+    return build_cnn("cnn", MEASURED_FAMILY, weights=weights, **kwargs)
 
 
 def _preset_factory(name: str):
