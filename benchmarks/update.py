@@ -27,12 +27,12 @@ from pathlib import Path
 from classforge.data.discover import media_files
 
 
-def grown_copy(data: Path, extra: Path, new_class: str, n: int, dest: Path) -> Path:
+def grown_copy(data: Path, extra: Path, new_class: str, n: int, dest: Path, seed: int = 1) -> Path:
     for split in sorted(p for p in data.iterdir() if p.is_dir()):
         (dest / split.name).mkdir(parents=True)
         for cls in sorted(p for p in split.iterdir() if p.is_dir()):
             os.symlink(cls.resolve(), dest / split.name / cls.name)
-    files = random.Random(1).sample(sorted(media_files(extra, "image")), n)
+    files = random.Random(seed).sample(sorted(media_files(extra, "image")), n)
     for i, f in enumerate(files):
         split = "train" if i < n * 3 // 4 else "val"
         (dest / split / new_class).mkdir(exist_ok=True)
@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--busy", action="store_true", help="one competing busy loop while timing")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="also update with this many draws of the new class's files (seeds 1..N, one update each) "
+                         "and report the old test files' accuracy for each")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,6 +71,7 @@ def main() -> None:
             if busy:
                 busy.kill()
         s = json.loads((tmp / "up0" / "summary.json").read_text())
+        draws = [accuracy_after_draw(args, tmp, seed) for seed in range(2, args.draws + 1)]
     u = s["update"]
     row = {"data": str(args.data), "new_class": args.new_class, "files_added": u["files_added"],
            "busy": args.busy, "base_train_s": round(train_s, 1), "update_wall_s": [round(w, 2) for w in walls],
@@ -77,10 +81,23 @@ def main() -> None:
            "new_class_test_accuracy": u.get("new_classes_test_accuracy"),
            "new_class_test_files": u.get("new_classes_test_files"), "old_rows": u["old_rows"],
            "embeddings": {k: s["embeddings"][k] for k in ("cached", "computed")}}
+    if draws:
+        after = [row["old_test_accuracy_after"]] + [d["old_test_accuracy_after"] for d in draws]
+        row["draws"] = [{"seed": 1, "old_test_accuracy_after": row["old_test_accuracy_after"],
+                         "new_class_test_accuracy": row["new_class_test_accuracy"]}] + draws
+        row["old_test_accuracy_after_mean"] = round(statistics.mean(after), 4)
     print(json.dumps(row, indent=2))
     if args.out:
         with open(args.out, "a") as f:
             f.write(f"```json\n{json.dumps(row, indent=2)}\n```\n")
+
+
+def accuracy_after_draw(args, tmp: Path, seed: int) -> dict:
+    grown = grown_copy(args.data, args.extra, args.new_class, args.files, tmp / f"grown{seed}", seed)
+    cli("update", str(tmp / "base"), str(grown), "--out", str(tmp / f"draw{seed}"))
+    u = json.loads((tmp / f"draw{seed}" / "summary.json").read_text())["update"]
+    return {"seed": seed, "old_test_accuracy_after": u["old_test_files_accuracy_now"],
+            "new_class_test_accuracy": u.get("new_classes_test_accuracy")}
 
 
 if __name__ == "__main__":
