@@ -222,7 +222,7 @@ def main():
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this benchmark needs ../shared/datasets")
     from classforge.models.registry import create_backbone
-    from classforge.training.run import prepare_data
+    from classforge.training.prepared import prepare_data
 
     # A fresh embedding cache so that (b) pays for its extraction.
     os.environ["CLASSFORGE_CACHE"] = tempfile.mkdtemp(prefix="cf-bench-")

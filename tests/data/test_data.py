@@ -20,7 +20,7 @@ from classforge.core.errors import ClassforgeError
 from classforge.data.discover import discover
 from classforge.data.split import make_split, read_split, write_split
 from classforge.data.validate import validate
-from classforge.training.run import prepare_data
+from classforge.training.prepared import prepare_data
 
 
 def test_folders_layout(shapes_dir):

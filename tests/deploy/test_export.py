@@ -33,7 +33,7 @@ def sane_run(linear_run, tmp_path_factory) -> Path:
     from sklearn.linear_model import LogisticRegression
 
     from classforge.core.config import TrainConfig
-    from classforge.training.run import save_model
+    from classforge.training.flow import save_model
 
     run = tmp_path_factory.mktemp("sane") / "run"
     run.mkdir()
@@ -59,7 +59,7 @@ def make_run(run: Path, model: Classifier, backbone: str, labels: list[str], roo
              **backbone_args) -> Path:
     """A run directory around an untrained head: enough for export (model files + split.csv over real files)."""
     from classforge.core.config import TrainConfig
-    from classforge.training.run import save_model
+    from classforge.training.flow import save_model
 
     run.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig().replace(backbone=backbone, data=str(root), backbone_args=backbone_args)

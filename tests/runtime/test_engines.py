@@ -145,7 +145,7 @@ def test_final_evaluation_through_onnx_runtime(shapes_dir, tmp_path, monkeypatch
     # new weights (a resumed run) make the exported files stale: saving the model removes them
     from classforge.core.config import TrainConfig
     from classforge.runtime.predictor import load_run_model
-    from classforge.training.run import save_model
+    from classforge.training.flow import save_model
 
     model, _, labels = load_run_model(run)
     save_model(run, model, TrainConfig.load(run / "config.yaml"), labels)

@@ -157,7 +157,8 @@ def test_audio_finetune_uses_the_audio_recipe_unless_told_otherwise(sounds):
     """A pretrained audio backbone fine-tunes longer and harder than an image one (measured under-fitting with the
     image recipe); options the user gives win; from-scratch audio_cnn and linear are unaffected."""
     from classforge.core.config import TrainConfig
-    from classforge.training.run import prepare_data, resolve_for_data
+    from classforge.training.flow import resolve_for_data
+    from classforge.training.prepared import prepare_data
 
     cfg = TrainConfig().replace(data=str(sounds), strategy="finetune")
     data = prepare_data(cfg)

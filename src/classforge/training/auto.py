@@ -37,8 +37,8 @@ from classforge.evaluation.metrics import wilson_interval
 from classforge.models.registry import entry as registry_entry
 from classforge.models.registry import registered
 from classforge.training.checkpoints import checkpoint_dir
+from classforge.training.flow import Fitted, build_for, finish_run, fit_strategy, resolve_for_data
 from classforge.training.prepared import Prepared
-from classforge.training.run import Fitted, build_for, finish_run, fit_strategy, resolve_for_data
 
 MIN_EPOCHS = 3  # a network that cannot get this many epochs in its share is not started
 FIRST_NETWORK_SHARE = 2 / 3
@@ -133,7 +133,7 @@ def whole_run_budget(cfg: TrainConfig, data: Prepared, first: Candidate) -> floa
     if str(cfg.time_budget).strip().lower() != "auto":
         return parse_duration(cfg.time_budget)
     from classforge.models.registry import Classifier, create_backbone
-    from classforge.training.run import backbone_kwargs
+    from classforge.training.flow import backbone_kwargs
 
     c = cfg.replace(backbone=first.backbone)
     model = Classifier(create_backbone(first.backbone, pretrained=False, **backbone_kwargs(c, 0)), len(data.labels))

@@ -29,7 +29,7 @@ from classforge.evaluation.report import media_tag
 from classforge.runtime import embeddings as emb
 from classforge.runtime.engines import engine_for
 from classforge.runtime.predictor import load_run_model, softmax
-from classforge.training.run import backbone_kwargs
+from classforge.training.flow import backbone_kwargs
 from classforge.training.update import file_sha1, read_splits, reuse_backbone
 
 

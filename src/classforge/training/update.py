@@ -22,8 +22,9 @@ from classforge.data.validate import validate
 from classforge.models.registry import Classifier
 from classforge.runtime.predictor import load_run_model
 from classforge.runtime.threads import adapted_threads
+from classforge.training.flow import fit_and_evaluate
 from classforge.training.prepared import Prepared
-from classforge.training.run import check_out, fit_and_evaluate
+from classforge.training.run import check_out
 
 UPDATABLE = ("linear", "two-stage")
 
