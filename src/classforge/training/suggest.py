@@ -24,13 +24,13 @@ from classforge.core.errors import ClassforgeError
 from classforge.core.files import open_csv, write_text_for_browser
 from classforge.data.discover import Dataset, Sample, media_files
 from classforge.data.preprocess import make_preprocessor
-from classforge.data.validate import duplicate_groups, validate
+from classforge.data.validate import duplicate_groups, file_sha1, validate
 from classforge.evaluation.report import media_tag
 from classforge.runtime import embeddings as emb
 from classforge.runtime.engines import engine_for
 from classforge.runtime.predictor import load_run_model, softmax
 from classforge.training.flow import backbone_kwargs
-from classforge.training.update import file_sha1, read_splits, reuse_backbone
+from classforge.training.update import read_splits, reuse_backbone
 
 
 @dataclass
@@ -112,7 +112,7 @@ def embed(model, cfg: TrainConfig, samples: list[Sample], info: dict | None = No
     arch = json.dumps(backbone_kwargs(cfg, 0))  # as the run's own embeddings were keyed
     key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, engine.key)
     pre = make_preprocessor(bb.spec, augment="light", max_pixels=cfg.max_pixels)
-    sha = [info[s.path].sha1 if info else file_sha1(Path(s.path)) for s in samples]
+    sha = [info[s.path].sha1 if info else file_sha1(s.path) for s in samples]
     feats, _ = emb.extract(bb, samples, sha, pre, key, 1, cfg.batch_size, desc="Embedding", engine=engine)
     return feats[:, 0]
 

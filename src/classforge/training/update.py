@@ -7,7 +7,6 @@ new classes alike, and its summary and report say what changed against the old r
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from classforge.core.files import open_csv
 from classforge.data.discover import discover
 from classforge.data.ops import attach_ops
 from classforge.data.split import SplitReport, make_split
-from classforge.data.validate import validate
+from classforge.data.validate import file_sha1, validate
 from classforge.models.registry import Classifier
 from classforge.runtime.predictor import load_run_model
 from classforge.runtime.threads import adapted_threads
@@ -67,7 +66,7 @@ def reuse_backbone(model: Classifier, meta: dict, cfg: TrainConfig, run: Path) -
     if cfg.strategy == "linear":
         model.backbone.weights_source = meta.get("weights_source", model.backbone.weights_source)
     else:
-        model.backbone.weights_source = f"run:{file_sha1(run / 'model.safetensors')}"
+        model.backbone.weights_source = f"run:{file_sha1(str(run / 'model.safetensors'))[:16]}"
 
 
 def prepare_update(cfg: TrainConfig, old: Path, old_labels: list[str]) -> Prepared:
@@ -151,11 +150,3 @@ def read_splits(path: Path) -> dict[str, str]:
         raise ClassforgeError(f"{path} is missing: the run's splits are unknown, so it cannot be updated")
     with open_csv(path) as f:
         return {r["path"]: r["split"] for r in csv.DictReader(f)}
-
-
-def file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
