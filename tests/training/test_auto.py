@@ -16,10 +16,22 @@ def test_candidates_come_from_the_registry_in_rank_order():
     image = [c.name for c in candidates(TrainConfig(), "image")]
     assert image[0] == "linear efficientnet_lite0"  # the cheap head always first
     assert "linear efficientnet_lite2" in image and "two-stage efficientnet_lite0" in image
+    # the views candidate first: the clean-view head then reads row 0 of the same cache files
+    assert image.index("linear efficientnet_lite2 views=4") < image.index("linear efficientnet_lite2")
     audio = [(c.strategy, c.backbone) for c in candidates(TrainConfig(), "audio")]
     assert audio[0] == ("linear", "efficientat_mn04") and ("scratch", "audio_cnn") in audio
+    assert "finetune efficientat_mn04 augment=strong preprocess=loudness" in [c.name for c in candidates(
+        TrainConfig(), "audio")]
     pinned = candidates(TrainConfig(backbone="efficientnet_lite0"), "image")
     assert [c.strategy for c in pinned] == ["linear", "two-stage"]
+
+
+def test_what_the_user_set_wins_over_a_candidates_declared_settings():
+    from classforge.training.auto import declared_overrides
+
+    finetune = next(c for c in candidates(TrainConfig(), "audio") if c.strategy == "finetune")
+    assert declared_overrides(finetune, TrainConfig()) == {"augment": "strong", "preprocess": "loudness"}
+    assert declared_overrides(finetune, TrainConfig(augment="none")) == {"preprocess": "loudness"}
 
 
 def read_rows(run):

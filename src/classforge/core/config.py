@@ -371,7 +371,7 @@ class TrainConfig:
     preprocess: str | None = setting(
         default=None,
         group="data",
-        help="Classical ops applied at train and predict time, in order. Images: autocontrast, equalize, gamma=0.8, blur=1.0, bilateral, nlmeans. Audio: lowpass=HZ (band-limit, as a recording at 2*HZ samples/s), bits=N (N-bit quantisation)",
+        help="Classical ops applied at train and predict time, in order. Images: autocontrast, equalize, gamma=0.8, blur=1.0, bilateral, nlmeans. Audio: lowpass=HZ (band-limit, as a recording at 2*HZ samples/s), bits=N (N-bit quantisation), loudness[=DBFS] (the sounding part at -20 dBFS)",
         flags=("--preprocess",),
     )
     clip_seconds: float | str | None = setting(

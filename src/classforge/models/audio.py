@@ -363,8 +363,11 @@ def download_verified(url: str, dest: Path, sha256: str, timeout: float = 30.0) 
                    pretrained=True, default_for="audio", recipes={"finetune": AUDIO_FINETUNE},
                    train_args=TRAIN_ARGS,
                    # --strategy auto: the head first; then fine-tuning with strong augmentation (FSDD: 1.000,
-                   # benchmarks/results/2026-12-01-fsdd-strategies.md), and two-stage last
-                   auto={"linear": (0, {}), "finetune": (1, {"augment": "strong"}), "two-stage": (3, {})})
+                   # benchmarks/results/2026-12-01-fsdd-strategies.md) on loudness-normalised clips (speakers
+                   # recorded quieter than the training ones: benchmarks/results/2026-12-01-fsdd-unseen-speakers.md),
+                   # and two-stage last
+                   auto=[(0, "linear", {}), (1, "finetune", {"augment": "strong", "preprocess": "loudness"}),
+                         (3, "two-stage", {"preprocess": "loudness"})])
 def efficientat_mn04(pretrained: bool = True, weights: str | None = None, clip_seconds: float = 1.0,
                      spec_augment: bool | dict = False, **kwargs) -> Backbone:
     model = EfficientATBackbone(0.4, clip_seconds, spec_augment)
@@ -456,7 +459,7 @@ class AudioCNN(Backbone):
 
 @register_backbone("audio_cnn", "audio", description="Small log-mel CNN (4 conv blocks), from scratch",
                    input_desc="mono 16 kHz waveform (64 log-mels inside)", train_args=TRAIN_ARGS,
-                   auto={"scratch": (2, {"augment": "strong"})},  # --strategy auto, after the pretrained ones
+                   auto=[(2, "scratch", {"augment": "strong"})],  # --strategy auto, after the pretrained ones
                    # per-clip level normalisation: it lifts speakers recorded quieter than the rest (FSDD with a
                    # speaker held out, benchmarks/results) and keeps steady spectra (a tone) intact
                    default_args={"clip_norm": "level"})

@@ -64,9 +64,10 @@ class BackboneEntry:
     default_args: dict[str, Any] = field(default_factory=dict)  # architecture arguments unless given
     train_args: dict[str, Any] = field(default_factory=dict)  # added when the network trains with augmentation
     small_args: dict[str, Any] = field(default_factory=dict)  # a small random instance (tests, smoke runs)
-    # what --strategy auto may try with this backbone under a time budget: strategy -> (rank, config overrides);
-    # candidates run by rank, cheapest and most promising first
-    auto: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    # what --strategy auto may try with this backbone under a time budget: (rank, strategy, config overrides)
+    # entries, one strategy may appear with different overrides; candidates run by rank, cheapest and most
+    # promising first
+    auto: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
 
     def recipe(self, strategy: str) -> dict[str, Any]:
         return dict(self.recipes.get(strategy, {}))

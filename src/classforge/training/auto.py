@@ -90,7 +90,7 @@ def candidates(cfg: TrainConfig, task: str) -> list[Candidate]:
     pinned = cfg.backbone not in ("auto", "")
     entries = [registry_entry(cfg.backbone)] if pinned else [e for e in registered().values() if e.task == task]
     ranked = [(rank, e.name, Candidate(e.name, strategy, dict(overrides)))
-              for e in entries if e is not None for strategy, (rank, overrides) in e.auto.items()]
+              for e in entries if e is not None for rank, strategy, overrides in e.auto]
     return [c for _, _, c in sorted(ranked, key=lambda r: (r[0], r[1]))]
 
 
@@ -157,7 +157,7 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
     t = time.time()
     try:
         ccfg = resolve_for_data(cfg.replace(backbone=c.backbone, strategy=c.strategy, time_budget=None,
-                                            **c.overrides), data)
+                                            **declared_overrides(c, cfg)), data)
         ccfg, model = build_for(ccfg, data)
         # the first candidate runs whatever it costs: a head needs no timed steps to finish
         cost = ({"finish_s": FIXED_FINISH_S} if first and ccfg.strategy == "linear"
@@ -185,6 +185,12 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
         return Outcome(c, "failed", str(e).splitlines()[0][:200], seconds=time.time() - t)
     why = f"trained {ccfg.train_budget}" if ccfg.train_budget else ""
     return Outcome(c, "finished", why, acc, n, time.time() - t, fitted, cost["finish_s"])
+
+
+def declared_overrides(c: Candidate, cfg: TrainConfig) -> dict:
+    """The candidate's declared settings, where the user left the key at its default: what the user set wins."""
+    defaults = TrainConfig()
+    return {k: v for k, v in c.overrides.items() if getattr(cfg, k) == getattr(defaults, k)}
 
 
 def _slug(name: str) -> str:
