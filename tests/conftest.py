@@ -117,7 +117,12 @@ def _calls(item, needles) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check.sh runs these on a GPU machine)")
     for item in items:
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
         names = set(getattr(item, "fixturenames", ()))
         if names & TRAINING_FIXTURES or _calls(item, _TRAINING_CALLS):
             item.add_marker(pytest.mark.trains)

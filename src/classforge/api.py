@@ -51,12 +51,13 @@ def suggest(run_dir: str | Path, unlabelled: str | Path, n: int = 50, out: str |
         return suggest_files(run_dir, unlabelled, n, out)
 
 
-def load(run_dir: str | Path, backend: str = "auto", unknown: bool = True):
+def load(run_dir: str | Path, backend: str = "auto", unknown: bool = True, device: str = "cpu"):
     """A Predictor for a run directory: `.predict(paths, top_k=3)`, `.predict_proba(paths)`, `.labels`. Inputs
-    unlike every class get label "unknown" (the closest class in `best_label`) unless unknown=False."""
+    unlike every class get label "unknown" (the closest class in `best_label`) unless unknown=False. `device`
+    "cuda" runs the PyTorch model on the GPU."""
     from classforge.runtime.predictor import Predictor
 
-    return Predictor.from_run(run_dir, backend=backend, unknown=unknown)
+    return Predictor.from_run(run_dir, backend=backend, unknown=unknown, device=device)
 
 
 def predict(run_dir: str | Path, inputs, top_k: int = 3, unknown: bool = True):
@@ -66,12 +67,12 @@ def predict(run_dir: str | Path, inputs, top_k: int = 3, unknown: bool = True):
 
 
 def predict_files(run_dir: str | Path, files: list[str], top_k: int = 3, backend: str = "auto",
-                  unknown: bool = True) -> list[dict]:
+                  unknown: bool = True, device: str = "cpu") -> list[dict]:
     """Per-file results; a bad file gets an error entry instead of stopping the others."""
     from classforge.runtime.threads import adapted_threads
 
     with adapted_threads():
-        return _predict_each(load(run_dir, backend, unknown), files, top_k)
+        return _predict_each(load(run_dir, backend, unknown, device), files, top_k)
 
 
 def _predict_each(p, files: list[str], top_k: int) -> list[dict]:

@@ -96,12 +96,14 @@ def add_commands(app: typer.Typer) -> None:
             False, "--no-unknown",
             help="Answer with the closest class even for files unlike every class (default: 'unknown' for them)",
         ),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N (a GPU runs the PyTorch model)"),
     ):
         """Predict the class of files with a trained run. A file unlike every class is answered "unknown" (with
         its closest class beside it), unless --no-unknown."""
         from classforge.api import predict_files
 
-        results = run_cmd(predict_files, run_dir, files, top_k=top_k, backend=backend, unknown=not no_unknown)
+        results = run_cmd(predict_files, run_dir, files, top_k=top_k, backend=backend, unknown=not no_unknown,
+                          device=device)
         if as_json:
             print(json.dumps(results, indent=2))
             raise typer.Exit(1 if any("error" in r for r in results) else 0)

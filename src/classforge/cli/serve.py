@@ -58,6 +58,7 @@ def add_commands(app) -> None:
             help="Micro-batching: how long the first request waits for others to join its batch",
         ),
         threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: one per core)"),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N (a GPU runs the PyTorch model)"),
         request_timeout: float = typer.Option(
             15.0,
             "--request-timeout",
@@ -95,9 +96,10 @@ def add_commands(app) -> None:
             batch_size=batch_size,
             batch_wait_ms=batch_wait_ms,
             threads=threads,
+            device=device,
         )
         p = application.state.predictor
-        if p.backend == "torch" and backend == "auto":
+        if p.backend == "torch" and backend == "auto" and device == "cpu":
             console.print(
                 f"[yellow]note:[/] serving with PyTorch; `classforge export {run_dir}` writes model.onnx, "
                 "which ONNX Runtime answers faster on CPU"

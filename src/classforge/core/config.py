@@ -396,8 +396,11 @@ class TrainConfig:
         help="Lightning strategy: auto | ddp | fsdp ...",
         flags=("--dist-strategy",),
     )
-    num_workers: int = setting(
-        default=0, group="hardware", help="DataLoader workers", flags=("--num-workers",)
+    num_workers: int | str = setting(
+        default="auto", group="hardware",
+        help="Worker processes that augment training batches; auto: one per spare core (up to 8) when training on "
+             "a GPU, 0 on a CPU (the training step uses every core)",
+        flags=("--num-workers",),
     )
     # output
     out: str = setting(

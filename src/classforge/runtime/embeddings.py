@@ -16,6 +16,7 @@ from classforge.core.cache import cache_dir
 from classforge.core.progress import progress
 from classforge.data.discover import Sample
 from classforge.runtime.decode import PREFETCH, decoded_batches
+from classforge.runtime.distributed import ProcessGroup
 from classforge.runtime.engines import Engine
 
 PREPROCESS_VERSION = 2  # bump when decoding/transforms change what a backbone sees
@@ -62,72 +63,114 @@ class EmbeddingCache:
 
 def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key: str, views: int = 1,
             batch_size: int = 32, device: str = "cpu", desc: str = "Embedding",
-            engine: Engine | None = None) -> tuple[np.ndarray, dict]:
+            engine: Engine | None = None, group: ProcessGroup | None = None) -> tuple[np.ndarray, dict]:
     """(N, views, D) embeddings; cached ones are read, the rest computed in batches by `engine` (default: torch).
-    Returns stats too."""
+    With several processes (`group`), each computes its share of the missing files into the cache, then the main
+    process reads them all (the others return zero rows for files they did not embed). Returns stats too."""
     if not samples:
         return np.zeros((0, views, backbone.feature_dim), np.float32), {"cached": 0, "computed": 0}
+    group = group or ProcessGroup()
     cache = EmbeddingCache(key)
+    group.barrier()  # every process sees the cache as it was before any of them wrote this split
     out: list[np.ndarray | None] = [cache.get(h, views) for h in sha1s]
     todo = [i for i, a in enumerate(out) if a is None]
     stats = {"cached": len(samples) - len(todo), "computed": len(todo)}
     if not todo:
         return np.stack(out), stats
-    engine = engine or Engine("torch", device=device)
-    seed_lock = threading.Lock()
+    compute = Computation(backbone, samples, sha1s, preprocessor, cache, views, batch_size,
+                          engine or Engine("torch", device=device), out, decode_threads(group))
+    if group.world_size == 1:
+        stats.update(compute(todo, desc))
+        return np.stack(out), stats
+    mine = group.shard(todo)
+    own = compute(mine, f"{desc} ({len(mine)} of {len(todo)}, process {group.rank + 1}/{group.world_size})")
+    group.barrier()  # every share is in the cache
+    per_process = group.gather({"rank": group.rank, "computed": len(mine), "loop_s": own["loop_s"]})
+    rest = [i for i in todo if out[i] is None]
+    if not group.is_main:  # only the main process fits the head: the others' rows stay zero here
+        for i in rest:
+            out[i] = np.zeros((views, backbone.feature_dim), np.float32)
+        return np.stack(out), {**stats, **own, "by_others": len(rest), "missing": 0, "partial": True}
+    for i in rest:
+        out[i] = cache.get(sha1s[i], views)
+    missing = [i for i in rest if out[i] is None]  # a cache the other nodes do not share
+    if missing:
+        compute(missing, f"{desc} (not in this cache)")
+    stats.update(own, by_others=len(rest) - len(missing), missing=len(missing), per_process=per_process)
+    return np.stack(out), stats
 
-    def load(i: int):
-        raw = preprocessor.load(samples[i].path)
-        xs = [preprocessor.eval(raw)]
-        if views > 1:
-            with seed_lock:  # global RNGs: one file at a time, so the same file always gets the same views
-                seed = int(sha1s[i][:8], 16)
+
+def decode_threads(group: ProcessGroup) -> int:
+    """Decoding threads that feed a GPU: the cores this process may use (the run's processes on this machine
+    share them), 2 to 8."""
+    return max(2, min(8, (os.cpu_count() or 2) // max(1, group.local_world_size)))
+
+
+class Computation:
+    """Embeds files by index into `out` and the cache: decoding in worker threads, the engine built once while
+    the first batches decode."""
+
+    def __init__(self, backbone, samples, sha1s, preprocessor, cache: EmbeddingCache, views: int, batch_size: int,
+                 engine: Engine, out: list, gpu_decoders: int = 2):
+        self.backbone, self.samples, self.sha1s, self.pre = backbone, samples, sha1s, preprocessor
+        self.cache, self.views, self.batch_size, self.engine, self.out = cache, views, batch_size, engine, out
+        self.gpu_decoders = gpu_decoders
+        self.seed_lock = threading.Lock()
+
+    def load(self, i: int) -> list[torch.Tensor]:
+        raw = self.pre.load(self.samples[i].path)
+        xs = [self.pre.eval(raw)]
+        if self.views > 1:
+            with self.seed_lock:  # global RNGs: one file at a time, so the same file always gets the same views
+                seed = int(self.sha1s[i][:8], 16)
                 torch.manual_seed(seed)
                 np.random.seed(seed % (2**32))
-                xs += [preprocessor.train(raw) for _ in range(views - 1)]
-        return i, xs
+                xs += [self.pre.train(raw) for _ in range(self.views - 1)]
+        return xs
 
-    def load_chunk(chunk: list[int]):
-        loaded = [load(i) for i in chunk]
-        return torch.stack([x for _, vs in loaded for x in vs])
+    def __call__(self, todo: list[int], desc: str) -> dict:
+        """Embed files `todo`; build_s: the engine's one-time export/trace (0 when already built; the first
+        batches decode meanwhile), loop_s: the rest, decoding + forward + cache writes."""
+        if not todo:
+            return {"build_s": 0.0, "loop_s": 0.0}
+        built: dict = {}
+        ready = threading.Event()
+        engine = self.engine
 
-    built: dict = {}
-    ready = threading.Event()
+        def build():
+            t0 = time.perf_counter()
+            try:
+                built["forward"] = engine.build(self.backbone, self.cache.dir / "engine")
+            finally:
+                ready.set()  # workers waiting for the engine must not wait forever when building fails
+            built["t0"], built["t1"] = t0, time.perf_counter()
 
-    def build():
-        t0 = time.perf_counter()
-        try:
-            built["forward"] = engine.build(backbone, cache.dir / "engine")
-        finally:
-            ready.set()  # workers waiting for the engine must not wait forever when building fails
-        built["t0"], built["t1"] = t0, time.perf_counter()
+        def featurize(chunk: list[int]):
+            """Per-core engines run the forward pass in the decode worker too (one thread each, no shared pool);
+            the others return the decoded batch for one forward pass on all cores in the caller."""
+            x = torch.stack([v for i in chunk for v in self.load(i)])
+            if engine.pins_memory:
+                x = x.pin_memory()  # a non-blocking copy to the GPU
+            if not engine.per_core:
+                return x
+            ready.wait()
+            if "forward" not in built:
+                raise RuntimeError("the engine could not be built")
+            return built["forward"](x)
 
-    def featurize(chunk: list[int]):
-        """Per-core engines run the forward pass in the decode worker too (one thread each, no shared pool);
-        the others return the decoded batch for one forward pass on all cores in the caller."""
-        x = load_chunk(chunk)
-        if not engine.per_core:
-            return x
-        ready.wait()
-        if "forward" not in built:
-            raise RuntimeError("the engine could not be built")
-        return built["forward"](x)
-
-    per_core = engine.per_core
-    chunk = PER_CORE_BATCH if per_core else batch_size
-    workers = max(1, torch.get_num_threads()) if per_core else 2
-    bar = progress(range(len(todo)), total=len(todo), desc=desc, unit="file")
-    # the first batches decode while the engine is built (an export or trace on first use)
-    for idx, x in decoded_batches(todo, featurize, chunk, workers=workers, prefetch=max(PREFETCH, 2 * workers),
-                                  before=build):
-        feats = (x if per_core else built["forward"](x)).numpy().reshape(len(idx), views, -1)
-        for i, f in zip(idx, feats):
-            out[i] = f
-            cache.put(sha1s[i], f)
-        bar.update(len(idx))
-    bar.close()
-    t0, t1 = built["t0"], built["t1"]
-    # build_s: the engine's one-time export/trace (0 when already built; the first batches decode meanwhile);
-    # loop_s: the rest, decoding + forward + cache writes
-    stats.update(build_s=t1 - t0, loop_s=time.perf_counter() - t1)
-    return np.stack(out), stats
+        per_core = engine.per_core
+        chunk = PER_CORE_BATCH if per_core else self.batch_size
+        # per-core engines: a worker per core; a GPU: decoders enough to keep it fed; a CPU's batched pass: two, so
+        # that decoding the next batch overlaps the forward pass that holds the cores
+        workers = max(1, torch.get_num_threads()) if per_core else (self.gpu_decoders if engine.pins_memory else 2)
+        bar = progress(range(len(todo)), total=len(todo), desc=desc, unit="file")
+        # the first batches decode while the engine is built (an export or trace on first use)
+        for idx, x in decoded_batches(todo, featurize, chunk, workers=workers, prefetch=max(PREFETCH, 2 * workers),
+                                      before=build):
+            feats = (x if per_core else built["forward"](x)).numpy().reshape(len(idx), self.views, -1)
+            for i, f in zip(idx, feats):
+                self.out[i] = f
+                self.cache.put(self.sha1s[i], f)
+            bar.update(len(idx))
+        bar.close()
+        return {"build_s": built["t1"] - built["t0"], "loop_s": time.perf_counter() - built["t1"]}

@@ -92,8 +92,15 @@ class Engine:
             if self.device == "cpu" and fast_cpu_bf16():
                 # jit: image features from the frozen graph (equal to eager bf16 to cosine >= 0.999, not bit-equal)
                 return "torch-bf16-jit" if jit_bf16() else "torch-bf16"
+            if self.device.startswith("cuda"):
+                return "torch-fp16-cuda"  # one key for every GPU: the processes of a run share their rows
             return f"torch-fp32-{self.device}"
         return self.kind
+
+    @property
+    def pins_memory(self) -> bool:
+        """Decoded batches go to page-locked memory, so the copy to the GPU overlaps the next batch's decoding."""
+        return self.device.startswith("cuda")
 
     @property
     def per_core(self) -> bool:
@@ -105,7 +112,7 @@ class Engine:
     @property
     def exact(self) -> bool:
         """Whether its features are the shipped fp32 model's (to float32 rounding): no bf16, no fallback."""
-        return "bf16" not in self.key and not self.note
+        return "bf16" not in self.key and "fp16" not in self.key and not self.note
 
     def build(self, backbone: torch.nn.Module, cache: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         """A callable (B, ...) input batch -> (B, D) float32 features on the CPU. The ONNX engine falls back to
@@ -188,7 +195,7 @@ def _torch_runner(backbone, device: str):
 
     @torch.inference_mode()
     def run(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device)
+        x = x.to(device, non_blocking=True)
         if task == "image":
             x = x.contiguous(memory_format=torch.channels_last)
         if frozen is not None:

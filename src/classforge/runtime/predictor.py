@@ -67,6 +67,21 @@ def update_run_meta(run_dir: str | Path, **changes) -> dict:
     return meta
 
 
+def check_device(device: str) -> str:
+    """'cpu', or a CUDA device torch can see ('cuda', 'cuda:1'); a clear error otherwise."""
+    device = (device or "cpu").strip().lower()
+    if device == "cpu":
+        return device
+    if not device.startswith("cuda"):
+        raise ClassforgeError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+    if not torch.cuda.is_available():
+        raise ClassforgeError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ClassforgeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 class Predictor:
     """predict_proba(inputs) -> (N, C) probabilities; predict(inputs, top_k) -> list of dicts.
     Inputs are paths, bytes or PIL images / waveforms. Thread-safe: concurrent calls share one model.
@@ -112,8 +127,13 @@ class Predictor:
         run = Path(run_dir)
         if backend not in ("auto", "onnx", "int8", "torch"):
             raise ClassforgeError(f"backend must be auto, onnx, int8 or torch, not {backend!r}")
+        device = check_device(device)
+        if device != "cpu" and backend in ("onnx", "int8"):
+            raise ClassforgeError(f"the {backend} backend runs on the CPU; --device {device} needs --backend torch "
+                                  "(or auto)")
         onnx_file = run / ("model.int8.onnx" if backend == "int8" else "model.onnx")
-        use_onnx = backend in ("onnx", "int8") or (backend == "auto" and onnx_file.is_file())
+        # ONNX Runtime here is the CPU build: a GPU runs the PyTorch model
+        use_onnx = backend in ("onnx", "int8") or (backend == "auto" and onnx_file.is_file() and device == "cpu")
         if use_onnx and not onnx_file.is_file():
             flag = " --quantize int8" if backend == "int8" else ""
             raise ClassforgeError(f"{onnx_file} not found; run `classforge export {run}{flag}` first")

@@ -65,14 +65,17 @@ def threads_for_this_machine(busy: float | None = None) -> tuple[int, str]:
 
 
 @contextmanager
-def adapted_threads(requested: int = 0, say=None):
+def adapted_threads(requested: int = 0, say=None, share: int = 1):
     """torch's intra-op threads for a run: `requested`, or one per core that other work leaves free (measured
-    now). The caller's own setting is restored afterwards, so a notebook's torch is left as it was."""
+    now), divided among `share` processes of the run on this machine. The caller's own setting is restored
+    afterwards, so a notebook's torch is left as it was."""
     before = torch.get_num_threads()
     if requested:
         n, why = requested, "as asked"
     else:
         n, why = threads_for_this_machine()
+        if share > 1:
+            n, why = max(1, n // share), f"{why}, shared by {share} processes"
         if n < (os.cpu_count() or 1):
             (say or _to_stderr)(f"  {why}: {n} torch thread{'s' if n > 1 else ''} (--threads to choose)")
     torch.set_num_threads(n)

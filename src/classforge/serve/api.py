@@ -169,7 +169,7 @@ class BodySizeLimit:
 # -------------------------------------------------------------------------------------------- the app
 def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str = "auto", ui: bool = True,
                batch_size: int = 16, batch_wait_ms: float = 5.0, threads: int | None = None,
-               predictor: Predictor | None = None) -> FastAPI:
+               predictor: Predictor | None = None, device: str = "cpu") -> FastAPI:
     """A FastAPI app serving RUN_DIR. `predictor` may be given (tests, custom backends); otherwise it is
     Predictor.from_run(run_dir, backend) with the limits applied and micro-batching on (`batch_size` rows,
     `batch_wait_ms` window; batch_size=1 turns it off)."""
@@ -177,7 +177,7 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
     limits = limits or Limits()
     if predictor is None:
         predictor = Predictor.from_run(run, backend=backend, max_pixels=limits.max_pixels,
-                                       max_audio_seconds=limits.max_audio_seconds, threads=threads)
+                                       max_audio_seconds=limits.max_audio_seconds, threads=threads, device=device)
     if batch_size > 1:
         predictor.start_batching(batch_size, batch_wait_ms)
     predictor.pre.warm_up()

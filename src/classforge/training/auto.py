@@ -104,12 +104,15 @@ def train_auto(cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: f
           f"({', '.join(c.name for c in todo)}), scored on {len(data.of('val'))} validation files")
     outcomes: list[Outcome] = []
     best: Outcome | None = None
+    speed: dict | None = None  # the first head's measured embedding speed, which later heads' estimates scale
     for i, c in enumerate(todo):
         networks_left = sum(x.strategy != "linear" for x in todo[i:])
         out = try_candidate(c, cfg, run, data, threads, t0, deadline, best, first=not outcomes,
                             network_share=FIRST_NETWORK_SHARE if networks_left > 1 and not _ran_network(outcomes)
-                            else 1 / max(1, networks_left))
+                            else 1 / max(1, networks_left), speed=speed)
         outcomes.append(out)
+        if speed is None and out.status == "finished" and out.candidate.strategy == "linear":
+            speed = embedding_speed(out.fitted)
         print(f"  {c.name}: {out.status}" + (f", validation accuracy {out.val_accuracy:.3f}"
                                             if out.val_accuracy is not None else "") + (f" ({out.why})" if out.why else ""))
         if out.status == "finished" and (best is None or out.val_accuracy > best.val_accuracy):
@@ -150,8 +153,18 @@ def _ran_network(outcomes: list[Outcome]) -> bool:
     return any(o.candidate.strategy != "linear" and o.status == "finished" for o in outcomes)
 
 
+def embedding_speed(f: Fitted) -> dict | None:
+    """Seconds per embedded file as the first head's run measured them (decoding, the engine, cache writes), beside
+    a timed forward pass of its model; None when its embeddings all came from the cache."""
+    e = f.extra.get("embeddings", {})
+    if not e.get("computed") or not f.timing.get("embedding_s"):
+        return None
+    return {"s_per_file": f.timing["embedding_s"] / e["computed"], "fwd_s": timed_forward_per_file(f.model)}
+
+
 def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: float,
-                  deadline: float, best: Outcome | None, first: bool, network_share: float) -> Outcome:
+                  deadline: float, best: Outcome | None, first: bool, network_share: float,
+                  speed: dict | None = None) -> Outcome:
     """Fit one candidate if the time left allows it; its validation accuracy. The first candidate (the
     default backbone's head) always runs: its failure is the run's."""
     t = time.time()
@@ -161,7 +174,7 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
         ccfg, model = build_for(ccfg, data)
         # the first candidate runs whatever it costs: a head needs no timed steps to finish
         cost = ({"finish_s": FIXED_FINISH_S} if first and ccfg.strategy == "linear"
-                else measured_cost(model, ccfg, data))
+                else measured_cost(model, ccfg, data, speed))
         finish = max(cost["finish_s"], best.finish_s if best else 0.0)
         left = deadline - time.time() - finish
         if not first:
@@ -215,14 +228,16 @@ def validation_accuracy(f: Fitted, data: Prepared) -> tuple[float, int]:
     return float((pred == y).mean()), len(y)
 
 
-def measured_cost(model, cfg: TrainConfig, data: Prepared) -> dict:
+def measured_cost(model, cfg: TrainConfig, data: Prepared, speed: dict | None = None) -> dict:
     """Seconds, from a few timed steps on this model: a forward pass per file (embedding, scoring) and for a
-    network a training epoch; what finishing the run with it would take."""
+    network a training epoch; what finishing the run with it would take. Embedding: the first head's measured
+    seconds per file (`speed`), scaled by how much slower this model's forward pass is than its model's; without
+    it, 1.5 forward passes per file (decoding and the engines make embedding slower than a bare pass)."""
     fwd = timed_forward_per_file(model)
     n_train, n_val, n_test = (len(data.of(s)) for s in ("train", "val", "test"))
     views = max(1, cfg.views)
-    # decoding and the single-threaded engines make embedding slower than a bare forward pass
-    embed = (n_train * views + n_val + n_test) * fwd * 1.5
+    per_file = speed["s_per_file"] * fwd / speed["fwd_s"] if speed else fwd * 1.5
+    embed = (n_train * views + n_val + n_test) * per_file
     cost = {"fwd_s": fwd, "embed_s": embed, "val_s": n_val * fwd * 1.5}
     if cfg.strategy == "linear":
         cost["finish_s"] = FIXED_FINISH_S

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from classforge.data.image import small_image
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.anatomy import operations_per_sample
 from classforge.models.registry import Classifier
+from classforge.runtime.distributed import current, wants_gpu
 from classforge.training.checkpoints import checkpoint_dir, journal_path, read_journal
 from classforge.training.module import ClassifierModule, FileDataset, TensorBatchDataset
 from classforge.training.optimizers import get_optimizer
@@ -169,6 +171,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
                         "weight_decay": module.weight_decay,
                         "time_budget_s": extra.get("time_budget", {}).get("training_s", budget),
                         "data_path": data_path_desc(fast, cfg.cutout),
+                        "loader_workers": train_dl.num_workers,
                         "progressive_resize": [{"until": u, "size": sz} for u, sz in plan] or None,
                         "sam": cfg.sam or None,
                         "mix": ({"mixup": cfg.mixup, "cutmix": cfg.cutmix, "prob": cfg.mix_prob}
@@ -299,12 +302,28 @@ def make_loaders(model: Classifier, data, cfg: TrainConfig):
         return train_dl, val_dl, True
     train_ds = FileDataset(raws_tr, ytr, pre, train=True, cutout=cfg.cutout)
     val_ds = FileDataset(raws_va, yva, pre, train=False) if raws_va else None
+    gpu = wants_gpu(cfg.accelerator)
+    workers = loader_workers(cfg.num_workers, gpu)
+    loading = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=gpu)
     train_dl = DataLoader(train_ds, batch_size=bs, shuffle=sampler is None, sampler=sampler,
-                          drop_last=len(train_ds) > bs, num_workers=cfg.num_workers,
-                          persistent_workers=cfg.num_workers > 0, generator=g)
-    val_dl = DataLoader(val_ds, batch_size=vbs, num_workers=cfg.num_workers,
-                        persistent_workers=cfg.num_workers > 0) if val_ds else None
+                          drop_last=len(train_ds) > bs, generator=g, **loading)
+    val_dl = DataLoader(val_ds, batch_size=vbs, **loading) if val_ds else None
     return train_dl, val_dl, False
+
+
+def loader_workers(setting: int | str, gpu: bool) -> int:
+    """--num-workers as a number. auto: on a GPU the augmentation of one Python process cannot keep up, so one
+    worker per core this process may use (the run's processes on this machine share them), up to 8; on a CPU
+    the training step already uses every core, and workers would take cores from it."""
+    s = str(setting).strip().lower()
+    if s != "auto":
+        if not s.isdigit():
+            raise ClassforgeError(f"--num-workers must be a number or auto, not {setting!r}")
+        return int(s)
+    if not gpu:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, current().local_world_size) - 1))
 
 
 def init_batch(ds, n: int = 2000, seed: int = 0) -> torch.Tensor:
@@ -391,6 +410,8 @@ def stop_reason(trainer) -> str:
 
 
 def _world(cfg: TrainConfig) -> int:
+    if current().world_size > 1:  # the processes already started (by --devices, torchrun or SLURM)
+        return current().world_size
     d = str(cfg.devices)
     return int(d) * cfg.num_nodes if d.isdigit() else 1
 

@@ -38,6 +38,7 @@ from classforge.models.registry import (
 )
 from classforge.models.registry import entry as registry_entry
 from classforge.runtime import embeddings as emb
+from classforge.runtime.distributed import current
 from classforge.runtime.engines import engine_for, exact_engine
 from classforge.training.checkpoints import checkpoint_dir
 from classforge.training.head import fit_head
@@ -79,8 +80,9 @@ def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classif
     """Write the config and split, fit the strategy, then save and score the run. `update` (from `classforge
     update`): the head starts from the model's current one, and the summary and report compare with the run it
     updates."""
-    cfg.save(run / "config.yaml")
-    write_split(run / "split.csv", data.samples)
+    if is_global_zero():
+        cfg.save(run / "config.yaml")
+        write_split(run / "split.csv", data.samples)
     fitted = fit_strategy(cfg, run, data, model, threads, t0, update)
     if not is_global_zero():
         return run  # DDP workers stop here; rank 0 saves and evaluates
@@ -230,6 +232,8 @@ def check_budget(cfg: TrainConfig, model: Classifier) -> None:
 
 
 def is_global_zero() -> bool:
+    if current().world_size > 1:
+        return current().is_main
     return int(os.environ.get("RANK", os.environ.get("GLOBAL_RANK", "0"))) == 0 and \
         int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
@@ -243,9 +247,10 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     gets the training files' clean-view features, and for a linear run (whose val and test files an exact fp32
     engine embeds) the val/test features too: no file then goes through the backbone a second time for scoring."""
     bb = model.backbone
-    engine = engine_for(cfg.extract_engine)
+    group = current()  # several processes: each embeds its share of the files (runtime.distributed)
+    engine = engine_for(cfg.extract_engine, group.device)
     engines = {"train": engine, "val": engine}
-    exact = (engine if engine.exact else exact_engine()) if cfg.strategy == "linear" else None
+    exact = (engine if engine.exact else exact_engine(group.device)) if cfg.strategy == "linear" else None
     if exact is not None:
         engines.update(val=exact, test=exact)
     pre = make_preprocessor(bb.spec, augment=cfg.augment if cfg.augment != "none" else "light",
@@ -255,23 +260,34 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     feats = {}
     arch = json.dumps(backbone_kwargs(cfg, 0))
     extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "engine": engine.key,
-                           "key": emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, engine.key)}
+                           "key": emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, engine.key),
+                           "world_size": group.world_size}
     for split, eng in engines.items():
         ss = data.of(split)
         key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, eng.key)
         sha = [data.checked.info[s.path].sha1 for s in ss]
         feats[split], stats = emb.extract(bb, ss, sha, pre, key, views if split == "train" else 1, cfg.batch_size,
-                                          desc=f"Embedding {split}", engine=eng)
-        print(f"  {split}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed")
-        for k in ("cached", "computed"):
-            extra["embeddings"][k] += stats[k]
-        for k in ("build_s", "loop_s"):  # the engine's one-time export/trace; decoding + forward passes
-            extra["embeddings"][k] = round(extra["embeddings"].get(k, 0.0) + stats.get(k, 0.0), 3)
+                                          desc=f"Embedding {split}", engine=eng, group=group)
+        print(f"  {split}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed"
+              + (f" ({stats['computed'] - stats['by_others']} here, {stats['by_others']} by the other "
+                 f"{group.world_size - 1} process{'es' if group.world_size > 2 else ''})" if group.world_size > 1 else ""))
+        add_extraction_stats(extra["embeddings"], stats)
+    model.backbone.cpu()  # a GPU engine moved it; fitting and scoring the head run on the CPU
+    if "per_process" in extra["embeddings"]:
+        extra["embeddings"]["per_process"] = list(extra["embeddings"]["per_process"].values())
     timing["embedding_s"] += time.time() - t
     if extra["embeddings"].get("loop_s"):
         extra["embeddings"]["files_per_s"] = round(extra["embeddings"]["computed"] / extra["embeddings"]["loop_s"], 1)
     for note in {e.note for e in engines.values() if e.note}:
         data.notes.append(note)
+    if extra["embeddings"].get("missing_from_shared_cache"):
+        data.notes.append(f"{extra['embeddings']['missing_from_shared_cache']} embeddings the other processes "
+                          "computed were not in this process's cache and were computed again here: put "
+                          "CLASSFORGE_CACHE on storage every node sees")
+    if not group.is_main:
+        # the main process fits the head and scores the run; in two-stage its head reaches the others when
+        # data-parallel training starts (DDP copies rank 0's weights to every process)
+        return []
     ytr = np.repeat(np.array(data.y("train")), feats["train"].shape[1])
     xtr = feats["train"].reshape(-1, feats["train"].shape[-1])
     xva, yva = feats["val"][:, 0], np.array(data.y("val"))
@@ -283,6 +299,22 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
         extra["embeddings"]["scoring_engine"] = exact.key
         features.update(val=feats["val"][:, 0], test=feats["test"][:, 0], engine=exact.key)
     return hist
+
+
+def add_extraction_stats(total: dict, stats: dict) -> None:
+    """Sum one split's extraction figures into the run's; with several processes, each one's own files and speed."""
+    for k in ("cached", "computed"):
+        total[k] += stats[k]
+    for k in ("build_s", "loop_s"):  # the engine's one-time export/trace; decoding + forward passes
+        total[k] = round(total.get(k, 0.0) + stats.get(k, 0.0), 3)
+    if stats.get("missing"):
+        total["missing_from_shared_cache"] = total.get("missing_from_shared_cache", 0) + stats["missing"]
+    for r in stats.get("per_process", []):
+        mine = total.setdefault("per_process", {}).setdefault(r["rank"], {"rank": r["rank"], "computed": 0,
+                                                                          "loop_s": 0.0})
+        mine["computed"] += r["computed"]
+        mine["loop_s"] = round(mine["loop_s"] + r["loop_s"], 3)
+        mine["files_per_s"] = round(mine["computed"] / mine["loop_s"], 1) if mine["loop_s"] else None
 
 
 def fit_network(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, stage: str, extra: dict) -> list[dict]:

@@ -13,6 +13,7 @@ import torch
 from classforge.core.config import STRATEGIES, TrainConfig
 from classforge.core.errors import ClassforgeError
 from classforge.models.registry import factory_for
+from classforge.runtime.distributed import current, join
 from classforge.runtime.engines import resolve_eval_engine
 from classforge.runtime.threads import adapted_threads
 from classforge.training.auto import candidates, train_auto
@@ -34,7 +35,10 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.backbone not in ("auto", ""):
         factory_for(cfg.backbone)  # a misspelt name fails now, not after every file was checked
     check_out(cfg)
-    with adapted_threads(cfg.threads) as threads:
+    group = join(cfg.accelerator, cfg.devices, cfg.num_nodes)
+    # every process of the run writes into the main process's folder (a default name has the start time in it)
+    cfg = cfg.replace(out=str(group.from_main(run_path(cfg))))
+    with adapted_threads(cfg.threads, share=group.local_world_size) as threads:
         return train_with(cfg, threads)
 
 
@@ -55,7 +59,13 @@ def tries_candidates(cfg: TrainConfig, data: Prepared) -> bool:
     training.auto runs them. Without a budget auto is the first candidate alone (a head on cached embeddings)."""
     if cfg.strategy != "auto" or not cfg.time_budget or cfg.train_budget or cfg.resume:
         return False
-    return len(candidates(cfg, data.ds.task)) > 1
+    if len(candidates(cfg, data.ds.task)) <= 1:
+        return False
+    if current().world_size > 1:  # candidates are timed and chosen in one process; the others would disagree
+        data.notes.append("--strategy auto tries its candidates in one process: with several processes it is the "
+                          "first candidate alone (a head on cached embeddings)")
+        return False
+    return True
 
 
 def in_run_folder(cfg: TrainConfig, work) -> Path:

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from classforge.core.config import TrainConfig, parse_duration
 from classforge.core.errors import ClassforgeError
+from classforge.runtime.distributed import current
 from classforge.runtime.engines import fast_cpu_bf16
 from classforge.training.checkpoints import checkpoint_dir, journal_path
 
@@ -299,6 +300,9 @@ def make_trainer(cfg: TrainConfig, run: Path, stage: str, max_epochs: int, monit
               deterministic=False)
     if distributed:
         kw.update(num_nodes=cfg.num_nodes, strategy=cfg.dist_strategy)
+        group = current()
+        if group.world_size > 1:  # the processes runtime.distributed started or joined: Lightning joins them too
+            kw.update(devices=group.local_world_size, num_nodes=group.world_size // group.local_world_size)
     if budget:
         kw["max_time"] = {"seconds": max(1, int(budget))}
     trainer = L.Trainer(**kw)
