@@ -36,8 +36,9 @@ def train(cfg: TrainConfig) -> Path:
         factory_for(cfg.backbone)  # a misspelt name fails now, not after every file was checked
     check_out(cfg)
     group = join(cfg.accelerator, cfg.devices, cfg.num_nodes)
-    # every process of the run writes into the main process's folder (a default name has the start time in it)
-    cfg = cfg.replace(out=str(group.from_main(run_path(cfg))))
+    if group.world_size > 1 and not cfg.out:
+        # every process of the run uses the main process's folder (a default name has the start time in it)
+        cfg = cfg.replace(out=str(group.from_main(run_path(cfg))))
     with adapted_threads(cfg.threads, share=group.local_world_size) as threads:
         return train_with(cfg, threads)
 
