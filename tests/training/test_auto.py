@@ -34,6 +34,14 @@ def test_what_the_user_set_wins_over_a_candidates_declared_settings():
     assert declared_overrides(finetune, TrainConfig(augment="none")) == {"preprocess": "loudness"}
 
 
+def test_a_heads_embedding_time_scales_the_first_heads_measured_speed():
+    from classforge.training.auto import embedding_seconds
+
+    measured = {"s_per_file": 0.01, "fwd_s": 0.004}  # the first head: 10 ms a file, 4 ms a bare forward pass
+    assert embedding_seconds(100, 0.008, measured) == pytest.approx(2.0)  # a model twice as slow: 20 ms a file
+    assert embedding_seconds(100, 0.008, None) == pytest.approx(1.2)  # no measurement: 1.5 forward passes
+
+
 def read_rows(run):
     with open(run / "candidates.csv") as f:
         return list(csv.DictReader(f))

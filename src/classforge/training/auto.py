@@ -236,8 +236,7 @@ def measured_cost(model, cfg: TrainConfig, data: Prepared, speed: dict | None = 
     fwd = timed_forward_per_file(model)
     n_train, n_val, n_test = (len(data.of(s)) for s in ("train", "val", "test"))
     views = max(1, cfg.views)
-    per_file = speed["s_per_file"] * fwd / speed["fwd_s"] if speed else fwd * 1.5
-    embed = (n_train * views + n_val + n_test) * per_file
+    embed = embedding_seconds(n_train * views + n_val + n_test, fwd, speed)
     cost = {"fwd_s": fwd, "embed_s": embed, "val_s": n_val * fwd * 1.5}
     if cfg.strategy == "linear":
         cost["finish_s"] = FIXED_FINISH_S
@@ -246,6 +245,13 @@ def measured_cost(model, cfg: TrainConfig, data: Prepared, speed: dict | None = 
         fit_files = min(n_train, 3000)  # the unknown score's features (training.open_set.MAX_FIT_FILES)
         cost["finish_s"] = FIXED_FINISH_S + (n_val + n_test + fit_files) * fwd * 1.5
     return cost
+
+
+def embedding_seconds(files: int, fwd_s: float, speed: dict | None) -> float:
+    """Embedding `files` with a model whose timed forward pass takes `fwd_s` per file: the first head's measured
+    seconds per file scaled by the two models' forward times, or 1.5 forward passes per file without it."""
+    per_file = speed["s_per_file"] * fwd_s / speed["fwd_s"] if speed else fwd_s * 1.5
+    return files * per_file
 
 
 def _example(model, batch: int) -> torch.Tensor:
