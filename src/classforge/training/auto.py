@@ -2,7 +2,8 @@
 
 Candidates are what the registered backbones declare (`BackboneEntry.auto`: a linear head on the default
 backbone first, then larger backbones' heads, fine-tuning, from-scratch networks), run in that order on ONE
-split. Each is scored on the validation split only; the best is kept and the test split is scored once, for it.
+split. Each is scored on the validation split only; a later candidate replaces the best so far only when it is
+better beyond the validation split's noise (clearly_better), and the test split is scored once, for the winner.
 
 The budget is the whole run's, from start to report:
 - what finishing takes (the unknown score, scoring val and test, the report) is kept aside up front, for the
@@ -42,6 +43,7 @@ from classforge.training.prepared import Prepared
 
 MIN_EPOCHS = 3  # a network that cannot get this many epochs in its share is not started
 FIRST_NETWORK_SHARE = 2 / 3
+P_BETTER = 0.05  # a later candidate replaces the best when it is better at this one-sided level (clearly_better)
 STEP_BATCH = 8  # timed steps use this batch; step time scales with it
 FIXED_FINISH_S = 4.0  # report, plots, model card-free writes; the ONNX export for a network winner
 AUTO_BUDGET_HEADS = 30  # --time-budget auto: the time of this many default-head runs ...
@@ -67,6 +69,7 @@ class Outcome:
     why: str = ""
     val_accuracy: float | None = None
     val_n: int = 0
+    correct: np.ndarray | None = None  # per validation file, whether it was right
     seconds: float = 0.0
     fitted: Fitted | None = None
     finish_s: float = 0.0  # what saving and scoring it would take
@@ -113,14 +116,16 @@ def train_auto(cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: f
         outcomes.append(out)
         if speed is None and out.status == "finished" and out.candidate.strategy == "linear":
             speed = embedding_speed(out.fitted)
-        print(f"  {c.name}: {out.status}" + (f", validation accuracy {out.val_accuracy:.3f}"
-                                            if out.val_accuracy is not None else "") + (f" ({out.why})" if out.why else ""))
-        if out.status == "finished" and (best is None or out.val_accuracy > best.val_accuracy):
+        if out.status == "finished" and (best is None or clearly_better(out, best)):
             if best is not None:
                 best.fitted = None  # only the best model is kept in memory
             best = out
         else:
+            if out.status == "finished" and out.val_accuracy > best.val_accuracy:
+                out.why = "; ".join(filter(None, [out.why, within_noise(out, best)]))
             out.fitted = None
+        print(f"  {c.name}: {out.status}" + (f", validation accuracy {out.val_accuracy:.3f}"
+                                            if out.val_accuracy is not None else "") + (f" ({out.why})" if out.why else ""))
     for o in outcomes:  # the candidates' training checkpoints (in the cache) are not needed once they finished
         shutil.rmtree(checkpoint_dir(run / "candidates" / _slug(o.candidate.name)), ignore_errors=True)
     shutil.rmtree(run / "candidates", ignore_errors=True)
@@ -191,13 +196,14 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
         where = run / "candidates" / _slug(c.name)  # its per-epoch files; removed once the winner is known
         where.mkdir(parents=True, exist_ok=True)
         fitted = fit_strategy(ccfg, where, data, model, threads, t0)
-        acc, n = validation_accuracy(fitted, data)
+        correct = validation_correct(fitted, data)
     except ClassforgeError as e:
         if first:
             raise
         return Outcome(c, "failed", str(e).splitlines()[0][:200], seconds=time.time() - t)
     why = f"trained {ccfg.train_budget}" if ccfg.train_budget else ""
-    return Outcome(c, "finished", why, acc, n, time.time() - t, fitted, cost["finish_s"])
+    return Outcome(c, "finished", why, float(correct.mean()), len(correct), correct, time.time() - t, fitted,
+                   cost["finish_s"])
 
 
 def declared_overrides(c: Candidate, cfg: TrainConfig) -> dict:
@@ -210,10 +216,36 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name)[:60]
 
 
+def clearly_better(new: Outcome, old: Outcome) -> bool:
+    """Whether `new` beats `old` on the validation files by more than their noise: of the files only one of them
+    gets right, new must win so many more that a coin would do it less than P_BETTER of the time (McNemar's
+    exact test, one-sided).
+    Candidates come in the order of what they are expected to be worth, so a later one must show it is better: a
+    lead of a few files is the luck of the validation split, and the candidate that wins by luck does worse on
+    the test split (the winner's curse of choosing among many on one small split)."""
+    return sign_test_p(*_discordant(new, old)) < P_BETTER
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """P(at least `wins` heads in wins + losses fair coin tosses)."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n if n else 1.0
+
+
+def within_noise(new: Outcome, old: Outcome) -> str:
+    wins, losses = _discordant(new, old)
+    return (f"not clearly better than {old.candidate.name}: right on {wins} validation files it missed, wrong on "
+            f"{losses} it got (p = {sign_test_p(wins, losses):.2f}, needs < {P_BETTER})")
+
+
+def _discordant(new: Outcome, old: Outcome) -> tuple[int, int]:
+    return int((new.correct & ~old.correct).sum()), int((~new.correct & old.correct).sum())
+
+
 @torch.inference_mode()
-def validation_accuracy(f: Fitted, data: Prepared) -> tuple[float, int]:
-    """The candidate's accuracy on the validation split: from exact cached features when a linear head has them,
-    else through the same Predictor as the final scoring."""
+def validation_correct(f: Fitted, data: Prepared) -> np.ndarray:
+    """Per validation file, whether the candidate gets it right: from exact cached features when a linear head
+    has them, else through the same Predictor as the final scoring."""
     from classforge.runtime.predictor import Predictor
 
     y = np.array(data.y("val"))
@@ -225,7 +257,7 @@ def validation_accuracy(f: Fitted, data: Prepared) -> tuple[float, int]:
         p = Predictor(f.model, f.model.backbone.spec, data.labels, max_pixels=f.cfg.max_pixels)
         pred = p.predict_proba([s.path for s in data.of("val")], progress_desc="Validating candidate").argmax(1)
         f.model.train(False)
-    return float((pred == y).mean()), len(y)
+    return pred == y
 
 
 def measured_cost(model, cfg: TrainConfig, data: Prepared, speed: dict | None = None) -> dict:
