@@ -385,10 +385,16 @@ class TrainConfig:
         default="auto", group="hardware", help="auto | cpu | gpu | mps (Lightning)", flags=("--accelerator",)
     )
     devices: str = setting(
-        default="auto", group="hardware", help="Number of devices/processes (Lightning)", flags=("--devices",)
+        default="auto", group="hardware",
+        help="Processes per machine (one per GPU, or CPU processes with --accelerator cpu): each embeds its share "
+             "of the files, networks train data-parallel; see docs/scaling.md",
+        flags=("--devices",)
     )
     num_nodes: int = setting(
-        default=1, group="hardware", help="Nodes for multi-node DDP", flags=("--num-nodes",)
+        default=1, group="hardware",
+        help="Machines in the run (torchrun, SLURM or MASTER_ADDR/NODE_RANK set by hand); the embedding cache "
+             "(CLASSFORGE_CACHE) should be on storage they all see",
+        flags=("--num-nodes",)
     )
     dist_strategy: str = setting(
         default="auto",
