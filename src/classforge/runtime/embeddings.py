@@ -73,31 +73,37 @@ def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key
     cache = EmbeddingCache(key)
     group.barrier()  # every process sees the cache as it was before any of them wrote this split
     out: list[np.ndarray | None] = [cache.get(h, views) for h in sha1s]
-    todo = [i for i, a in enumerate(out) if a is None]
+    # the main process's cache decides what is missing: every process must make the same collective calls, and
+    # caches that nodes do not share differ
+    todo = group.from_main([i for i, a in enumerate(out) if a is None])
     stats = {"cached": len(samples) - len(todo), "computed": len(todo)}
-    if not todo:
-        return np.stack(out), stats
     compute = Computation(backbone, samples, sha1s, preprocessor, cache, views, batch_size,
                           engine or Engine("torch", device=device), out, decode_threads(group))
-    if group.world_size == 1:
+    if todo and group.world_size == 1:
         stats.update(compute(todo, desc))
-        return np.stack(out), stats
+    elif todo:
+        stats.update(shared_computation(compute, todo, group, desc))
+    if not group.is_main:  # only the main process fits the head: rows it did not need here stay zero
+        out = [np.zeros((views, backbone.feature_dim), np.float32) if a is None else a for a in out]
+    return np.stack(out), stats
+
+
+def shared_computation(compute: "Computation", todo: list[int], group: ProcessGroup, desc: str) -> dict:
+    """Each process embeds its share of `todo` into the cache; the main process then reads the others' rows and
+    embeds those its cache lacks (nodes without a shared cache)."""
     mine = group.shard(todo)
     own = compute(mine, f"{desc} ({len(mine)} of {len(todo)}, process {group.rank + 1}/{group.world_size})")
     group.barrier()  # every share is in the cache
     per_process = group.gather({"rank": group.rank, "computed": len(mine), "loop_s": own["loop_s"]})
-    rest = [i for i in todo if out[i] is None]
-    if not group.is_main:  # only the main process fits the head: the others' rows stay zero here
-        for i in rest:
-            out[i] = np.zeros((views, backbone.feature_dim), np.float32)
-        return np.stack(out), {**stats, **own, "by_others": len(rest), "missing": 0, "partial": True}
+    rest = [i for i in todo if compute.out[i] is None]
+    if not group.is_main:
+        return {**own, "by_others": len(rest), "missing": 0}
     for i in rest:
-        out[i] = cache.get(sha1s[i], views)
-    missing = [i for i in rest if out[i] is None]  # a cache the other nodes do not share
+        compute.out[i] = compute.cache.get(compute.sha1s[i], compute.views)
+    missing = [i for i in rest if compute.out[i] is None]
     if missing:
         compute(missing, f"{desc} (not in this cache)")
-    stats.update(own, by_others=len(rest) - len(missing), missing=len(missing), per_process=per_process)
-    return np.stack(out), stats
+    return {**own, "by_others": len(rest) - len(missing), "missing": len(missing), "per_process": per_process}
 
 
 def decode_threads(group: ProcessGroup) -> int:

@@ -268,9 +268,10 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
         sha = [data.checked.info[s.path].sha1 for s in ss]
         feats[split], stats = emb.extract(bb, ss, sha, pre, key, views if split == "train" else 1, cfg.batch_size,
                                           desc=f"Embedding {split}", engine=eng, group=group)
+        others = stats.get("by_others", 0)
         print(f"  {split}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed"
-              + (f" ({stats['computed'] - stats['by_others']} here, {stats['by_others']} by the other "
-                 f"{group.world_size - 1} process{'es' if group.world_size > 2 else ''})" if group.world_size > 1 else ""))
+              + (f" ({stats['computed'] - others} here, {others} by the other {group.world_size - 1} "
+                 f"process{'es' if group.world_size > 2 else ''})" if group.world_size > 1 and others else ""))
         add_extraction_stats(extra["embeddings"], stats)
     model.backbone.cpu()  # a GPU engine moved it; fitting and scoring the head run on the CPU
     if "per_process" in extra["embeddings"]:
