@@ -58,6 +58,11 @@ def run_env(cache: Path, **more: str) -> dict:
     return {**env, "CLASSFORGE_QUIET": "1", "CLASSFORGE_CACHE": str(cache), **more}
 
 
+def failure(stdout: str, stderr: str) -> str:
+    """What every process said: each one's error is in the output (the first to fail is often not the last)."""
+    return f"stdout: {stdout[-2000:]}\nstderr (start): {stderr[:4000]}\nstderr (end): {stderr[-4000:]}"
+
+
 def cached_rows(cache: Path) -> dict[str, np.ndarray]:
     return {str(p.relative_to(cache)): np.load(p) for p in sorted((cache / "embeddings").rglob("*.npy"))}
 
@@ -74,7 +79,7 @@ def one_process(tmp_path_factory):
     data = make_image_folder(tmp / "d", 14, kinds=("circle", "stripes"))
     out = subprocess.run(train_cmd(data, tmp / "run"), capture_output=True, text=True, timeout=600,
                          env=run_env(tmp / "cache"))
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out.stdout, out.stderr)
     return data, tmp / "run", tmp / "cache"
 
 
@@ -88,7 +93,7 @@ def test_two_processes_give_the_one_process_run(one_process, tmp_path):
     data, run1, cache1 = one_process
     out = subprocess.run(train_cmd(data, tmp_path / "run", "--devices", "2"), capture_output=True, text=True,
                          timeout=600, env=run_env(tmp_path / "cache"))
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out.stdout, out.stderr)
     s1, s2 = summary(run1), summary(tmp_path / "run")
     e = s2["embeddings"]
     assert e["world_size"] == 2 and s1["embeddings"]["world_size"] == 1
@@ -130,8 +135,8 @@ def two_nodes(data: Path, out: Path, tmp_path: Path) -> None:
                                           WORLD_SIZE="2", NODE_RANK=str(node), LOCAL_RANK="0"))
              for node in (0, 1)]
     for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+        stdout, err = p.communicate(timeout=300)
+        assert p.returncode == 0, failure(stdout, err)
 
 
 @pytest.mark.trains
@@ -144,7 +149,7 @@ def test_a_two_process_fine_tune_makes_one_run_folder(tmp_path):
            "finetune", "--epochs", "1", "--batch-size", "8", "--accelerator", "cpu", "--devices", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=work,
                          env=run_env(tmp_path / "cache", PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src")))
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure(out.stdout, out.stderr)
     runs = list((work / "runs").iterdir())
     assert len(runs) == 1, runs  # the default name has the start time in it: both processes use the main one's
     assert summary(runs[0])["trainer"]["world_size"] == 2

@@ -110,7 +110,7 @@ def validate(ds: Dataset, min_size: int = 8, max_pixels: int = 89_478_485, worke
     if new:
         cache.update(new)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
+        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp")  # processes of one run write it at once
         tmp.write_text(json.dumps(cache))
         tmp.replace(cache_file)
     good, skipped, info = [], [], {}
