@@ -120,3 +120,76 @@ def test_time_budget_auto_needs_strategy_auto(shapes_dir, tmp_path):
 
     with pytest.raises(ClassforgeError, match="--time-budget auto goes with --strategy auto"):
         classforge.train(shapes_dir, tmp_path / "x", strategy="finetune", time_budget="auto")
+
+
+GROUPS = r"_\d\d(\d)\.png$"  # shapes_dir's files by their last digit: ten groups, each holding every class
+
+
+def test_validation_joins_training_for_the_refit_only_when_it_holds_groups_training_lacks(shapes_dir):
+    from classforge.training.auto import refits, with_validation_trained
+    from classforge.training.prepared import prepare_data
+
+    grouped = prepare_data(TrainConfig(data=str(shapes_dir), group_by=GROUPS))
+    assert refits(TrainConfig(), grouped) and not refits(TrainConfig(refit="no"), grouped)
+    plain = prepare_data(TrainConfig(data=str(shapes_dir)))  # validation: a slice of the same kind of files
+    assert not refits(TrainConfig(), plain) and refits(TrainConfig(refit="yes"), plain)
+    merged = with_validation_trained(grouped)
+    n = {s: len(grouped.of(s)) for s in ("train", "val", "test")}
+    assert len(merged.of("train")) == n["train"] + n["val"] and not merged.of("val")
+    assert merged.of("test") == grouped.of("test")
+    assert [s.path for s in merged.of("train")[:n["train"]]] == [s.path for s in grouped.of("train")]
+    assert len(grouped.of("val")) == n["val"]  # the run's own split is untouched: it is scored and written
+
+
+@pytest.mark.trains
+def test_the_winning_head_is_refit_on_train_and_validation_groups(shapes_dir, tmp_path):
+    run = classforge.train(shapes_dir, tmp_path / "grouped", backbone="efficientnet_lite0", time_budget="3s",
+                           group_by=GROUPS)
+    s = json.loads((run / "summary.json").read_text())
+    refit = s["auto"]["refit"]
+    assert refit["done"] and refit["files"] == s["split"]["counts"]["train"] + s["split"]["counts"]["val"]
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    chosen = min((r for r in rows if r["stage"] == "head" and r["val_loss"]), key=lambda r: float(r["val_loss"]))
+    assert refit["epochs"] == int(chosen["epoch"]) == sum(r["stage"] == "refit" for r in rows)
+    assert "refit on train + validation" in (run / "report.html").read_text()
+    assert any("validation figures are not held out" in n for n in s.get("notes", []) + [
+        (run / "report.html").read_text()])
+    with open(run / "split.csv") as f:  # the split the run reports is the one it chose on
+        assert sum(r["split"] == "val" for r in csv.DictReader(f)) == s["split"]["counts"]["val"]
+    plain = classforge.train(shapes_dir, tmp_path / "kept", backbone="efficientnet_lite0", time_budget="3s",
+                             group_by=GROUPS, refit="no")
+    assert json.loads((plain / "summary.json").read_text())["auto"]["refit"] is None
+
+
+@pytest.mark.trains
+def test_a_network_winner_continues_from_its_weights_on_train_and_validation(tiny, tmp_path):
+    import time
+
+    from classforge.training.auto import REFIT_LR_SCALE, Candidate, Outcome, refit_winner
+    from classforge.training.flow import build_for, fit_strategy, resolve_for_data
+    from classforge.training.prepared import prepare_data
+
+    cfg = TrainConfig(data=str(tiny), backbone="efficientnet_lite0", strategy="finetune", train_budget="4s",
+                      batch_size=8, group_by=r"_\d\d(\d)\.png$", lr="0.001")
+    data = prepare_data(cfg)
+    cfg, model = build_for(resolve_for_data(cfg, data), data)
+    (tmp_path / "c").mkdir()
+    fitted = fit_strategy(cfg, tmp_path / "c", data, model, {}, time.time())
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    best = Outcome(Candidate("efficientnet_lite0", "finetune"), "finished", fitted=fitted, refit_s=3.0)
+    info = refit_winner(best, tmp_path / "run", data, deadline=time.time() + 30)
+    assert info["done"] and info["files"] == len(data.of("train")) + len(data.of("val"))
+    assert info["lr"] == pytest.approx(0.001 * REFIT_LR_SCALE) and info["epochs"] >= 1
+    assert any(r["stage"] == "refit" for r in fitted.history)
+    moved = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch_equal(v, trained[k])]
+    assert moved  # it trained further ...
+    assert not (tmp_path / "run" / "refit").exists()  # ... and left nothing behind
+    late = refit_winner(best, tmp_path / "run", data, deadline=time.time())  # no time left: said, not done
+    assert not late["done"] and "less than one epoch" in late["why"]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -282,6 +282,15 @@ class TrainConfig:
              "what a given training time buys; otherwise use --time-budget",
         flags=("--train-budget",),
     )
+    refit: str = setting(
+        default="auto",
+        group="optimisation",
+        help="After --strategy auto chooses its winner, train it further on train + validation files (a head is "
+             "fit again; a network continues at a lower learning rate in the time left): auto (when validation "
+             "holds whole groups - speakers, sources - that training lacks, so the shipped model also learns "
+             "them) | yes | no. The validation figures of a refit model are then not held out; the test split's are",
+        flags=("--refit",),
+    )
     # hardware
     precision: str = setting(
         default="auto",

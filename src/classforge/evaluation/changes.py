@@ -49,6 +49,15 @@ def update_section(u: dict) -> str:
             f'that run knew kept their split. {how}</p>' + rp._table(["", ""], rows, left=2))
 
 
+def refit_sentence(r: dict | None) -> str:
+    if not r:
+        return ""
+    if not r.get("done"):
+        return f' The winner was not refit on the validation files: {html.escape(r.get("why", ""))}.'
+    return (f' The winner was then refit on train + validation ({r["files"]} files, {r["seconds"]:.0f} s, included '
+            'above): its validation figures below are not held out; the test split\'s are.')
+
+
 def candidates_section(a: dict) -> str:
     """The report's leaderboard of --strategy auto: every candidate, the winner first in its own row order."""
     def acc(r):
@@ -61,5 +70,6 @@ def candidates_section(a: dict) -> str:
              html.escape(r["why"])] for r in a["candidates"]]
     return (f'<h2>Candidates (--strategy auto)</h2><p class="sub">Each candidate was scored on the validation split '
             f'only; the best ({html.escape(a["winner"])}) was kept and scored on the test split once. Time budget '
-            f'{a["time_budget_s"]:.0f} s for the whole run; the candidates took {a["candidates_s"]:.0f} s.</p>'
+            f'{a["time_budget_s"]:.0f} s for the whole run; the candidates took {a["candidates_s"]:.0f} s.'
+            f'{refit_sentence(a.get("refit"))}</p>'
             + rp._table(["candidate", "status", "validation accuracy (95% CI)", "time", "note"], rows, left=2))

@@ -14,6 +14,12 @@ The budget is the whole run's, from start to report:
 - a network gets its share of the time left as its training budget (its schedule stretches to it): the first
   network candidate FIRST_NETWORK_SHARE of it, the others equal parts of the rest.
 
+The winner is then refit on train + validation (--refit; by default when validation holds whole groups the
+training split lacks, such as speakers, whose absence from training the shipped model would otherwise pay for):
+a head is fit again for the epochs its validation chose, a network continues from its trained weights at
+REFIT_LR_SCALE of its learning rate for the time left. What that takes is kept aside like the scoring time,
+for the costliest candidate that may win (REFIT_EPOCHS epochs for a network).
+
 RUN/candidates.csv and the report's leaderboard list every candidate: validation accuracy with its interval,
 time spent, and why it stopped or was skipped; config.yaml is the winner's, so `classforge train --config
 RUN/config.yaml` repeats the winner alone."""
@@ -21,6 +27,7 @@ RUN/config.yaml` repeats the winner alone."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import shutil
 import time
@@ -30,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classforge.core.config import TrainConfig, parse_duration
+from classforge.core.config import DEFAULT_EPOCHS, TrainConfig, parse_duration
 from classforge.core.errors import ClassforgeError
 from classforge.core.files import open_csv
 from classforge.data.split import write_split
@@ -38,7 +45,8 @@ from classforge.evaluation.metrics import wilson_interval
 from classforge.models.registry import entry as registry_entry
 from classforge.models.registry import registered
 from classforge.training.checkpoints import checkpoint_dir
-from classforge.training.flow import Fitted, build_for, finish_run, fit_strategy, resolve_for_data
+from classforge.training.flow import (Fitted, build_for, finish_run, fit_head_on_embeddings, fit_network,
+                                      fit_strategy, resolve_for_data)
 from classforge.training.prepared import Prepared
 
 MIN_EPOCHS = 3  # a network that cannot get this many epochs in its share is not started
@@ -48,6 +56,9 @@ STEP_BATCH = 8  # timed steps use this batch; step time scales with it
 FIXED_FINISH_S = 4.0  # report, plots, model card-free writes; the ONNX export for a network winner
 AUTO_BUDGET_HEADS = 30  # --time-budget auto: the time of this many default-head runs ...
 AUTO_BUDGET_RANGE = (120.0, 3600.0)  # ... within these bounds (seconds)
+REFIT_EPOCHS = 3  # a network winner's refit is planned as this many epochs on train + validation ...
+REFIT_LR_SCALE = 0.3  # ... at this share of its learning rate: it continues from trained weights
+REFIT_HEAD_S = 5.0  # fitting a head again on cached features, beside embedding the validation files' views
 
 
 @dataclass
@@ -73,6 +84,7 @@ class Outcome:
     seconds: float = 0.0
     fitted: Fitted | None = None
     finish_s: float = 0.0  # what saving and scoring it would take
+    refit_s: float = 0.0  # what refitting it on train + validation would take (0: no refit)
 
     def row(self, winner: bool) -> dict:
         lo, hi = (wilson_interval(round(self.val_accuracy * self.val_n), self.val_n)
@@ -112,7 +124,7 @@ def train_auto(cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: f
         networks_left = sum(x.strategy != "linear" for x in todo[i:])
         out = try_candidate(c, cfg, run, data, threads, t0, deadline, best, first=not outcomes,
                             network_share=FIRST_NETWORK_SHARE if networks_left > 1 and not _ran_network(outcomes)
-                            else 1 / max(1, networks_left), speed=speed)
+                            else 1 / max(1, networks_left), speed=speed, refit=refits(cfg, data))
         outcomes.append(out)
         if speed is None and out.status == "finished" and out.candidate.strategy == "linear":
             speed = embedding_speed(out.fitted)
@@ -132,7 +144,8 @@ def train_auto(cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: f
     if best is None:
         raise ClassforgeError("--strategy auto: no candidate finished; " + "; ".join(
             f"{o.candidate.name}: {o.why}" for o in outcomes))
-    return finish_winner(run, data, best, outcomes, budget, t0)
+    refit = refit_winner(best, run, data, deadline) if refits(cfg, data) else None
+    return finish_winner(run, data, best, outcomes, budget, t0, refit)
 
 
 def whole_run_budget(cfg: TrainConfig, data: Prepared, first: Candidate) -> float:
@@ -169,7 +182,7 @@ def embedding_speed(f: Fitted) -> dict | None:
 
 def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, threads: dict, t0: float,
                   deadline: float, best: Outcome | None, first: bool, network_share: float,
-                  speed: dict | None = None) -> Outcome:
+                  speed: dict | None = None, refit: bool = False) -> Outcome:
     """Fit one candidate if the time left allows it; its validation accuracy. The first candidate (the
     default backbone's head) always runs: its failure is the run's."""
     t = time.time()
@@ -180,7 +193,10 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
         # the first candidate runs whatever it costs: a head needs no timed steps to finish
         cost = ({"finish_s": FIXED_FINISH_S} if first and ccfg.strategy == "linear"
                 else measured_cost(model, ccfg, data, speed))
-        finish = max(cost["finish_s"], best.finish_s if best else 0.0)
+        cost.setdefault("refit_s", 0.0)
+        if not refit:
+            cost["refit_s"] = 0.0
+        finish = max(cost["finish_s"] + cost["refit_s"], best.finish_s + best.refit_s if best else 0.0)
         left = deadline - time.time() - finish
         if not first:
             if ccfg.strategy == "linear" and cost["embed_s"] > left:
@@ -202,8 +218,10 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
             raise
         return Outcome(c, "failed", str(e).splitlines()[0][:200], seconds=time.time() - t)
     why = f"trained {ccfg.train_budget}" if ccfg.train_budget else ""
+    if refit and ccfg.strategy == "linear":  # measured now: how fast this head's backbone embedded here
+        cost["refit_s"] = head_refit_seconds(fitted, data)
     return Outcome(c, "finished", why, float(correct.mean()), len(correct), correct, time.time() - t, fitted,
-                   cost["finish_s"])
+                   cost["finish_s"], cost["refit_s"])
 
 
 def declared_overrides(c: Candidate, cfg: TrainConfig) -> dict:
@@ -272,8 +290,11 @@ def measured_cost(model, cfg: TrainConfig, data: Prepared, speed: dict | None = 
     cost = {"fwd_s": fwd, "embed_s": embed, "val_s": n_val * fwd * 1.5}
     if cfg.strategy == "linear":
         cost["finish_s"] = FIXED_FINISH_S
+        cost["refit_s"] = REFIT_HEAD_S + embedding_seconds(n_val * views, fwd, speed)
     else:
-        cost["epoch_s"] = timed_train_step(model, cfg) * math.ceil(n_train / cfg.batch_size) + cost["val_s"]
+        step = timed_train_step(model, cfg)
+        cost["epoch_s"] = step * math.ceil(n_train / cfg.batch_size) + cost["val_s"]
+        cost["refit_s"] = REFIT_EPOCHS * step * math.ceil((n_train + n_val) / cfg.batch_size)
         fit_files = min(n_train, 3000)  # the unknown score's features (training.open_set.MAX_FIT_FILES)
         cost["finish_s"] = FIXED_FINISH_S + (n_val + n_test + fit_files) * fwd * 1.5
     return cost
@@ -327,15 +348,91 @@ def timed_train_step(model, cfg: TrainConfig, reps: int = 2) -> float:
     return (time.perf_counter() - t) / reps * cfg.batch_size / STEP_BATCH
 
 
+def refits(cfg: TrainConfig, data: Prepared) -> bool:
+    """--refit yes, or auto and the validation split holds whole groups (speakers, sources) that the training
+    split lacks: then the shipped model would never learn them unless it is refit."""
+    if cfg.refit == "no" or not data.of("val"):
+        return False
+    if cfg.refit == "yes":
+        return True
+    val_groups = {s.group for s in data.of("val") if given_group(s.group)}
+    return bool(val_groups) and not val_groups & {s.group for s in data.of("train")}
+
+
+def given_group(group: str) -> bool:
+    """A group the data gave (--group-by, a labels CSV's group column), not one the split made up ("#N": a file
+    on its own or a cluster of near-duplicates)."""
+    return bool(group) and not group.startswith("#")
+
+
+def head_refit_seconds(f: Fitted, data: Prepared) -> float:
+    """A finished head's refit: embedding the validation files' training views (at the speed its run measured,
+    or 1.5 timed forward passes per file), then fitting the head again."""
+    speed = embedding_speed(f)
+    per_file = speed["s_per_file"] if speed else 1.5 * timed_forward_per_file(f.model)
+    views = max(1, f.extra.get("embeddings", {}).get("views", 1))
+    return REFIT_HEAD_S + per_file * len(data.of("val")) * views
+
+
+def with_validation_trained(data: Prepared) -> Prepared:
+    """The same data with the validation files moved into the training split (training files first, in order)."""
+    moved = [dataclasses.replace(s, split="train") for s in data.of("val")]
+    return dataclasses.replace(data, samples=data.of("train") + moved + data.of("test"), notes=[])
+
+
+def refit_winner(best: Outcome, run: Path, data: Prepared, deadline: float) -> dict:
+    """Train the chosen model further on train + validation files, in place; what was done, for the summary.
+    A head is fit again (cached features) for as many epochs as its validation chose; a network continues from
+    its weights at REFIT_LR_SCALE of its learning rate for the time left before scoring, at most as long as it
+    trained. The unknown score is still fitted on the training split alone, and the test split stays unseen."""
+    f, t = best.fitted, time.time()
+    merged = with_validation_trained(data)
+    where = run / "refit"
+    where.mkdir(parents=True, exist_ok=True)
+    left = deadline - t - best.finish_s
+    info = {"files": len(merged.of("train")), "validation_files": len(data.of("val"))}
+    if f.cfg.strategy == "linear":
+        epochs = chosen_head_epochs(f.history)
+        rcfg = f.cfg.replace(epochs=epochs)
+        hist = fit_head_on_embeddings(f.model, merged, rcfg, where, {"embedding_s": 0.0, "fit_s": 0.0}, {}, {})
+        info["epochs"] = epochs
+    else:
+        seconds = min(left, f.timing.get("fit_s", 0.0))
+        if seconds < best.refit_s / REFIT_EPOCHS:
+            shutil.rmtree(where, ignore_errors=True)
+            return {**info, "done": False, "why": f"{max(0.0, left):.0f} s left before scoring, less than one epoch"}
+        from classforge.training.fit import resolve_lr, resolve_optimizer
+
+        lr = resolve_lr(f.cfg, f.cfg.strategy, resolve_optimizer(f.cfg)) * REFIT_LR_SCALE
+        rcfg = f.cfg.replace(lr=f"{lr:.6g}", epochs=0, time_budget=None, train_budget=f"{seconds:.0f}s",
+                             resume=False)
+        hist = fit_network(f.model, merged, rcfg, where, f.cfg.strategy, {}, warm_start=True)
+        info.update(train_budget_s=round(seconds), lr=float(f"{lr:.6g}"), epochs=sum(1 for r in hist if r.get("epoch")))
+    shutil.rmtree(checkpoint_dir(where), ignore_errors=True)
+    shutil.rmtree(where, ignore_errors=True)
+    f.history += [{**r, "stage": "refit"} for r in hist]
+    f.timing["fit_s"] += time.time() - t
+    data.notes.append(f"The shipped model was refit on the {info['validation_files']} validation files after it was "
+                      "chosen (--refit): its validation figures are not held out; the test split's are")
+    print(f"Refit the winner on train + validation ({info['files']} files) in {time.time() - t:.0f} s")
+    return {**info, "done": True, "seconds": round(time.time() - t, 1)}
+
+
+def chosen_head_epochs(history: list[dict]) -> int:
+    """The epoch whose weights a head's early stopping kept (lowest validation loss)."""
+    rows = [r for r in history if r.get("stage") == "head" and r.get("val_loss") is not None]
+    return min(rows, key=lambda r: r["val_loss"])["epoch"] if rows else DEFAULT_EPOCHS["linear"]
+
+
 def finish_winner(run: Path, data: Prepared, best: Outcome, outcomes: list[Outcome], budget: float,
-                  t0: float) -> Path:
+                  t0: float, refit: dict | None = None) -> Path:
     rows = [o.row(o is best) for o in outcomes]
     write_candidates_csv(run / "candidates.csv", rows)
     f = best.fitted
     winner_cfg = f.cfg.replace(time_budget=None)
     winner_cfg.save(run / "config.yaml")  # `classforge train --config` repeats the winner alone
     f.extra["auto"] = {"time_budget_s": round(budget, 1), "winner": best.candidate.name,
-                       "candidates_s": round(time.time() - t0, 1), "candidates": rows}
+                       "candidates_s": round(time.time() - t0, 1), "candidates": rows, "refit": refit}
     print(f"Best on validation: {best.candidate.name} ({best.val_accuracy:.3f}); scoring the test split once")
     return finish_run(run, data, f, t0)
 

@@ -90,7 +90,10 @@ def resolve_weight_decay(cfg: TrainConfig, optimizer: str) -> float:
     return 5e-4 if sgd_like and cfg.weight_decay == TrainConfig.weight_decay else cfg.weight_decay
 
 
-def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: str, extra: dict) -> list[dict]:
+def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: str, extra: dict,
+                  warm_start: bool = False) -> list[dict]:
+    """Train the network for `stage`; warm_start continues from the model's current weights (a refit), so a
+    from-scratch network's data-fitted stem is not fitted again."""
     spec = model.backbone.spec
     if cfg.schedule not in SCHEDULES:
         raise ClassforgeError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {cfg.schedule!r}")
@@ -100,7 +103,7 @@ def fit_lightning(model: Classifier, data, cfg: TrainConfig, run: Path, stage: s
         torch.set_num_threads(cfg.threads)
     train_dl, val_dl, fast = make_loaders(model, data, cfg)
     resuming = cfg.resume and (checkpoint_dir(run) / "last.ckpt").exists()
-    if stage == "scratch" and not resuming and not cfg.weights:
+    if stage == "scratch" and not resuming and not cfg.weights and not warm_start:
         if model.backbone.init_from_data(init_batch(train_dl.dataset, seed=cfg.seed)):
             extra["data_init"] = "patch-whitening stem fitted on training images"
     epochs = cfg.epochs or (BUDGET_MAX_EPOCHS if budget else DEFAULT_EPOCHS[stage])

@@ -318,11 +318,12 @@ def add_extraction_stats(total: dict, stats: dict) -> None:
         mine["files_per_s"] = round(mine["computed"] / mine["loop_s"], 1) if mine["loop_s"] else None
 
 
-def fit_network(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, stage: str, extra: dict) -> list[dict]:
+def fit_network(model: Classifier, data: Prepared, cfg: TrainConfig, run: Path, stage: str, extra: dict,
+                warm_start: bool = False) -> list[dict]:
     # Lightning (seconds of imports) loads only for the strategies that train the network itself
     from classforge.training.fit import fit_lightning
 
-    return fit_lightning(model, data, cfg, run, stage, extra)
+    return fit_lightning(model, data, cfg, run, stage, extra, warm_start)
 
 
 def save_model(run: Path, model: Classifier, cfg: TrainConfig, labels: list[str], open_set: dict | None = None) -> None:

@@ -27,6 +27,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.strategy not in STRATEGIES + ("auto",):
         raise ClassforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
     resolve_eval_engine(cfg.eval_engine, cfg.extract_engine)  # bad names fail now, not after training
+    if cfg.refit not in ("auto", "yes", "no"):
+        raise ClassforgeError(f"--refit must be auto, yes or no, not {cfg.refit!r}")
     if str(cfg.time_budget).strip().lower() == "auto" and cfg.strategy != "auto":
         raise ClassforgeError("--time-budget auto goes with --strategy auto (the candidates share it); give "
                               f"--strategy {cfg.strategy} a duration such as 10m")

@@ -27,6 +27,7 @@ warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not e
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
 warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", ".*defined a `validation_step` but have no `val_dataloader`.*")  # a refit has none
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
