@@ -38,7 +38,8 @@ def one(data: str, budget: str, out: Path, extra: list[str]) -> dict:
     return {"data": data, "options": " ".join(extra), "budget_s": limit, "wall_s": round(wall, 1),
             "wall_over_budget": round(wall / limit, 3), "winner": s["auto"]["winner"],
             "test_accuracy": round(s["test"]["accuracy"], 4), "test_ci95": [round(v, 4) for v in s["test"]["accuracy_ci95"]],
-            "test_n": s["test"]["n"], "val_accuracy": round(s["val"]["accuracy"], 4), "candidates": cands}
+            "test_n": s["test"]["n"], "val_accuracy": round(s["val"]["accuracy"], 4), "candidates": cands,
+            "refit": s["auto"].get("refit")}
 
 
 def main() -> None:
