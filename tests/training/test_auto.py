@@ -177,7 +177,7 @@ def test_a_network_winner_continues_from_its_weights_on_train_and_validation(tin
     (tmp_path / "c").mkdir()
     fitted = fit_strategy(cfg, tmp_path / "c", data, model, {}, time.time())
     trained = {k: v.clone() for k, v in model.state_dict().items()}
-    best = Outcome(Candidate("efficientnet_lite0", "finetune"), "finished", fitted=fitted, refit_s=3.0)
+    best = Outcome(Candidate("efficientnet_lite0", "finetune"), "finished", fitted=fitted, refit_s=3.0, epoch_s=1.0)
     info = refit_winner(best, tmp_path / "run", data, deadline=time.time() + 30)
     assert info["done"] and info["files"] == len(data.of("train")) + len(data.of("val"))
     assert info["lr"] == pytest.approx(0.001 * REFIT_LR_SCALE) and info["epochs"] >= 1

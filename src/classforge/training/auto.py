@@ -18,7 +18,8 @@ The winner is then refit on train + validation (--refit; by default when validat
 training split lacks, such as speakers, whose absence from training the shipped model would otherwise pay for):
 a head is fit again for the epochs its validation chose, a network continues from its trained weights at
 REFIT_LR_SCALE of its learning rate for the time left. What that takes is kept aside like the scoring time,
-for the costliest candidate that may win (REFIT_EPOCHS epochs for a network).
+for the costliest candidate that may win: a network's share of the time is split between its training and
+its refit (REFIT_SHARE of its training time).
 
 RUN/candidates.csv and the report's leaderboard list every candidate: validation accuracy with its interval,
 time spent, and why it stopped or was skipped; config.yaml is the winner's, so `classforge train --config
@@ -56,8 +57,8 @@ STEP_BATCH = 8  # timed steps use this batch; step time scales with it
 FIXED_FINISH_S = 4.0  # report, plots, model card-free writes; the ONNX export for a network winner
 AUTO_BUDGET_HEADS = 30  # --time-budget auto: the time of this many default-head runs ...
 AUTO_BUDGET_RANGE = (120.0, 3600.0)  # ... within these bounds (seconds)
-REFIT_EPOCHS = 3  # a network winner's refit is planned as this many epochs on train + validation ...
-REFIT_LR_SCALE = 0.3  # ... at this share of its learning rate: it continues from trained weights
+REFIT_SHARE = 0.5  # a network's refit gets this much of its training time kept aside ...
+REFIT_LR_SCALE = 0.3  # ... and runs at this share of its learning rate: it continues from trained weights
 REFIT_HEAD_S = 5.0  # fitting a head again on cached features, beside embedding the validation files' views
 
 
@@ -85,6 +86,7 @@ class Outcome:
     fitted: Fitted | None = None
     finish_s: float = 0.0  # what saving and scoring it would take
     refit_s: float = 0.0  # what refitting it on train + validation would take (0: no refit)
+    epoch_s: float = 0.0  # a network's training epoch, as its timed steps said
 
     def row(self, winner: bool) -> dict:
         lo, hi = (wilson_interval(round(self.val_accuracy * self.val_n), self.val_n)
@@ -193,10 +195,9 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
         # the first candidate runs whatever it costs: a head needs no timed steps to finish
         cost = ({"finish_s": FIXED_FINISH_S} if first and ccfg.strategy == "linear"
                 else measured_cost(model, ccfg, data, speed))
-        cost.setdefault("refit_s", 0.0)
-        if not refit:
+        if not refit or ccfg.strategy != "linear":  # a network's refit is carved from its own share below
             cost["refit_s"] = 0.0
-        finish = max(cost["finish_s"] + cost["refit_s"], best.finish_s + best.refit_s if best else 0.0)
+        finish = max(cost["finish_s"] + cost.get("refit_s", 0.0), best.finish_s + best.refit_s if best else 0.0)
         left = deadline - time.time() - finish
         if not first:
             if ccfg.strategy == "linear" and cost["embed_s"] > left:
@@ -204,11 +205,13 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
                                              "left", seconds=time.time() - t)
             if ccfg.strategy != "linear":
                 share = left * network_share - cost["val_s"] - cost.get("embed_s", 0.0) * (ccfg.strategy == "two-stage")
+                share /= 1 + REFIT_SHARE * refit
                 need = MIN_EPOCHS * cost["epoch_s"]
                 if share < need:
                     return Outcome(c, "skipped", f"{MIN_EPOCHS} epochs need ~{need:.0f} s, {max(0, share):.0f} s "
                                                  "left for it", seconds=time.time() - t)
                 ccfg = ccfg.replace(train_budget=f"{share:.0f}s")
+                cost["refit_s"] = REFIT_SHARE * share * refit
         where = run / "candidates" / _slug(c.name)  # its per-epoch files; removed once the winner is known
         where.mkdir(parents=True, exist_ok=True)
         fitted = fit_strategy(ccfg, where, data, model, threads, t0)
@@ -221,7 +224,7 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
     if refit and ccfg.strategy == "linear":  # measured now: how fast this head's backbone embedded here
         cost["refit_s"] = head_refit_seconds(fitted, data)
     return Outcome(c, "finished", why, float(correct.mean()), len(correct), correct, time.time() - t, fitted,
-                   cost["finish_s"], cost["refit_s"])
+                   cost["finish_s"], cost.get("refit_s", 0.0), cost.get("epoch_s", 0.0))
 
 
 def declared_overrides(c: Candidate, cfg: TrainConfig) -> dict:
@@ -292,9 +295,7 @@ def measured_cost(model, cfg: TrainConfig, data: Prepared, speed: dict | None = 
         cost["finish_s"] = FIXED_FINISH_S
         cost["refit_s"] = REFIT_HEAD_S + embedding_seconds(n_val * views, fwd, speed)
     else:
-        step = timed_train_step(model, cfg)
-        cost["epoch_s"] = step * math.ceil(n_train / cfg.batch_size) + cost["val_s"]
-        cost["refit_s"] = REFIT_EPOCHS * step * math.ceil((n_train + n_val) / cfg.batch_size)
+        cost["epoch_s"] = timed_train_step(model, cfg) * math.ceil(n_train / cfg.batch_size) + cost["val_s"]
         fit_files = min(n_train, 3000)  # the unknown score's features (training.open_set.MAX_FIT_FILES)
         cost["finish_s"] = FIXED_FINISH_S + (n_val + n_test + fit_files) * fwd * 1.5
     return cost
@@ -398,7 +399,7 @@ def refit_winner(best: Outcome, run: Path, data: Prepared, deadline: float) -> d
         info["epochs"] = epochs
     else:
         seconds = min(left, f.timing.get("fit_s", 0.0))
-        if seconds < best.refit_s / REFIT_EPOCHS:
+        if seconds < best.epoch_s:
             shutil.rmtree(where, ignore_errors=True)
             return {**info, "done": False, "why": f"{max(0.0, left):.0f} s left before scoring, less than one epoch"}
         from classforge.training.fit import resolve_lr, resolve_optimizer
