@@ -20,6 +20,7 @@ def test_candidates_come_from_the_registry_in_rank_order():
     assert image.index("linear efficientnet_lite2 views=4") < image.index("linear efficientnet_lite2")
     audio = [(c.strategy, c.backbone) for c in candidates(TrainConfig(), "audio")]
     assert audio[0] == ("linear", "efficientat_mn04") and ("scratch", "audio_cnn") in audio
+    assert ("two-stage", "efficientat_mn04") not in audio  # never near the fine-tune: its time goes to the refit
     assert "finetune efficientat_mn04 augment=strong preprocess=loudness" in [c.name for c in candidates(
         TrainConfig(), "audio")]
     pinned = candidates(TrainConfig(backbone="efficientnet_lite0"), "image")
