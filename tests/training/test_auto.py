@@ -194,3 +194,10 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_a_refit_setting_that_is_not_auto_yes_or_no_is_a_clear_error(shapes_dir, tmp_path):
+    from classforge.core.errors import ClassforgeError
+
+    with pytest.raises(ClassforgeError, match="--refit must be auto, yes or no"):
+        classforge.train(shapes_dir, tmp_path / "x", refit="maybe")
