@@ -122,6 +122,28 @@ def test_preprocessor_eval_and_train(tmp_path):
     assert list(noise_dir.iterdir()) == [noise_dir / "n.ogg"]  # resampled noise went to the cache
 
 
+def test_strong_augmentation_transforms_a_short_sound_before_padding():
+    """Stretching and pitch shifting cost what they are given: a short recording gets them on its own
+    samples, not on the padded clip; the clip is still full length and a slowed-down word is not cut off."""
+    spec = InputSpec(task="audio", size=0, channels=1, sample_rate=16000, clip_seconds=1.0)
+    pre = AudioPreprocessor(spec, augment="strong", seed=0)
+    word = tone(16000, 0.5)
+    pre.train(word)
+    seen = []
+    sound, _ = pre.augment_
+
+    def recording(samples, sample_rate):
+        seen.append(len(samples))
+        return sound(samples=samples, sample_rate=sample_rate)
+
+    pre.augment_ = (recording, lambda samples, sample_rate: samples)  # no shift, no noise: the sound alone
+    out = [pre.train(word) for _ in range(20)] + [pre.train(tone(16000, 2.5))]
+    assert seen[:20] == [8000] * 20 and seen[20] == 16000  # a long recording is cut to the clip first
+    assert all(o.shape == (16000,) for o in out)
+    sounding = [int((o.abs() > 1e-3).sum()) for o in out[:20]]
+    assert max(sounding) > 8000 * 1.1  # some were slowed down (longer than the word) and kept whole
+
+
 def _checksums(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -73,6 +73,22 @@ def test_frontend_matches_torch_stft():
     assert (model.log_mel(wave) - ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("name", ["efficientat_mn04", "audio_cnn", "ast"])
+def test_fft_frontend_equals_the_exported_conv(name, monkeypatch):
+    """PyTorch computes the power spectrum by FFT, an export traces the conv DFT: both give the same log-mel
+    (centred windows with an offset, and AST's Kaldi frames with DC removal and pre-emphasis)."""
+    kw = {"tiny": True} if name == "ast" else {}
+    frontend = next(m for m in create_backbone(name, pretrained=False, **kw).modules() if isinstance(m, A.LogMel))
+    wave = torch.randn(3, 16000) * 0.1
+    wave[1, :4000] = 0.0  # silence: log of the smallest energies
+    with torch.no_grad():
+        fft = frontend(wave)
+        monkeypatch.setattr(A, "_exporting", lambda: True)
+        conv = frontend(wave)
+    assert fft.shape == conv.shape
+    assert (fft - conv).abs().max() < 1e-2 and (fft - conv).abs().mean() < 1e-4
+
+
 @pytest.mark.filterwarnings("ignore:At least one mel filter")  # AST's lowest filters are narrower than a bin
 def test_mel_banks_match_transformers_kaldi():
     audio_utils = pytest.importorskip("transformers.audio_utils")

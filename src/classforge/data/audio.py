@@ -168,6 +168,16 @@ def build_augment(level: str, sample_rate: int, background_dir: str | Path | Non
     light: gain, shift, a little noise. strong: also time stretch, pitch shift, high/low-pass filters.
     Both mix in background sounds at snr_db when background_dir is given. Stretching and pitch shifting use
     signalsmith-stretch (python-stretch): fast, and no ~20 s numba compile as librosa's phase vocoder."""
+    parts = augment_parts(level, sample_rate, background_dir, snr_db)
+    return None if parts is None else _compose(parts[0] + parts[1])
+
+
+def augment_parts(level: str, sample_rate: int, background_dir: str | Path | None = None,
+                  snr_db: tuple[float, float] = (3.0, 30.0), keep_length: bool = True):
+    """build_augment's transforms in two lists, or None for "none": those that act on the sound itself
+    (stretch, pitch, filters, gain: their cost grows with the samples they get, and zeros stay zeros, so they
+    can run on a short recording before it is padded) and those that act on the whole clip (shift, noise,
+    background). keep_length=False: a time-stretched sound keeps its new length (nothing cut off)."""
     if level == "none":
         return None
     if level not in ("light", "strong"):
@@ -175,21 +185,28 @@ def build_augment(level: str, sample_rate: int, background_dir: str | Path | Non
     import audiomentations as A  # heavy import (librosa): only when augmenting
 
     if level == "light":
-        ops = [A.Gain(min_gain_db=-6, max_gain_db=6, p=0.5),
-               A.Shift(min_shift=-0.1, max_shift=0.1, p=0.5),
-               A.AddGaussianSNR(min_snr_db=20, max_snr_db=40, p=0.3)]
+        sound = [A.Gain(min_gain_db=-6, max_gain_db=6, p=0.5)]
+        clip = [A.Shift(min_shift=-0.1, max_shift=0.1, p=0.5),
+                A.AddGaussianSNR(min_snr_db=20, max_snr_db=40, p=0.3)]
     else:
-        ops = [A.TimeStretch(min_rate=0.8, max_rate=1.25, method="signalsmith_stretch", p=0.5),
-               A.PitchShift(min_semitones=-3, max_semitones=3, method="signalsmith_stretch", p=0.5),
-               A.HighPassFilter(min_cutoff_freq=20, max_cutoff_freq=400, p=0.3),
-               A.LowPassFilter(min_cutoff_freq=2000, max_cutoff_freq=min(7500, 0.45 * sample_rate), p=0.3),
-               A.Gain(min_gain_db=-12, max_gain_db=12, p=0.5),
-               A.Shift(min_shift=-0.2, max_shift=0.2, p=0.5),
-               A.AddGaussianNoise(min_amplitude=0.001, max_amplitude=0.015, p=0.3)]
+        sound = [A.TimeStretch(min_rate=0.8, max_rate=1.25, method="signalsmith_stretch",
+                               leave_length_unchanged=keep_length, p=0.5),
+                 A.PitchShift(min_semitones=-3, max_semitones=3, method="signalsmith_stretch", p=0.5),
+                 A.HighPassFilter(min_cutoff_freq=20, max_cutoff_freq=400, p=0.3),
+                 A.LowPassFilter(min_cutoff_freq=2000, max_cutoff_freq=min(7500, 0.45 * sample_rate), p=0.3),
+                 A.Gain(min_gain_db=-12, max_gain_db=12, p=0.5)]
+        clip = [A.Shift(min_shift=-0.2, max_shift=0.2, p=0.5),
+                A.AddGaussianNoise(min_amplitude=0.001, max_amplitude=0.015, p=0.3)]
     if background_dir:
-        ops.append(A.AddBackgroundNoise(sounds_path=str(prepare_background(background_dir, sample_rate)),
-                                        min_snr_db=snr_db[0], max_snr_db=snr_db[1],
-                                        p=0.5 if level == "strong" else 0.3))
+        clip.append(A.AddBackgroundNoise(sounds_path=str(prepare_background(background_dir, sample_rate)),
+                                         min_snr_db=snr_db[0], max_snr_db=snr_db[1],
+                                         p=0.5 if level == "strong" else 0.3))
+    return sound, clip
+
+
+def _compose(ops):
+    import audiomentations as A
+
     return A.Compose(ops)
 
 
@@ -279,12 +296,16 @@ class AudioPreprocessor:
         return torch.from_numpy(np.array(fit_clip(raw, self.n_samples, "center"), dtype=np.float32))
 
     def train(self, raw: np.ndarray) -> torch.Tensor:
-        wave = fit_clip(raw, self.n_samples, "random", self._rng())
+        n, rate = self.n_samples, self.spec.sample_rate
+        wave = raw if len(raw) <= n else fit_clip(raw, n, "random", self._rng())
         if self.augment != "none":
             if self.augment_ is None:  # built on first use: eval-only users never import audiomentations
-                self.augment_ = build_augment(self.augment, self.spec.sample_rate, self.background_dir, self.snr_db)
-            wave = fit_clip(apply_augment(self.augment_, wave, self.spec.sample_rate), self.n_samples, "center")
-        return torch.from_numpy(np.array(wave, dtype=np.float32))
+                sound, clip = augment_parts(self.augment, rate, self.background_dir, self.snr_db, keep_length=False)
+                self.augment_ = (_compose(sound), _compose(clip))
+            # the sound's own transforms before the padding: a short recording costs them only its length
+            wave = fit_clip(apply_augment(self.augment_[0], wave, rate), n, "random", self._rng())
+            wave = apply_augment(self.augment_[1], wave, rate)
+        return torch.from_numpy(np.array(fit_clip(wave, n, "random", self._rng()), dtype=np.float32))
 
     def _rng(self) -> np.random.Generator:
         # DataLoader workers are forked copies: derive the crop generator per process from torch's seed

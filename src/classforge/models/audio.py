@@ -1,9 +1,10 @@
 """Audio backbones. Each maps a mono waveform (B, T) at its own sample rate to features (B, D) and owns its
 front end (log-mel), so a saved model is waveform -> logits and the Predictor only decodes, resamples and pads.
 
-The short-time Fourier transform is a `conv1d` with a precomputed windowed DFT basis instead of `torch.stft`:
-the whole model then exports to ONNX opset 17 as plain Conv/MatMul/Log nodes (no complex tensors, no STFT op)
-and runs in ONNX Runtime. It costs more arithmetic than an FFT (see `LogMel`).
+In an exported model the short-time Fourier transform is a `conv1d` with a precomputed windowed DFT basis
+instead of `torch.stft`: the whole model then exports to ONNX opset 17 as plain Conv/MatMul/Log nodes (no complex
+tensors, no STFT op) and runs in ONNX Runtime. That costs more arithmetic than an FFT, so in PyTorch (training,
+the torch engines) the same power spectrum comes from an FFT (see `LogMel.power`).
 This module imports only torch and numpy so that the registry keeps working without the audio extra.
 """
 
@@ -75,6 +76,13 @@ def kaldi_frame_op(frame_length: int, preemph: float = 0.97) -> np.ndarray:
     return pre @ dc
 
 
+def _exporting() -> bool:
+    """Whether the module is being traced or compiled for export: then the STFT is the conv (ONNX has no
+    complex tensors)."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling())
+
+
 class LogMel(nn.Module):
     """Waveform (B, T) -> log-mel (B, n_mels, frames), in float32 even under autocast.
 
@@ -93,8 +101,13 @@ class LogMel(nn.Module):
         # bins above the last filter carry no weight, so they are left out of the kernel.
         n_bins = int(torch.nonzero(mel.sum(0)).max()) + 1
         self.offset = (n_fft - len(window)) // 2 if center else 0
+        self.n_bins = n_bins
         self.register_buffer("kernel", dft_kernel(window, n_fft, n_bins, self.offset, frame_op), persistent=False)
         self.register_buffer("mel", mel[:, :n_bins].contiguous(), persistent=False)
+        # the FFT path's per-frame operation (Kaldi's) and window: the same linear map as the kernel's rows
+        self.register_buffer("window", torch.tensor(window, dtype=torch.float32), persistent=False)
+        self.register_buffer("frame_op", None if frame_op is None else
+                             torch.tensor(frame_op, dtype=torch.float32).T.contiguous(), persistent=False)
 
     def power(self, wave: torch.Tensor) -> torch.Tensor:
         x = wave.unsqueeze(1)  # (B, 1, T)
@@ -103,9 +116,21 @@ class LogMel(nn.Module):
             # kernel is window-long and the padding shrinks by the window's offset (same frames, less work).
             pad = self.n_fft // 2 - self.offset
             x = F.pad(x, (pad, pad), mode="reflect")
-        spec = F.conv1d(x, self.kernel, stride=self.hop)  # (B, 2 * bins, frames): real rows, then imaginary
-        re, im = spec.chunk(2, dim=1)
-        return re * re + im * im  # (B, bins, frames)
+        if _exporting():
+            spec = F.conv1d(x, self.kernel, stride=self.hop)  # (B, 2 * bins, frames): real rows, then imaginary
+            re, im = spec.chunk(2, dim=1)
+            return re * re + im * im  # (B, bins, frames)
+        return self._fft_power(x.squeeze(1))
+
+    def _fft_power(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv kernel's power spectrum by FFT: the same sums (to float rounding) at a fraction of the
+        arithmetic; training and the torch engines run this, the exported graph the conv."""
+        frames = x.unfold(-1, self.window.numel(), self.hop)  # (B, frames, window)
+        if self.frame_op is not None:
+            frames = frames @ self.frame_op
+        # where the window sits in the n_fft frame (`offset`) only turns each bin's phase: the power is the same
+        spec = torch.fft.rfft(frames * self.window, n=self.n_fft)
+        return (spec.real ** 2 + spec.imag ** 2)[..., :self.n_bins].transpose(1, 2)  # (B, bins, frames)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(wave.device.type):
