@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -87,6 +88,22 @@ def test_auto_runs_candidates_and_keeps_the_best_on_validation(shapes_dir, tmp_p
     assert cfg.strategy == winner[0]["strategy"] and cfg.time_budget is None
     assert "Candidates (--strategy auto)" in (run / "report.html").read_text()
     assert not (run / "candidates").exists()
+    if rows[1]["status"] == "finished":  # a network says how long it trained of its share, in epochs
+        assert re.match(r"trained \d+ s of \d+s, [1-9]\d* epochs", rows[1]["why"]), rows[1]["why"]
+
+
+def test_a_network_that_stopped_early_says_so_and_one_that_ran_out_of_time_does_not():
+    from classforge.training.auto import training_note
+    from classforge.training.flow import Fitted
+
+    cfg = TrainConfig(strategy="finetune", train_budget="258s")
+    early = Fitted(cfg, None, timing={"fit_s": 170.4}, extra={"trainer": {"stopped_by": "early stopping",
+                                                                         "epochs_run": 8}})
+    assert training_note(cfg, early) == "trained 170 s of 258s, 8 epochs, ended by early stopping"
+    full = Fitted(cfg, None, timing={"fit_s": 258.9}, extra={"trainer": {"stopped_by": "time budget",
+                                                                        "epochs_run": 13}})
+    assert training_note(cfg, full) == "trained 259 s of 258s, 13 epochs"
+    assert training_note(cfg.replace(train_budget=None), full) == ""  # a head has no share of its own
 
 
 @pytest.mark.trains

@@ -220,11 +220,22 @@ def try_candidate(c: Candidate, cfg: TrainConfig, run: Path, data: Prepared, thr
         if first:
             raise
         return Outcome(c, "failed", str(e).splitlines()[0][:200], seconds=time.time() - t)
-    why = f"trained {ccfg.train_budget}" if ccfg.train_budget else ""
+    why = training_note(ccfg, fitted)
     if refit and ccfg.strategy == "linear":  # measured now: how fast this head's backbone embedded here
         cost["refit_s"] = head_refit_seconds(fitted, data)
     return Outcome(c, "finished", why, float(correct.mean()), len(correct), correct, time.time() - t, fitted,
                    cost["finish_s"], cost.get("refit_s", 0.0), cost.get("epoch_s", 0.0))
+
+
+def training_note(cfg: TrainConfig, f: Fitted) -> str:
+    """How long a network trained of the share it was given, and what stopped it before the share ran out
+    (the leaderboard's "why": a candidate that stopped early is not one that ran out of time)."""
+    if not cfg.train_budget:
+        return ""
+    trainer = f.extra.get("trainer", {})
+    stopped = trainer.get("stopped_by")
+    return (f"trained {f.timing.get('fit_s', 0.0):.0f} s of {cfg.train_budget}, {trainer.get('epochs_run', 0)} epochs"
+            + (f", ended by {stopped}" if stopped and stopped != "time budget" else ""))
 
 
 def declared_overrides(c: Candidate, cfg: TrainConfig) -> dict:
