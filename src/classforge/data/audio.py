@@ -298,14 +298,21 @@ class AudioPreprocessor:
     def train(self, raw: np.ndarray) -> torch.Tensor:
         n, rate = self.n_samples, self.spec.sample_rate
         wave = raw if len(raw) <= n else fit_clip(raw, n, "random", self._rng())
-        if self.augment != "none":
-            if self.augment_ is None:  # built on first use: eval-only users never import audiomentations
-                sound, clip = augment_parts(self.augment, rate, self.background_dir, self.snr_db, keep_length=False)
-                self.augment_ = (_compose(sound), _compose(clip))
-            # the sound's own transforms before the padding: a short recording costs them only its length
-            wave = fit_clip(apply_augment(self.augment_[0], wave, rate), n, "random", self._rng())
-            wave = apply_augment(self.augment_[1], wave, rate)
-        return torch.from_numpy(np.array(fit_clip(wave, n, "random", self._rng()), dtype=np.float32))
+        if self.augment == "none":
+            return torch.from_numpy(np.array(fit_clip(wave, n), dtype=np.float32))
+        sound, clip = self._augmenters()
+        # the sound's own transforms before the padding: a short recording costs them only its own length
+        wave = fit_clip(apply_augment(sound, wave, rate), n, "random", self._rng())
+        return torch.from_numpy(np.array(apply_augment(clip, wave, rate), dtype=np.float32))
+
+    def _augmenters(self):
+        """(transforms of the sound, transforms of the clip), built on first use: eval-only users never import
+        audiomentations."""
+        if self.augment_ is None:
+            sound, clip = augment_parts(self.augment, self.spec.sample_rate, self.background_dir, self.snr_db,
+                                        keep_length=False)
+            self.augment_ = (_compose(sound), _compose(clip))
+        return self.augment_
 
     def _rng(self) -> np.random.Generator:
         # DataLoader workers are forked copies: derive the crop generator per process from torch's seed
