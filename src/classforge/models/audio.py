@@ -77,8 +77,8 @@ def kaldi_frame_op(frame_length: int, preemph: float = 0.97) -> np.ndarray:
 
 
 def _exporting() -> bool:
-    """Whether the module is being traced or compiled for export: then the STFT is the conv (ONNX has no
-    complex tensors)."""
+    """Whether the module is being traced or exported (ONNX has no complex tensors) or compiled (`--compile`:
+    the graph compilers handle complex tensors less well than a conv): then the STFT is the conv."""
     return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
             or torch.compiler.is_compiling())
 
