@@ -277,6 +277,107 @@ def test_micro_batcher_workers_run_passes_side_by_side_and_route_every_answer():
     assert all(not t.is_alive() for t in b._threads)
 
 
+def test_micro_batcher_runs_a_lone_request_in_its_own_thread_and_holds_the_others_meanwhile():
+    """A lone request skips the hand-over to a worker (its own thread runs `forward_alone`); requests that come
+    while it computes wait for it, so passes never outnumber the workers."""
+    import torch
+
+    threads_seen, started, release = [], threading.Event(), threading.Event()
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def forward(x):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.02)
+        with lock:
+            active[0] -= 1
+        return x[:, :1].numpy()
+
+    def forward_alone(x):
+        threads_seen.append(threading.current_thread())
+        started.set()
+        release.wait(timeout=30)
+        return forward(x)
+
+    b = MicroBatcher(forward, max_batch=4, max_wait_ms=1, workers=1, forward_alone=forward_alone)
+    try:
+        with ThreadPoolExecutor(1) as lone:
+            first = lone.submit(b.submit, torch.full((1, 2), 5.0))
+            assert started.wait(timeout=30)
+            with ThreadPoolExecutor(3) as ex:
+                later = [ex.submit(b.submit, torch.full((1, 2), float(i))) for i in range(3)]
+                time.sleep(0.1)
+                assert not any(f.done() for f in later)  # held while the lone pass has every core
+                release.set()
+                assert [f.result(timeout=30).item() for f in later] == [0.0, 1.0, 2.0]
+            assert first.result(timeout=30).item() == 5.0
+        assert threads_seen and threads_seen[0] not in b._threads  # not a batcher worker
+        assert peak[0] == 1 and b.stats["alone"] >= 1 and b.stats["rows"] == 4
+    finally:
+        b.close()
+
+
+def test_busy_watch_tells_quiet_from_busy_cores():
+    """Other processes' cores from /proc/stat readings, this process's own CPU time left out."""
+    import os
+
+    from classforge.runtime.threads import BusyWatch
+
+    cores, hz = os.cpu_count() or 1, os.sysconf("SC_CLK_TCK")
+    state = {"busy": 0, "total": 0, "own": 0.0, "others": 0.0}
+
+    def read():  # every reading, 0.1 s of every core passes
+        state["total"] += int(0.1 * hz) * cores
+        state["own"] += 0.05  # this process keeps half a core busy: its own work never counts as busy
+        state["busy"] += int((0.05 + state["others"] * 0.1) * hz)
+        return state["busy"], state["total"]
+
+    w = BusyWatch(period_s=0.01, read=read, own_time=lambda: state["own"])
+    try:
+        deadline = time.time() + 10
+        while w.busy is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert w.quiet and w.busy == pytest.approx(0.0, abs=0.1)
+        state["others"] = 1.0  # another process takes a whole core
+        time.sleep(0.1)
+        assert not w.quiet and w.busy == pytest.approx(min(1.0, cores), abs=0.2)
+    finally:
+        w.close()
+    assert not w._thread.is_alive()
+
+
+def test_lone_requests_spin_only_on_quiet_cores_with_the_same_answers(exported_run, test_images):
+    """A lone request's pass uses the spin-waiting session only while the watch sees idle cores; both give the
+    all-threads session's outputs."""
+    import torch
+
+    from classforge.runtime.predictor import Predictor
+
+    pred = Predictor.from_run(exported_run, backend="onnx", threads=2).start_batching()
+    try:
+        spin = pred.session_spinning.get_session_options().get_session_config_entry
+        plain = pred.session.get_session_options().get_session_config_entry
+        assert spin("session.intra_op.allow_spinning") == "1" and plain("session.intra_op.allow_spinning") == "0"
+        x = torch.stack([pred.preprocess(p.read_bytes()) for p, _ in test_images[:1]])
+        want = pred.forward(x)
+        used = []
+        pred.busy_watch.close()  # its thread no longer overwrites the readings set here
+        for busy in (0.0, 1.5):
+            pred.busy_watch.busy = busy
+            run = {id(pred.session_spinning): "spinning", id(pred.session): "plain"}
+            for s in (pred.session_spinning, pred.session):
+                orig = s.run
+                s.run = (lambda o, name: lambda *a, **k: (used.append(name), o(*a, **k))[1])(orig, run[id(s)])
+            got = pred.forward_batched(x)
+            for s in (pred.session_spinning, pred.session):
+                del s.run
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        assert used == ["spinning", "plain"]
+    finally:
+        pred.close()
+
+
 def test_micro_batcher_waits_only_for_announced_requests():
     import torch
 

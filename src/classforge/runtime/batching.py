@@ -6,7 +6,8 @@ the model on up to `max_batch` rows and hand every caller its own rows. A fixed 
 8 concurrent requests from starting 8 x intra-op thread pools on a 2-core machine.
 
 A lone request should not pay the waiting window: callers announce themselves with `expect()` while they are
-still decoding, and the worker only waits for company that has been announced."""
+still decoding, and the worker only waits for company that has been announced. Nor the hand-over to a worker and
+back: a request with nothing else queued, announced or computing runs `forward_alone` in its own thread."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class MicroBatcher:
     `workers` threads take batches from one queue: with a single-threaded `forward`, one worker per core keeps
     every core on its own forward pass (no intra-op barriers between cores) while requests keep coming. A
     submission that is alone (nothing else queued, announced or computing) goes to `forward_alone` when given: a
-    pass that uses every core answers a lone request sooner."""
+    pass that uses every core answers a lone request sooner. It runs in the submitting thread, so it must not
+    depend on that thread's torch settings (an ONNX Runtime session has its own threads)."""
 
     def __init__(self, forward: Callable[[torch.Tensor], np.ndarray], max_batch: int = 16, max_wait_ms: float = 5.0,
                  workers: int = 1, forward_alone: Callable[[torch.Tensor], np.ndarray] | None = None):
@@ -42,7 +44,9 @@ class MicroBatcher:
         self._local = threading.local()
         self._closed = False
         self._coming = 0  # announced by expect(), not yet submitted
-        self._computing = 0  # batches in a forward pass now
+        self._in_flight = 0  # submitted, not yet answered: queued, waiting in a batch or computing
+        self._no_lone_pass = threading.Event()  # clear while a lone request's pass holds every core
+        self._no_lone_pass.set()
         self._count_lock = threading.Lock()
         self.stats = {"calls": 0, "rows": 0, "max_rows": 0, "workers": max(1, int(workers)), "alone": 0}
         self._threads = [threading.Thread(target=self._loop, name=f"classforge-batcher-{i}", daemon=True)
@@ -74,8 +78,32 @@ class MicroBatcher:
             if announced is not None and not announced[0]:
                 announced[0] = True
                 self._coming -= 1
-            self._q.put((x, fut))
+            alone = self.forward_alone is not None and self._in_flight == 0 and self._coming <= 0
+            self._in_flight += 1
+            if alone:
+                self._no_lone_pass.clear()
+            else:
+                self._q.put((x, fut))
+        if alone:
+            return self._run_alone(x)
         return fut.result(timeout=timeout)
+
+    def _run_alone(self, x: torch.Tensor) -> np.ndarray:
+        try:
+            out = self.forward_alone(x)
+        finally:
+            with self._count_lock:
+                self._in_flight -= 1
+                self._no_lone_pass.set()
+        self._count(len(x), alone=True)
+        return out
+
+    def _count(self, rows: int, alone: bool = False) -> None:
+        with self._count_lock:
+            self.stats["calls"] += 1
+            self.stats["rows"] += rows
+            self.stats["max_rows"] = max(self.stats["max_rows"], rows)
+            self.stats["alone"] += int(alone)
 
     def close(self) -> None:
         self._closed = True
@@ -110,35 +138,30 @@ class MicroBatcher:
             rows += len(nxt[0])
         return items
 
-    def _pick_forward(self, items: list) -> Callable[[torch.Tensor], np.ndarray]:
+    def _is_alone(self, items: list) -> bool:
+        """Nothing but this one submission queued, announced or computing: it may use every core."""
         with self._count_lock:
-            alone = (len(items) == 1 and self._coming <= 0 and self._q.empty() and self._computing == 0)
-            self._computing += 1
-        if alone and self.forward_alone is not None:
-            self.stats["alone"] += 1
-            return self.forward_alone
-        return self.forward
+            return (self.forward_alone is not None and len(items) == 1 and self._coming <= 0
+                    and self._in_flight == 1)
 
     def _loop(self) -> None:
         while True:
             items = self._collect()
             if items is None:
                 break
-            forward = self._pick_forward(items)
+            self._no_lone_pass.wait()  # passes never outnumber the workers: the lone one has every core
+            alone = self._is_alone(items)
             try:
                 x = torch.cat([t for t, _ in items])  # (sum B_i, ...)
-                logits = forward(x)
+                logits = (self.forward_alone if alone else self.forward)(x)
             except BaseException as e:  # noqa: BLE001 - every caller gets the error, the worker lives on
                 for _, f in items:
                     f.set_exception(e)
                 continue
             finally:
                 with self._count_lock:
-                    self._computing -= 1
-            with self._count_lock:
-                self.stats["calls"] += 1
-                self.stats["rows"] += len(x)
-                self.stats["max_rows"] = max(self.stats["max_rows"], len(x))
+                    self._in_flight -= len(items)
+            self._count(len(x), alone)
             i = 0
             for t, f in items:
                 f.set_result(logits[i:i + len(t)])

@@ -22,6 +22,7 @@ from classforge.runtime.batching import MicroBatcher
 from classforge.runtime.decode import decoded_batches
 from classforge.runtime.engines import forward_batches, prepare_fast
 from classforge.runtime.onnx import as_columns
+from classforge.runtime.threads import BusyWatch
 
 
 def build_model(meta: dict) -> Classifier:
@@ -108,6 +109,8 @@ class Predictor:
         self.temperature = 1.0  # logits are divided by it before the softmax (`classforge calibrate` fits it)
         self._lock = threading.Lock()
         self.session_single = None  # a one-thread session for per-core forward workers (start_batching)
+        self.session_spinning = None  # all threads spin-waiting: a lone request on idle cores (start_batching)
+        self.busy_watch = None
         if onnx_path is not None:
             # the caller's torch thread count (adapted to how busy the machine is) unless told otherwise
             self.threads = threads or torch.get_num_threads()
@@ -178,6 +181,12 @@ class Predictor:
     def _forward_single(self, x: torch.Tensor) -> np.ndarray:
         return as_columns(self.session_single.run(None, {self.input_name: x.numpy().astype(np.float32)}))
 
+    def _forward_alone(self, x: torch.Tensor) -> np.ndarray:
+        """Every thread on one request; spin-waiting threads only while other processes leave the cores idle
+        (spinning fights a competing process for its core and then costs more than it saves)."""
+        session = self.session_spinning if self.busy_watch.quiet else self.session
+        return as_columns(session.run(None, {self.input_name: x.numpy().astype(np.float32)}))
+
     def _forward_torch(self, x: torch.Tensor) -> np.ndarray:
         with self._lock:
             if self.fast:
@@ -191,12 +200,15 @@ class Predictor:
     def start_batching(self, max_batch: int = 16, max_wait_ms: float = 5.0) -> Predictor:
         """Concurrent requests share forward passes. With ONNX Runtime on several threads, one single-threaded
         pass per thread runs at once while requests overlap (each core on its own pass: no intra-op barriers,
-        which stall when another process holds a core), and a lone request still gets every thread."""
+        which stall when another process holds a core), and a lone request still gets every thread: threads that
+        spin-wait between the layers while no other process wants the cores, threads that sleep otherwise."""
         if self.batcher is None:
             if self.session is not None and self.threads > 1:
                 self.session_single = ort_cpu_session(self.onnx_path, 1)
+                self.session_spinning = ort_cpu_session(self.onnx_path, self.threads, spin=True)
+                self.busy_watch = BusyWatch()
                 self.batcher = MicroBatcher(self._forward_single, max_batch, max_wait_ms, workers=self.threads,
-                                            forward_alone=self.forward)
+                                            forward_alone=self._forward_alone)
             else:
                 self.batcher = MicroBatcher(self.forward, max_batch, max_wait_ms)
         return self
@@ -215,6 +227,9 @@ class Predictor:
         if self.batcher is not None:
             self.batcher.close()
             self.batcher = None
+        if self.busy_watch is not None:
+            self.busy_watch.close()
+            self.busy_watch = None
 
     def predict_outputs(self, inputs, batch_size: int = 32, progress_desc: str | None = None) -> np.ndarray:
         """(N, C [+ 1]) float32 outputs of N files (paths or bytes), `batch_size` at a time, with a progress bar."""
@@ -301,14 +316,14 @@ def is_one_input(x) -> bool:
     return isinstance(x, tuple) and len(x) == 2 and hasattr(x[0], "shape") and isinstance(x[1], (int, np.integer))
 
 
-def ort_cpu_session(path, threads: int):
-    """An ONNX Runtime CPU session on `threads` intra-op threads. Idle intra-op threads do not spin: on shared
-    cores (other requests decoding, other jobs) spinning costs more than it saves."""
+def ort_cpu_session(path, threads: int, spin: bool = False):
+    """An ONNX Runtime CPU session on `threads` intra-op threads. Idle intra-op threads spin only when asked:
+    on shared cores (other requests decoding, other jobs) spinning costs more than it saves."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -29,20 +29,58 @@ def busy_cores(interval_s: float = 0.3, read=None, own_time=None) -> float:
 
     read, own_time = read or _proc_stat, own_time or time.process_time
     try:
-        busy0, total0 = read()
-        own0 = own_time()
+        before = (*read(), own_time())
         time.sleep(interval_s)
-        busy1, total1 = read()
-        own1 = own_time()
+        after = (*read(), own_time())
     except (OSError, ValueError):
         return 0.0
-    ticks = total1 - total0
+    return _others_busy(before, after)
+
+
+def _others_busy(before: tuple[int, int, float], after: tuple[int, int, float]) -> float:
+    """Cores' worth of CPU time that other processes used between two (busy ticks, total ticks, own CPU seconds)
+    readings."""
+    ticks = after[1] - before[1]
     if ticks <= 0:
         return 0.0
     cores = os.cpu_count() or 1
     elapsed = ticks / cores / os.sysconf("SC_CLK_TCK")  # seconds, from the same ticks
-    everyone = (busy1 - busy0) / ticks * cores  # cores' worth of busy time
-    return max(0.0, everyone - (own1 - own0) / elapsed)
+    everyone = (after[0] - before[0]) / ticks * cores  # cores' worth of busy time
+    return max(0.0, everyone - (after[2] - before[2]) / elapsed)
+
+
+class BusyWatch:
+    """Whether other processes are using the cores right now, kept current by a daemon thread that reads
+    /proc/stat every `period_s`. For choices made per request (spin-waiting intra-op threads answer a lone
+    request sooner on idle cores, but fight a competing process for its core), where sleeping 0.3 s to measure
+    is not an option. `quiet` is False until the first reading and wherever /proc/stat cannot be read."""
+
+    def __init__(self, period_s: float = 0.5, threshold: float = 0.5, read=None, own_time=None):
+        import time
+
+        self.period_s, self.threshold = period_s, threshold
+        self._read, self._own = read or _proc_stat, own_time or time.process_time
+        self.busy: float | None = None  # other processes' cores over the last period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="classforge-busy-watch", daemon=True)
+        self._thread.start()
+
+    @property
+    def quiet(self) -> bool:
+        return self.busy is not None and self.busy < self.threshold
+
+    def _loop(self) -> None:
+        try:
+            before = (*self._read(), self._own())
+            while not self._stop.wait(self.period_s):
+                after = (*self._read(), self._own())
+                self.busy, before = _others_busy(before, after), after
+        except (OSError, ValueError):
+            self.busy = None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _proc_stat() -> tuple[int, int]:
