@@ -348,3 +348,63 @@ def test_odd_folders_are_named_not_silently_used_or_dropped(tmp_path):
     assert "'lonely' (1 file)" in warnings and "no test file" in warnings
     assert js["per_class"]["linked_class"]["files"] == 1  # a linked folder is followed, not skipped
     assert tree_checksums(root) == before
+
+
+def _photo(size: tuple[int, int], seed: int) -> Image.Image:
+    """A smooth, photo-like RGB image (JPEG's DCT scaling only shows on real content)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = np.stack([128 + 100 * np.sin(xx / (9 + 7 * c) + yy / (13 + c) + rng.uniform(0, 6)) for c in range(3)], -1)
+    return Image.fromarray(np.clip(a + rng.normal(0, 6, a.shape), 0, 255).astype(np.uint8))
+
+
+def test_images_decoded_by_the_check_serve_the_next_pass_exactly_once(tmp_path):
+    """The check hands its decoded images to KeptImages; the preprocessor's load takes each once and gives the
+    very pixels it would have decoded itself: a JPEG, an EXIF-rotated JPEG, a transparent PNG, a small image.
+    A JPEG large enough to be decoded at a reduced DCT scale is decoded again instead."""
+    from classforge.data.image import ImagePreprocessor
+    from classforge.data.kept import KeptImages
+    from classforge.models.registry import create_backbone
+
+    spec = create_backbone("efficientnet_lite0", pretrained=False).spec  # short side 256 before the crop
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    _photo((500, 375), 0).save(root / "a" / "plain.jpg", quality=90)
+    rotated = _photo((480, 360), 1)
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(root / "a" / "rotated.jpg", exif=exif, quality=90)
+    _photo((1200, 1100), 2).save(root / "b" / "large.jpg", quality=90)  # both sides >= 2 x 256
+    rgba = _photo((300, 260), 3).convert("RGBA")
+    rgba.putalpha(120)
+    rgba.save(root / "b" / "alpha.png")
+    _photo((100, 90), 4).save(root / "b" / "small.png")
+    before = tree_checksums(root)
+
+    ds = discover(root)
+    kept = KeptImages()
+    checked = validate(ds, keep=kept)
+    assert len(checked.good) == 5 and len(kept) == 5 and kept.stats["kept"] == 5
+    rot = checked.info[str(root / "a" / "rotated.jpg")]
+    assert (rot.width, rot.height) == (360, 480)  # the size as shown, after the EXIF rotation
+
+    fresh = ImagePreprocessor(spec)
+    served = ImagePreprocessor(spec, kept=kept)
+    for s in ds.samples:
+        want = np.asarray(fresh.load(s.path))
+        got = np.asarray(served.load(s.path))
+        assert got.shape == want.shape and np.array_equal(got, want), s.rel
+        assert kept.take(s.path) is None  # handed out once
+    assert kept.stats["taken"] == 5 and kept.used == 0 and len(kept) == 0
+    assert tree_checksums(root) == before
+
+    from classforge.data.image import open_image
+
+    small_budget = KeptImages(max_mb=1.0)  # room for some of the five, not all
+    for s in ds.samples:
+        small_budget.offer(s.path, open_image(s.path))
+    assert 1 <= len(small_budget) < 5 and small_budget.used <= 2**20 and small_budget.stats["over_budget"] >= 1
+    small_budget.clear()
+    assert small_budget.used == 0 and small_budget.take(ds.samples[0].path) is None

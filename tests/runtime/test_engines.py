@@ -220,6 +220,74 @@ def test_extraction_builds_its_engine_once_and_decodes_a_bounded_way_ahead(shape
     assert len(samples) > 2 * (emb.PREFETCH + 1) and max(ahead) <= 2 * (emb.PREFETCH + 1)
 
 
+def test_per_core_extraction_keeps_decoding_while_its_engine_is_built(shapes_dir, tmp_path):
+    """A per-core engine's export holds one core for a while: the workers decode further files meanwhile (more
+    than one chunk each, at most BUILD_AHEAD_FILES), and those are embedded like the rest, in order."""
+    import threading
+    import time
+
+    bb = create_backbone("cnn_small")
+    pre = make_preprocessor(bb.spec)
+    lock, loaded, built_at = threading.Lock(), [0], []
+
+    class SlowBuild(Engine):
+        def build(self, backbone, cache):
+            if self._built is None:
+                time.sleep(0.5)
+                with lock:
+                    built_at.append(loaded[0])
+            return super().build(backbone, cache)
+
+    class CountingPre:
+        def load(self, src):
+            with lock:
+                loaded[0] += 1
+            return pre.load(src)
+
+        def eval(self, raw):
+            return pre.eval(raw)
+
+    paths = sorted(shapes_dir.rglob("*.png"))
+    samples = [Sample(str(p), p.name, p.parent.name) for p in paths]
+    slow = SlowBuild("onnx")
+    assert slow.per_core
+    sha = [f"{uuid.uuid4().hex}{i:08d}" for i in range(len(samples))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # two decode workers
+    try:
+        feats, stats = emb.extract(bb, samples, sha, CountingPre(), f"ahead-{uuid.uuid4().hex}", 1, engine=slow)
+    finally:
+        torch.set_num_threads(before)
+    assert stats["computed"] == len(samples) and stats["build_s"] >= 0.5
+    # half a second is ample for the small PNGs: far more than the few chunks a plain prefetch would hold
+    assert min(len(samples), emb.BUILD_AHEAD_FILES) // 2 <= built_at[0] <= emb.BUILD_AHEAD_FILES + 2
+    ref = Engine("onnx").build(bb, tmp_path / "ref")
+    want = ref(torch.stack([pre.eval(pre.load(p)) for p in paths])).numpy()
+    np.testing.assert_allclose(feats[:, 0], want, atol=1e-5)
+
+
+def test_busy_cores_measures_over_the_time_since_the_last_reading_instead_of_sleeping(monkeypatch):
+    """After note_start() (the CLI's first step), a busy_cores() call at least `interval_s` later reads the
+    cores at once, over the whole time since; one that follows too soon (or long after) measures afresh."""
+    import time
+
+    from classforge.runtime import threads
+
+    monkeypatch.setattr(threads, "_last_reading", None)
+    threads.note_start()
+    time.sleep(0.35)
+    t = time.perf_counter()
+    threads.busy_cores(0.3)
+    assert time.perf_counter() - t < 0.2  # measured over the 0.35 s since note_start
+    t = time.perf_counter()
+    threads.busy_cores(0.3)
+    assert time.perf_counter() - t >= 0.3  # the last reading is only just taken: it waits for its interval
+    monkeypatch.setattr(threads, "_last_reading", (threads._last_reading[0] - 60.0, *threads._last_reading[1:]))
+    t = time.perf_counter()
+    threads.busy_cores(0.3)
+    assert time.perf_counter() - t >= 0.3  # a reading a minute old says little about now
+
+
 def test_threads_follow_the_cores_other_work_leaves_free(monkeypatch):
     """One busy core of two: one torch thread; none busy: all cores; the caller's count comes back afterwards."""
     import os

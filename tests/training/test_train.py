@@ -80,6 +80,46 @@ def test_second_run_reuses_embedding_cache(linear_run, shapes_dir, tmp_path):
     assert s["embeddings"]["computed"] == 0 and s["embeddings"]["cached"] > 0
 
 
+@pytest.mark.trains
+def test_a_linear_run_embeds_the_images_its_check_decoded_and_frees_them(shapes_dir, tmp_path, monkeypatch):
+    """Nothing cached: the check decodes every file once, the embedding pass takes each file's image from what
+    the check kept instead of decoding it again, and the run lets go of whatever it kept."""
+    from classforge.data import image, kept
+    from classforge.training import prepared
+
+    made = []
+
+    class Recording(kept.KeptImages):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    decodes = []
+    real = image.open_image
+    monkeypatch.setattr(prepared, "KeptImages", Recording)
+    monkeypatch.setattr(image, "open_image", lambda src, *a, **k: (decodes.append(src), real(src, *a, **k))[1])
+    monkeypatch.setenv("CLASSFORGE_CACHE", str(tmp_path / "cache"))
+    run = classforge.train(shapes_dir, tmp_path / "once", backbone="efficientnet_lite0", strategy="linear",
+                           epochs=3)
+    n = len(read_csv(run / "split.csv"))
+    assert len(made) == 1 and made[0].stats["kept"] == n and made[0].stats["taken"] == n
+    assert len(made[0]) == 0 and made[0].used == 0
+    assert len(decodes) < n / 2  # only the scoring check's few files are decoded after the check
+
+
+def test_splits_that_share_an_engine_and_views_are_embedded_in_one_pass():
+    from classforge.runtime.engines import Engine
+    from classforge.training.flow import extraction_passes
+
+    fast, exact = Engine("onnx"), Engine("torch")
+    assert [p[0] for p in extraction_passes({"train": fast, "val": fast, "test": fast}, 1)] == [["train", "val",
+                                                                                                "test"]]
+    passes = extraction_passes({"train": fast, "val": fast, "test": fast}, 4)  # augmented views of train only
+    assert [(p[0], p[2]) for p in passes] == [(["train"], 4), (["val", "test"], 1)]
+    passes = extraction_passes({"train": fast, "val": exact, "test": exact}, 1)
+    assert [(p[0], p[1]) for p in passes] == [(["train"], fast), (["val", "test"], exact)]
+
+
 def test_run_loads_without_training_code(linear_run):
     """A run needs only safetensors + JSON: load it and predict in a fresh interpreter that blocks lightning and
     every way to unpickle (pickle.load/loads, torch.load)."""

@@ -62,6 +62,9 @@ for _module in (basics, train, describe, export, card, serve, compare, search, c
 
 
 def main() -> None:
+    from classforge.runtime.threads import note_start
+
+    note_start()  # how busy the machine is gets measured while the command imports its libraries
     try:
         app()
     except ClassforgeError as e:  # raised outside run_cmd (e.g. while building a command's arguments)

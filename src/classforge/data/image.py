@@ -215,8 +215,9 @@ def phash(img: Image.Image, n: int = 64, k: int = 16) -> int:
 class ImagePreprocessor:
     """load(src) -> RGB PIL image (shrunk once for the in-memory cache); eval(raw)/train(raw) -> (3,H,W)."""
 
-    def __init__(self, spec: InputSpec, augment: str = "none", max_pixels: int = 89_478_485, **_):
+    def __init__(self, spec: InputSpec, augment: str = "none", max_pixels: int = 89_478_485, kept=None, **_):
         self.spec = spec
+        self.kept = kept  # data.kept.KeptImages: files the check already decoded
         self.augment = resolve_augment(spec, augment)
         self.max_pixels = max_pixels
         self._augment_level = augment
@@ -242,9 +243,22 @@ class ImagePreprocessor:
 
     def load(self, src) -> Image.Image:
         target = int(round(self.spec.size / self.spec.crop_pct))
-        img = resize_for_cache(open_image(src, self.max_pixels, draft=target), self.spec)
+        img = self._kept(src, target)
+        if img is None:
+            img = open_image(src, self.max_pixels, draft=target)
+        img = resize_for_cache(img, self.spec)
         if self.spec.preprocess:  # --preprocess ops: here, so training, evaluation and predict all apply them
             img = apply_ops(img, self.spec.preprocess)
+        return img
+
+    def _kept(self, src, target: int) -> Image.Image | None:
+        """The file's image as the check decoded it (fully), where that is what open_image(draft=target) gives:
+        a JPEG is decoded at a reduced scale only when both sides are at least twice the target."""
+        if self.kept is None or not isinstance(src, (str, Path)):
+            return None
+        img = self.kept.take(str(src))
+        if img is None or min(img.size) >= 2 * target:
+            return None
         return img
 
     def eval(self, raw: Image.Image) -> torch.Tensor:

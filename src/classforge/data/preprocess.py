@@ -12,5 +12,5 @@ def make_preprocessor(spec: InputSpec, augment: str = "none", **kwargs):
 
         keep = {k: v for k, v in kwargs.items() if k in ("background_dir", "snr_db", "seed")}
         return AudioPreprocessor(spec, augment=augment, **keep)
-    kwargs = {k: v for k, v in kwargs.items() if k in ("max_pixels",)}
+    kwargs = {k: v for k, v in kwargs.items() if k in ("max_pixels", "kept")}
     return ImagePreprocessor(spec, augment=augment, **kwargs)

@@ -13,6 +13,7 @@ from classforge.core.errors import BadFile
 from classforge.core.progress import progress
 from classforge.data.discover import Dataset, Sample
 from classforge.data.image import open_image, phash
+from classforge.data.kept import KeptImages
 
 _VERSION = 4  # bump when the record format or the checks change
 
@@ -47,7 +48,7 @@ def file_sha1(path: str) -> str:
     return h.hexdigest()
 
 
-def _check_image(s: Sample, min_size: int, max_pixels: int) -> FileInfo:
+def _check_image(s: Sample, min_size: int, max_pixels: int, keep: KeptImages | None = None) -> FileInfo:
     from PIL import Image
 
     try:
@@ -61,6 +62,8 @@ def _check_image(s: Sample, min_size: int, max_pixels: int) -> FileInfo:
     w, h = img.size
     if min(w, h) < min_size:
         return FileInfo(s.rel, False, f"too small ({w}x{h} < --min-size {min_size})", width=w, height=h)
+    if keep is not None:
+        keep.offer(s.path, img)
     return FileInfo(s.rel, True, sha1=file_sha1(s.path), phash=phash(img), width=w, height=h, format=fmt)
 
 
@@ -77,8 +80,10 @@ def _check_audio(s: Sample) -> FileInfo:
                     sample_rate=a["sample_rate"], channels=a["channels"])
 
 
-def validate(ds: Dataset, min_size: int = 8, max_pixels: int = 89_478_485, workers: int = 4) -> Validation:
-    """Check every sample. Results are cached by (path, size, mtime) so a re-run only decodes changed files."""
+def validate(ds: Dataset, min_size: int = 8, max_pixels: int = 89_478_485, workers: int = 4,
+             keep: KeptImages | None = None) -> Validation:
+    """Check every sample. Results are cached by (path, size, mtime) so a re-run only decodes changed files.
+    `keep` gets the images this check decoded, for the run's next pass over them."""
     key = hashlib.sha1(f"{ds.root}|{min_size}|{max_pixels}|{_VERSION}".encode()).hexdigest()[:16]
     cache_file = cache_dir() / "validate" / f"{key}.json"
     cache: dict = {}
@@ -100,7 +105,7 @@ def validate(ds: Dataset, min_size: int = 8, max_pixels: int = 89_478_485, worke
         hit = cache.get(s.path)
         if hit and hit[0] == st:
             return FileInfo(**hit[1])
-        fi = _check_audio(s) if ds.task == "audio" else _check_image(s, min_size, max_pixels)
+        fi = _check_audio(s) if ds.task == "audio" else _check_image(s, min_size, max_pixels, keep)
         new[s.path] = [st, asdict(fi)]
         return fi
 

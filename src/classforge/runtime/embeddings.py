@@ -20,9 +20,12 @@ from classforge.runtime.distributed import ProcessGroup
 from classforge.runtime.engines import Engine
 
 PREPROCESS_VERSION = 2  # bump when decoding/transforms change what a backbone sees
-# files per forward pass for per-core engines: single-threaded ONNX Runtime is as fast per image at 1-8 files, and
-# small chunks keep the cores evenly loaded to the end
-PER_CORE_BATCH = 4
+# files per forward pass for per-core engines: single-threaded ONNX Runtime is fastest per image one file at a
+# time (one image's activations stay in the core's own cache), and small chunks keep the cores evenly loaded to
+# the end
+PER_CORE_BATCH = 1
+# files decoded ahead while a per-core engine is built (an export takes a core for a second; the other decodes)
+BUILD_AHEAD_FILES = 96
 
 
 def backbone_key(name: str, weights_source: str, spec: dict, extra: str = "", engine: str | None = None) -> str:
@@ -151,29 +154,29 @@ class Computation:
                 ready.set()  # workers waiting for the engine must not wait forever when building fails
             built["t0"], built["t1"] = t0, time.perf_counter()
 
-        def featurize(chunk: list[int]):
-            """Per-core engines run the forward pass in the decode worker too (one thread each, no shared pool);
-            the others return the decoded batch for one forward pass on all cores in the caller."""
+        def featurize(chunk: list[int]) -> tuple[bool, torch.Tensor]:
+            """(features?, tensor). Per-core engines run the forward pass in the decode worker too (one thread
+            each, no shared pool) once the engine is built; before that, and for the other engines, the worker
+            returns the decoded batch for a forward pass in the caller."""
             x = torch.stack([v for i in chunk for v in self.load(i)])
             if engine.pins_memory:
                 x = x.pin_memory()  # a non-blocking copy to the GPU
-            if not engine.per_core:
-                return x
-            ready.wait()
+            if not engine.per_core or not ready.is_set():
+                return False, x
             if "forward" not in built:
                 raise RuntimeError("the engine could not be built")
-            return built["forward"](x)
+            return True, built["forward"](x)
 
         per_core = engine.per_core
         chunk = PER_CORE_BATCH if per_core else self.batch_size
         # per-core engines: a worker per core; a GPU: decoders enough to keep it fed; a CPU's batched pass: two, so
         # that decoding the next batch overlaps the forward pass that holds the cores
         workers = max(1, torch.get_num_threads()) if per_core else (self.gpu_decoders if engine.pins_memory else 2)
+        ahead = max(PREFETCH, 2 * workers, BUILD_AHEAD_FILES // chunk if per_core else 0)
         bar = progress(range(len(todo)), total=len(todo), desc=desc, unit="file")
         # the first batches decode while the engine is built (an export or trace on first use)
-        for idx, x in decoded_batches(todo, featurize, chunk, workers=workers, prefetch=max(PREFETCH, 2 * workers),
-                                      before=build):
-            feats = (x if per_core else built["forward"](x)).numpy().reshape(len(idx), self.views, -1)
+        for idx, (done, x) in decoded_batches(todo, featurize, chunk, workers=workers, prefetch=ahead, before=build):
+            feats = (x if done else built["forward"](x)).numpy().reshape(len(idx), self.views, -1)
             for i, f in zip(idx, feats):
                 self.out[i] = f
                 self.cache.put(self.sha1s[i], f)

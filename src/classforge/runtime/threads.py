@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
-import torch
-
 _thread_state = threading.local()
+# the last /proc/stat reading of this process: (monotonic s, busy ticks, total ticks, own CPU s); torch is imported
+# inside the functions, so that the CLI can take the first reading before its imports
+_last_reading: tuple[float, int, int, float] | None = None
 
 
 def one_torch_thread() -> None:
@@ -18,15 +20,39 @@ def one_torch_thread() -> None:
     only fight for the cores. OpenMP's thread count is per thread, so the model's forward pass (batcher thread)
     keeps its own."""
     if not getattr(_thread_state, "single", False):
+        import torch
+
         torch.set_num_threads(1)
         _thread_state.single = True
 
 
-def busy_cores(interval_s: float = 0.3, read=None, own_time=None) -> float:
-    """How many cores other work kept busy over `interval_s` (this process's own CPU time is left out), from
-    /proc/stat; 0.0 where it cannot be read."""
-    import time
+def note_start() -> None:
+    """Read /proc/stat now (the CLI does at start-up): the first busy_cores() then measures over the seconds
+    spent importing instead of sleeping."""
+    global _last_reading
+    _last_reading = _reading()
 
+
+def _reading() -> tuple[float, int, int, float] | None:
+    try:
+        return (time.monotonic(), *_proc_stat(), time.process_time())
+    except (OSError, ValueError):
+        return None
+
+
+def busy_cores(interval_s: float = 0.3, read=None, own_time=None) -> float:
+    """How many cores other work kept busy over the last `interval_s` or more (this process's own CPU time is
+    left out), from /proc/stat; 0.0 where it cannot be read. Measured from this process's previous reading when
+    that is between `interval_s` and 30 s old, so it costs no waiting; else over `interval_s` from now."""
+    global _last_reading
+    if read is None and own_time is None:
+        now = _reading()
+        before = _last_reading
+        if now is not None and (before is None or not interval_s <= now[0] - before[0] <= 30.0):
+            time.sleep(interval_s)
+            before, now = now, _reading()
+        _last_reading = now
+        return 0.0 if before is None or now is None else _others_busy(before[1:], now[1:])
     read, own_time = read or _proc_stat, own_time or time.process_time
     try:
         before = (*read(), own_time())
@@ -56,8 +82,6 @@ class BusyWatch:
     is not an option. `quiet` is False until the first reading and wherever /proc/stat cannot be read."""
 
     def __init__(self, period_s: float = 0.5, threshold: float = 0.5, read=None, own_time=None):
-        import time
-
         self.period_s, self.threshold = period_s, threshold
         self._read, self._own = read or _proc_stat, own_time or time.process_time
         self.busy: float | None = None  # other processes' cores over the last period
@@ -107,6 +131,8 @@ def adapted_threads(requested: int = 0, say=None, share: int = 1):
     """torch's intra-op threads for a run: `requested`, or one per core that other work leaves free (measured
     now), divided among `share` processes of the run on this machine. The caller's own setting is restored
     afterwards, so a notebook's torch is left as it was."""
+    import torch
+
     before = torch.get_num_threads()
     if requested:
         n, why = requested, "as asked"

@@ -281,7 +281,8 @@ def make_loaders(model: Classifier, data, cfg: TrainConfig):
     """(train_dl, val_dl, fast). Small images with the pad-crop-flip recipe go through TensorBatchDataset
     (whole batches augmented with tensor ops); everything else through per-sample transforms."""
     spec = model.backbone.spec
-    pre = make_preprocessor(spec, augment=cfg.augment, max_pixels=cfg.max_pixels, seed=cfg.seed, **audio_kwargs(cfg))
+    pre = make_preprocessor(spec, augment=cfg.augment, max_pixels=cfg.max_pixels, seed=cfg.seed, kept=data.kept,
+                            **audio_kwargs(cfg))
     tr, va = data.of("train"), data.of("val")
     ytr, yva = data.y("train"), data.y("val")
     raws_tr, raws_va = load_raws(tr, pre, "Decoding train"), (load_raws(va, pre, "Decoding val") if va else [])

@@ -84,6 +84,7 @@ def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classif
         cfg.save(run / "config.yaml")
         write_split(run / "split.csv", data.samples)
     fitted = fit_strategy(cfg, run, data, model, threads, t0, update)
+    data.release_kept()
     if not is_global_zero():
         return run  # DDP workers stop here; rank 0 saves and evaluates
     return finish_run(run, data, fitted, t0)
@@ -254,7 +255,7 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     if exact is not None:
         engines.update(val=exact, test=exact)
     pre = make_preprocessor(bb.spec, augment=cfg.augment if cfg.augment != "none" else "light",
-                            max_pixels=cfg.max_pixels, seed=cfg.seed, **audio_kwargs(cfg))
+                            max_pixels=cfg.max_pixels, seed=cfg.seed, kept=data.kept, **audio_kwargs(cfg))
     views = views_per_class(data, cfg)
     t = time.time()
     feats = {}
@@ -262,14 +263,19 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "engine": engine.key,
                            "key": emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, engine.key),
                            "world_size": group.world_size}
-    for split, eng in engines.items():
-        ss = data.of(split)
+    for splits, eng, n_views in extraction_passes(engines, views):
+        parts = [data.of(split) for split in splits]
+        ss = [s for part in parts for s in part]
         key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, eng.key)
         sha = [data.checked.info[s.path].sha1 for s in ss]
-        feats[split], stats = emb.extract(bb, ss, sha, pre, key, views if split == "train" else 1, cfg.batch_size,
-                                          desc=f"Embedding {split}", engine=eng, group=group)
+        names = ", ".join(splits)
+        out, stats = emb.extract(bb, ss, sha, pre, key, n_views, cfg.batch_size, desc=f"Embedding {names}",
+                                 engine=eng, group=group)
+        start = 0
+        for split, part in zip(splits, parts):
+            feats[split], start = out[start:start + len(part)], start + len(part)
         others = stats.get("by_others", 0)
-        print(f"  {split}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed"
+        print(f"  {names}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed"
               + (f" ({stats['computed'] - others} here, {others} by the other {group.world_size - 1} "
                  f"process{'es' if group.world_size > 2 else ''})" if group.world_size > 1 and others else ""))
         add_extraction_stats(extra["embeddings"], stats)
@@ -300,6 +306,16 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
         extra["embeddings"]["scoring_engine"] = exact.key
         features.update(val=feats["val"][:, 0], test=feats["test"][:, 0], engine=exact.key)
     return hist
+
+
+def extraction_passes(engines: dict, train_views: int) -> list[tuple[list[str], object, int]]:
+    """(splits, engine, views) per extraction pass: the splits that one engine embeds with as many views go
+    through one pass, so that decoding and the forward passes run as one pipeline, without a drain per split."""
+    passes: dict = {}
+    for split, eng in engines.items():
+        n_views = train_views if split == "train" else 1
+        passes.setdefault((id(eng), n_views), ([], eng, n_views))[0].append(split)
+    return list(passes.values())
 
 
 def add_extraction_stats(total: dict, stats: dict) -> None:

@@ -13,6 +13,7 @@ from classforge.core.config import TrainConfig, parse_fractions
 from classforge.core.errors import ClassforgeError
 from classforge.core.progress import progress
 from classforge.data.discover import Dataset, Sample, discover
+from classforge.data.kept import KeptImages
 from classforge.data.split import SplitReport, make_split, read_split
 from classforge.data.validate import Validation, validate
 
@@ -27,6 +28,13 @@ class Prepared:
     labels: list[str]
     samples: list[Sample]  # with split set; excluded ones dropped
     notes: list[str] = field(default_factory=list)
+    kept: KeptImages | None = None  # images the check decoded, for the first pass over the files
+
+    def release_kept(self) -> None:
+        """Free the images the first pass did not take (files outside the split, passes that do not decode)."""
+        if self.kept is not None:
+            self.kept.clear()
+            self.kept = None
 
     def of(self, split: str) -> list[Sample]:
         return [s for s in self.samples if s.split == split]
@@ -36,14 +44,17 @@ class Prepared:
         return [idx[s.label] for s in self.of(split)]
 
 
-def prepare_data(cfg: TrainConfig) -> Prepared:
+def prepare_data(cfg: TrainConfig, keep_decoded: bool = False) -> Prepared:
+    """Discover, check and split. `keep_decoded`: hold the images the check decodes (bounded) for the run's
+    first pass over the files, so that a file is decoded once."""
     ds = discover(cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes, cfg.group_by)
     if cfg.resplit:
         for s in ds.samples:
             s.split = ""
         ds.notes = [n for n in ds.notes if "val/" not in n and "test/" not in n]
         ds.notes.append("--resplit: the folders' own train/val/test split was ignored")
-    checked = validate(ds, cfg.min_size, cfg.max_pixels)
+    kept = KeptImages() if keep_decoded and ds.task == "image" else None
+    checked = validate(ds, cfg.min_size, cfg.max_pixels, keep=kept)
     if not checked.good:
         raise ClassforgeError(f"No usable files in {ds.root}: all {len(ds.samples)} failed validation")
     if cfg.split_file:
@@ -60,7 +71,7 @@ def prepare_data(cfg: TrainConfig) -> Prepared:
         samples = [s for s in samples if s.label in set(labels)]
     if len(labels) < 2:
         raise ClassforgeError(f"Need at least 2 classes with training samples, found {labels}")
-    return Prepared(ds, checked, report, labels, samples, notes)
+    return Prepared(ds, checked, report, labels, samples, notes, kept)
 
 
 def views_per_class(data: Prepared, cfg: TrainConfig) -> int:

@@ -50,11 +50,14 @@ def train_with(cfg: TrainConfig, threads: dict) -> Path:
     once data and model are ready; a run that stops on an error removes the folder it made."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    data = prepare_data(cfg)
-    if tries_candidates(cfg, data):
-        return in_run_folder(cfg, lambda run: train_auto(cfg, run, data, threads, t0))
-    cfg, model = build_for(resolve_for_data(cfg, data), data)
-    return in_run_folder(cfg, lambda run: fit_and_evaluate(cfg, run, data, model, threads, t0))
+    data = prepare_data(cfg, keep_decoded=True)
+    try:
+        if tries_candidates(cfg, data):
+            return in_run_folder(cfg, lambda run: train_auto(cfg, run, data, threads, t0))
+        cfg, model = build_for(resolve_for_data(cfg, data), data)
+        return in_run_folder(cfg, lambda run: fit_and_evaluate(cfg, run, data, model, threads, t0))
+    finally:
+        data.release_kept()
 
 
 def tries_candidates(cfg: TrainConfig, data: Prepared) -> bool:
