@@ -16,6 +16,7 @@ from classforge.data.discover import Sample
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.registry import Backbone, create_backbone
 from classforge.runtime import embeddings as emb
+from classforge.runtime.distributed import ProcessGroup
 from classforge.runtime.engines import Engine, engine_for, fast_cpu_bf16, resolve_engine
 
 
@@ -222,13 +223,15 @@ def test_extraction_builds_its_engine_once_and_decodes_a_bounded_way_ahead(shape
 
 def test_per_core_extraction_keeps_decoding_while_its_engine_is_built(shapes_dir, tmp_path):
     """A per-core engine's export holds one core for a while: the workers decode further files meanwhile (more
-    than one chunk each, at most BUILD_AHEAD_FILES), and those are embedded like the rest, in order."""
+    than one chunk each, at most BUILD_AHEAD_FILES), and those are embedded like the rest, in order. There is a
+    worker on every core even where torch was given one thread because another process holds a core: the
+    workers wait at no barrier."""
     import threading
     import time
 
     bb = create_backbone("cnn_small")
     pre = make_preprocessor(bb.spec)
-    lock, loaded, built_at = threading.Lock(), [0], []
+    lock, loaded, built_at, workers = threading.Lock(), [0], [], set()
 
     class SlowBuild(Engine):
         def build(self, backbone, cache):
@@ -242,6 +245,7 @@ def test_per_core_extraction_keeps_decoding_while_its_engine_is_built(shapes_dir
         def load(self, src):
             with lock:
                 loaded[0] += 1
+                workers.add(threading.current_thread().name)
             return pre.load(src)
 
         def eval(self, raw):
@@ -253,17 +257,28 @@ def test_per_core_extraction_keeps_decoding_while_its_engine_is_built(shapes_dir
     assert slow.per_core
     sha = [f"{uuid.uuid4().hex}{i:08d}" for i in range(len(samples))]
     before = torch.get_num_threads()
-    torch.set_num_threads(2)  # two decode workers
+    torch.set_num_threads(1)  # as adapted_threads leaves it beside a busy process
     try:
         feats, stats = emb.extract(bb, samples, sha, CountingPre(), f"ahead-{uuid.uuid4().hex}", 1, engine=slow)
     finally:
         torch.set_num_threads(before)
     assert stats["computed"] == len(samples) and stats["build_s"] >= 0.5
+    assert len(workers) == emb.per_core_workers(ProcessGroup())
     # half a second is ample for the small PNGs: far more than the few chunks a plain prefetch would hold
     assert min(len(samples), emb.BUILD_AHEAD_FILES) // 2 <= built_at[0] <= emb.BUILD_AHEAD_FILES + 2
     ref = Engine("onnx").build(bb, tmp_path / "ref")
     want = ref(torch.stack([pre.eval(pre.load(p)) for p in paths])).numpy()
     np.testing.assert_allclose(feats[:, 0], want, atol=1e-5)
+
+
+def test_per_core_workers_take_every_core_shared_by_the_run_s_processes(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert emb.per_core_workers(ProcessGroup()) == 8
+    assert emb.per_core_workers(ProcessGroup(world_size=3, local_world_size=3)) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert emb.per_core_workers(ProcessGroup(world_size=3, local_world_size=3)) == 1
 
 
 def test_busy_cores_measures_over_the_time_since_the_last_reading_instead_of_sleeping(monkeypatch):

@@ -81,7 +81,8 @@ def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key
     todo = group.from_main([i for i, a in enumerate(out) if a is None])
     stats = {"cached": len(samples) - len(todo), "computed": len(todo)}
     compute = Computation(backbone, samples, sha1s, preprocessor, cache, views, batch_size,
-                          engine or Engine("torch", device=device), out, decode_threads(group))
+                          engine or Engine("torch", device=device), out, decode_threads(group),
+                          per_core_workers(group))
     if todo and group.world_size == 1:
         stats.update(compute(todo, desc))
     elif todo:
@@ -109,6 +110,14 @@ def shared_computation(compute: "Computation", todo: list[int], group: ProcessGr
     return {**own, "by_others": len(rest) - len(missing), "missing": len(missing), "per_process": per_process}
 
 
+def per_core_workers(group: ProcessGroup) -> int:
+    """Workers for a per-core engine: every core this process may use (the run's processes on this machine share
+    them), busy or not. Each computes alone, with no barrier to wait at, so a core that another process holds only
+    slows the file on it, and the scheduler shares that core between the two."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, group.local_world_size))
+
+
 def decode_threads(group: ProcessGroup) -> int:
     """Decoding threads that feed a GPU: the cores this process may use (the run's processes on this machine
     share them), 2 to 8."""
@@ -120,10 +129,10 @@ class Computation:
     the first batches decode."""
 
     def __init__(self, backbone, samples, sha1s, preprocessor, cache: EmbeddingCache, views: int, batch_size: int,
-                 engine: Engine, out: list, gpu_decoders: int = 2):
+                 engine: Engine, out: list, gpu_decoders: int = 2, per_core_workers: int = 1):
         self.backbone, self.samples, self.sha1s, self.pre = backbone, samples, sha1s, preprocessor
         self.cache, self.views, self.batch_size, self.engine, self.out = cache, views, batch_size, engine, out
-        self.gpu_decoders = gpu_decoders
+        self.gpu_decoders, self.per_core_workers = gpu_decoders, per_core_workers
         self.seed_lock = threading.Lock()
 
     def load(self, i: int) -> list[torch.Tensor]:
@@ -171,7 +180,7 @@ class Computation:
         chunk = PER_CORE_BATCH if per_core else self.batch_size
         # per-core engines: a worker per core; a GPU: decoders enough to keep it fed; a CPU's batched pass: two, so
         # that decoding the next batch overlaps the forward pass that holds the cores
-        workers = max(1, torch.get_num_threads()) if per_core else (self.gpu_decoders if engine.pins_memory else 2)
+        workers = self.per_core_workers if per_core else (self.gpu_decoders if engine.pins_memory else 2)
         ahead = max(PREFETCH, 2 * workers, BUILD_AHEAD_FILES // chunk if per_core else 0)
         bar = progress(range(len(todo)), total=len(todo), desc=desc, unit="file")
         # the first batches decode while the engine is built (an export or trace on first use)
