@@ -271,6 +271,16 @@ def test_per_core_extraction_keeps_decoding_while_its_engine_is_built(shapes_dir
     np.testing.assert_allclose(feats[:, 0], want, atol=1e-5)
 
 
+def test_per_core_passes_hold_about_one_photo_s_worth_of_input():
+    """One 224-px (or larger) photo per pass, a few one-second clips, at most 8 small images."""
+    assert emb.per_core_files(create_backbone("efficientnet_lite0", pretrained=False)) == 1
+    assert emb.per_core_files(create_backbone("efficientnet_lite2", pretrained=False)) == 1
+    assert emb.per_core_files(create_backbone("cnn_small")) == 8  # 32 px
+    clips = emb.per_core_files(create_backbone("audio_cnn"))
+    assert 2 <= clips <= 8
+    assert emb.per_core_files(create_backbone("audio_cnn"), views=4) < clips
+
+
 def test_per_core_workers_take_every_core_shared_by_the_run_s_processes(monkeypatch):
     import os
 

@@ -17,13 +17,13 @@ from classforge.core.progress import progress
 from classforge.data.discover import Sample
 from classforge.runtime.decode import PREFETCH, decoded_batches
 from classforge.runtime.distributed import ProcessGroup
-from classforge.runtime.engines import Engine
+from classforge.runtime.engines import Engine, example_input
 
 PREPROCESS_VERSION = 2  # bump when decoding/transforms change what a backbone sees
-# files per forward pass for per-core engines: single-threaded ONNX Runtime is fastest per image one file at a
-# time (one image's activations stay in the core's own cache), and small chunks keep the cores evenly loaded to
-# the end
-PER_CORE_BATCH = 1
+# input values per forward pass of a per-core engine, about one 224-px image: single-threaded ONNX Runtime is
+# fastest per image one at a time (its activations stay in the core's own cache), while short clips are better
+# a few at a time (they share the per-call cost); small passes also keep the cores evenly loaded to the end
+PER_CORE_INPUT_VALUES = 3 * 224 * 224
 # files decoded ahead while a per-core engine is built (an export takes a core for a second; the other decodes)
 BUILD_AHEAD_FILES = 96
 
@@ -110,6 +110,12 @@ def shared_computation(compute: "Computation", todo: list[int], group: ProcessGr
     return {**own, "by_others": len(rest) - len(missing), "missing": len(missing), "per_process": per_process}
 
 
+def per_core_files(backbone, views: int = 1) -> int:
+    """Files per forward pass of a per-core engine: about PER_CORE_INPUT_VALUES input values, 1 to 8 files."""
+    values = example_input(backbone).numel() * max(1, views)
+    return max(1, min(8, round(PER_CORE_INPUT_VALUES / values)))
+
+
 def per_core_workers(group: ProcessGroup) -> int:
     """Workers for a per-core engine: every core this process may use (the run's processes on this machine share
     them), busy or not. Each computes alone, with no barrier to wait at, so a core that another process holds only
@@ -177,7 +183,7 @@ class Computation:
             return True, built["forward"](x)
 
         per_core = engine.per_core
-        chunk = PER_CORE_BATCH if per_core else self.batch_size
+        chunk = per_core_files(self.backbone, self.views) if per_core else self.batch_size
         # per-core engines: a worker per core; a GPU: decoders enough to keep it fed; a CPU's batched pass: two, so
         # that decoding the next batch overlaps the forward pass that holds the cores
         workers = self.per_core_workers if per_core else (self.gpu_decoders if engine.pins_memory else 2)
