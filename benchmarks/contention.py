@@ -62,12 +62,13 @@ def train_once(data: str, kind: str) -> dict:
 
 def train(args) -> None:
     out = {}
-    for kind in ("quiet", "busy", "classforge"):
+    kinds = args.conditions.split(",")
+    for kind in kinds:
         rows = [train_once(args.data, kind) for _ in range(args.rounds)]
         out[kind] = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "wall_s")}
         out[kind]["accuracy"] = rows[-1]["accuracy"]
         print(kind, json.dumps(out[kind]), flush=True)
-    for kind in ("busy", "classforge"):
+    for kind in [k for k in kinds if k != "quiet" and "quiet" in kinds]:
         out[f"{kind}/quiet"] = {k: round(out[kind][k] / max(out["quiet"][k], 1e-9), 2) for k in (*PHASES, "wall_s")}
         print(f"{kind}/quiet", json.dumps(out[f"{kind}/quiet"]), flush=True)
     if args.out:
@@ -131,6 +132,8 @@ def main() -> None:
     p.add_argument("data")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out")
+    p.add_argument("--conditions", default="quiet,busy,classforge",
+                   help="which of quiet, busy (a CPU-bound loop beside it), classforge (a second run beside it)")
     p.set_defaults(fn=train)
     p = sub.add_parser("predict")
     p.add_argument("run")
