@@ -170,11 +170,29 @@ def test_eval_engine_resolution(monkeypatch):
         resolve_eval_engine("tensorrt")
 
 
+class CountingPre:
+    """A preprocessor that counts the files it loaded, and the threads that loaded them."""
+
+    def __init__(self, pre):
+        import threading
+
+        self.pre, self.loaded, self.threads, self.lock = pre, [0], set(), threading.Lock()
+
+    def load(self, src):
+        import threading
+
+        with self.lock:
+            self.loaded[0] += 1
+            self.threads.add(threading.current_thread().name)
+        return self.pre.load(src)
+
+    def eval(self, raw):
+        return self.pre.eval(raw)
+
+
 def test_extraction_builds_its_engine_once_and_decodes_a_bounded_way_ahead(shapes_dir, tmp_path):
     """One engine build per backbone (not per split), and at most PREFETCH batches decoded ahead of the forward
     pass: decoding outruns the forward pass, so an unbounded queue would hold a whole dataset in memory."""
-    import threading
-
     class Counting(Engine):
         builds = 0
 
@@ -185,17 +203,8 @@ def test_extraction_builds_its_engine_once_and_decodes_a_bounded_way_ahead(shape
 
     bb = create_backbone("cnn_small")
     pre = make_preprocessor(bb.spec)
-    lock, loaded, ahead = threading.Lock(), [0], []
-
-    class CountingPre:
-        def load(self, src):
-            with lock:
-                loaded[0] += 1
-            return pre.load(src)
-
-        def eval(self, raw):
-            return pre.eval(raw)
-
+    ahead, counting = [], CountingPre(pre)
+    loaded = counting.loaded
     paths = sorted(shapes_dir.rglob("*.png"))
     samples = [Sample(str(p), p.name, p.parent.name) for p in paths]
     engine = Counting("torch")
@@ -208,7 +217,7 @@ def test_extraction_builds_its_engine_once_and_decodes_a_bounded_way_ahead(shape
         import time
 
         time.sleep(0.05)
-        with lock:
+        with counting.lock:
             ahead.append(loaded[0] - done[0])
         done[0] += len(x)
         return real(x)
@@ -216,7 +225,7 @@ def test_extraction_builds_its_engine_once_and_decodes_a_bounded_way_ahead(shape
     key = f"bounded-{uuid.uuid4().hex}"
     engine._built = (bb, emb.EmbeddingCache(key).dir / "engine", slow)  # extract() builds for this cache: reused
     sha = [f"{uuid.uuid4().hex}{i:08d}" for i in range(len(samples))]
-    feats, stats = emb.extract(bb, samples, sha, CountingPre(), key, 1, batch_size=2, engine=engine)
+    feats, stats = emb.extract(bb, samples, sha, counting, key, 1, batch_size=2, engine=engine)
     assert stats["computed"] == len(samples) == feats.shape[0] and Counting.builds == 1
     assert len(samples) > 2 * (emb.PREFETCH + 1) and max(ahead) <= 2 * (emb.PREFETCH + 1)
 
@@ -226,30 +235,18 @@ def test_per_core_extraction_keeps_decoding_while_its_engine_is_built(shapes_dir
     than one chunk each, at most BUILD_AHEAD_FILES), and those are embedded like the rest, in order. There is a
     worker on every core even where torch was given one thread because another process holds a core: the
     workers wait at no barrier."""
-    import threading
     import time
 
     bb = create_backbone("cnn_small")
     pre = make_preprocessor(bb.spec)
-    lock, loaded, built_at, workers = threading.Lock(), [0], [], set()
+    built_at, counting = [], CountingPre(pre)
 
     class SlowBuild(Engine):
         def build(self, backbone, cache):
             if self._built is None:
                 time.sleep(0.5)
-                with lock:
-                    built_at.append(loaded[0])
+                built_at.append(counting.loaded[0])
             return super().build(backbone, cache)
-
-    class CountingPre:
-        def load(self, src):
-            with lock:
-                loaded[0] += 1
-                workers.add(threading.current_thread().name)
-            return pre.load(src)
-
-        def eval(self, raw):
-            return pre.eval(raw)
 
     paths = sorted(shapes_dir.rglob("*.png"))
     samples = [Sample(str(p), p.name, p.parent.name) for p in paths]
@@ -259,11 +256,11 @@ def test_per_core_extraction_keeps_decoding_while_its_engine_is_built(shapes_dir
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as adapted_threads leaves it beside a busy process
     try:
-        feats, stats = emb.extract(bb, samples, sha, CountingPre(), f"ahead-{uuid.uuid4().hex}", 1, engine=slow)
+        feats, stats = emb.extract(bb, samples, sha, counting, f"ahead-{uuid.uuid4().hex}", 1, engine=slow)
     finally:
         torch.set_num_threads(before)
     assert stats["computed"] == len(samples) and stats["build_s"] >= 0.5
-    assert len(workers) == emb.per_core_workers(ProcessGroup())
+    assert len(counting.threads) == emb.per_core_workers(ProcessGroup())
     # half a second is ample for the small PNGs: far more than the few chunks a plain prefetch would hold
     assert min(len(samples), emb.BUILD_AHEAD_FILES) // 2 <= built_at[0] <= emb.BUILD_AHEAD_FILES + 2
     ref = Engine("onnx").build(bb, tmp_path / "ref")

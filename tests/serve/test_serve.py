@@ -244,21 +244,31 @@ def test_micro_batcher_groups_and_routes_rows():
         b.close()
 
 
+class PassCounter:
+    """A forward pass for MicroBatcher tests that counts how many passes run at once (`peak`)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.active, self.peak, self.lock = seconds, 0, 0, threading.Lock()
+
+    def __call__(self, x):
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
+        return x[:, :1].numpy()
+
+
 def test_micro_batcher_workers_run_passes_side_by_side_and_route_every_answer():
     """Per-core workers: while one pass computes, another worker takes the next batch (passes overlap), each
     caller gets its own rows back, and a lone request goes to the all-cores forward."""
     import torch
 
-    active, peak, lock, alone_calls = [0], [0], threading.Lock(), []
+    alone_calls, passes = [], PassCounter(0.05)
 
     def forward(x):
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.05)
-        with lock:
-            active[0] -= 1
-        return x[:, :1].numpy() * np.array([[1.0, -1.0]], np.float32)  # row i answers with its own value
+        return passes(x) * np.array([[1.0, -1.0]], np.float32)  # row i answers with its own value
 
     def forward_alone(x):
         alone_calls.append(len(x))
@@ -271,7 +281,7 @@ def test_micro_batcher_workers_run_passes_side_by_side_and_route_every_answer():
         with ThreadPoolExecutor(12) as ex:
             outs = list(ex.map(b.submit, xs))
         assert [o.tolist() for o in outs] == [[[float(i), -float(i)]] for i in range(12)]
-        assert peak[0] == 2 and b.stats["workers"] == 2 and b.stats["rows"] == 13
+        assert passes.peak == 2 and b.stats["workers"] == 2 and b.stats["rows"] == 13
     finally:
         b.close()
     assert all(not t.is_alive() for t in b._threads)
@@ -283,24 +293,15 @@ def test_micro_batcher_runs_a_lone_request_in_its_own_thread_and_holds_the_other
     import torch
 
     threads_seen, started, release = [], threading.Event(), threading.Event()
-    active, peak, lock = [0], [0], threading.Lock()
-
-    def forward(x):
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.02)
-        with lock:
-            active[0] -= 1
-        return x[:, :1].numpy()
+    passes = PassCounter(0.02)
 
     def forward_alone(x):
         threads_seen.append(threading.current_thread())
         started.set()
         release.wait(timeout=30)
-        return forward(x)
+        return passes(x)
 
-    b = MicroBatcher(forward, max_batch=4, max_wait_ms=1, workers=1, forward_alone=forward_alone)
+    b = MicroBatcher(passes, max_batch=4, max_wait_ms=1, workers=1, forward_alone=forward_alone)
     try:
         with ThreadPoolExecutor(1) as lone:
             first = lone.submit(b.submit, torch.full((1, 2), 5.0))
@@ -313,7 +314,7 @@ def test_micro_batcher_runs_a_lone_request_in_its_own_thread_and_holds_the_other
                 assert [f.result(timeout=30).item() for f in later] == [0.0, 1.0, 2.0]
             assert first.result(timeout=30).item() == 5.0
         assert threads_seen and threads_seen[0] not in b._threads  # not a batcher worker
-        assert peak[0] == 1 and b.stats["alone"] >= 1 and b.stats["rows"] == 4
+        assert passes.peak == 1 and b.stats["alone"] >= 1 and b.stats["rows"] == 4
     finally:
         b.close()
 
