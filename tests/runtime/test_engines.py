@@ -293,20 +293,20 @@ def test_busy_cores_measures_over_the_time_since_the_last_reading_instead_of_sle
     cores at once, over the whole time since; one that follows too soon (or long after) measures afresh."""
     import time
 
-    from classforge.runtime import threads
+    from classforge.core import cpu_load
 
-    monkeypatch.setattr(threads, "_last_reading", None)
-    threads.note_start()
+    monkeypatch.setattr(cpu_load, "_last_reading", None)
+    cpu_load.note_start()
     time.sleep(0.35)
     t = time.perf_counter()
-    threads.busy_cores(0.3)
+    cpu_load.busy_cores(0.3)
     assert time.perf_counter() - t < 0.2  # measured over the 0.35 s since note_start
     t = time.perf_counter()
-    threads.busy_cores(0.3)
+    cpu_load.busy_cores(0.3)
     assert time.perf_counter() - t >= 0.3  # the last reading is only just taken: it waits for its interval
-    monkeypatch.setattr(threads, "_last_reading", (threads._last_reading[0] - 60.0, *threads._last_reading[1:]))
+    monkeypatch.setattr(cpu_load, "_last_reading", (cpu_load._last_reading[0] - 60.0, *cpu_load._last_reading[1:]))
     t = time.perf_counter()
-    threads.busy_cores(0.3)
+    cpu_load.busy_cores(0.3)
     assert time.perf_counter() - t >= 0.3  # a reading a minute old says little about now
 
 

@@ -62,7 +62,7 @@ for _module in (basics, train, describe, export, card, serve, compare, search, c
 
 
 def main() -> None:
-    from classforge.runtime.threads import note_start
+    from classforge.core.cpu_load import note_start
 
     note_start()  # how busy the machine is gets measured while the command imports its libraries
     try:
