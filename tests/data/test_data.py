@@ -364,7 +364,7 @@ def test_images_decoded_by_the_check_serve_the_next_pass_exactly_once(tmp_path):
     very pixels it would have decoded itself: a JPEG, an EXIF-rotated JPEG, a transparent PNG, a small image.
     A JPEG large enough to be decoded at a reduced DCT scale is decoded again instead."""
     from classforge.data.image import ImagePreprocessor
-    from classforge.data.kept import KeptImages
+    from classforge.data.kept import KeptImages, held_bytes
     from classforge.models.registry import create_backbone
 
     spec = create_backbone("efficientnet_lite0", pretrained=False).spec  # short side 256 before the crop
@@ -408,3 +408,5 @@ def test_images_decoded_by_the_check_serve_the_next_pass_exactly_once(tmp_path):
     assert 1 <= len(small_budget) < 5 and small_budget.used <= 2**20 and small_budget.stats["over_budget"] >= 1
     small_budget.clear()
     assert small_budget.used == 0 and small_budget.take(ds.samples[0].path) is None
+    # what Pillow really holds: RGB in 4 bytes per pixel, greyscale in 1
+    assert held_bytes(Image.new("RGB", (10, 20))) == 800 and held_bytes(Image.new("L", (10, 20))) == 200

@@ -26,7 +26,7 @@ class KeptImages:
         self.stats = {"kept": 0, "taken": 0, "over_budget": 0}
 
     def offer(self, path: str, img: Image.Image) -> None:
-        size = img.width * img.height * len(img.getbands())
+        size = held_bytes(img)
         if img.width * img.height > MAX_KEPT_PIXELS:
             return
         with self._lock:
@@ -41,7 +41,7 @@ class KeptImages:
         with self._lock:
             img = self._images.pop(path, None)
             if img is not None:
-                self.used -= img.width * img.height * len(img.getbands())
+                self.used -= held_bytes(img)
                 self.stats["taken"] += 1
             return img
 
@@ -52,3 +52,8 @@ class KeptImages:
 
     def __len__(self) -> int:
         return len(self._images)
+
+
+def held_bytes(img: Image.Image) -> int:
+    """Memory a decoded image holds: Pillow keeps images of 2 to 4 bands in 4 bytes per pixel."""
+    return img.width * img.height * (1 if len(img.getbands()) == 1 else 4)
