@@ -203,7 +203,7 @@ def plan_training_time(budget_s: float, started_at: float, val_files: int, test_
         training = max(1.0, 0.1 * budget_s)
         note = (f"--time-budget {budget_s:.0f} s leaves little for training: {spent:.0f} s went to preparing, "
                 f"{reserve:.0f} s are kept for scoring; trained for {training:.0f} s (give a larger budget)")
-    return {"whole_run_s": round(budget_s, 1), "before_training_s": round(spent, 1),
+    return {"whole_run_s": round(budget_s, 1), "before_training_s": round(spent, 2),
             "reserved_for_scoring_s": round(reserve, 1), "training_s": round(training, 1), "note": note}
 
 
