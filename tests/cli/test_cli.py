@@ -140,3 +140,26 @@ def test_set_without_a_value_is_a_clear_error_everywhere(cmd, tmp_path, shapes_d
                         terminal_width=200)
     assert out.exit_code == 2 and "--set expects key=value, got 'epochs'" in out.output, out.output
     assert not (tmp_path / "o").exists()
+
+
+def test_command_help_paragraphs_wrap_to_the_terminal_not_to_the_source():
+    """Docstrings wrapped at the source's width would leave ragged half-lines in an 80-column terminal."""
+    from classforge.cli import one_line_paragraphs
+
+    doc = """First line.
+
+        A paragraph wrapped
+        at the source's width.
+
+        Steps:
+        - one
+        - two
+          indented"""
+    assert one_line_paragraphs(doc) == ("First line.\n\nA paragraph wrapped at the source's width.\n\n"
+                                        "Steps:\n- one\n- two\n  indented")
+    out = runner.invoke(app, ["export", "--help"], terminal_width=80).output
+    assert "(random tensors only" in out  # one paragraph, wrapped by rich at 80 columns
+    lines = [line.rstrip() for line in out.split("╭")[0].splitlines()]
+    for line, after in zip(lines, lines[1:]):
+        if line and after:  # a line that its paragraph continues after is filled
+            assert len(line) > 40, line

@@ -3,6 +3,7 @@ prints to the shared console. Heavy libraries load inside the commands, so `--he
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -59,6 +60,28 @@ def _main(
 # the order of `classforge --help`: the flow first, then analysis, then integrations
 for _module in (basics, train, describe, export, card, serve, compare, search, calibrate, audit, grow, track):
     _module.add_commands(app)
+
+
+def one_line_paragraphs(text: str) -> str:
+    """A docstring with each paragraph on one line (lines that start a list item or are indented kept apart).
+    Docstrings are wrapped at the source's width, and rich keeps those breaks in every paragraph after the first:
+    in a narrower terminal that leaves ragged half-empty lines. One line per paragraph wraps to the terminal."""
+    paragraphs = []
+    for block in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in block.splitlines():
+            if lines and not line.startswith(("- ", "* ", " ", "\b")):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+for _command in app.registered_commands:
+    _doc = _command.help or (_command.callback.__doc__ if _command.callback else None)
+    if _doc:
+        _command.help = one_line_paragraphs(_doc)
 
 
 def main() -> None:
