@@ -92,7 +92,12 @@ def test_a_linear_run_embeds_the_images_its_check_decoded_and_frees_them(shapes_
     class Recording(kept.KeptImages):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
+            self.cleared = False
             made.append(self)
+
+        def clear(self):
+            self.cleared = True
+            super().clear()
 
     decodes = []
     real = image.open_image
@@ -103,7 +108,7 @@ def test_a_linear_run_embeds_the_images_its_check_decoded_and_frees_them(shapes_
                            epochs=3)
     n = len(read_csv(run / "split.csv"))
     assert len(made) == 1 and made[0].stats["kept"] == n and made[0].stats["taken"] == n
-    assert len(made[0]) == 0 and made[0].used == 0
+    assert len(made[0]) == 0 and made[0].used == 0 and made[0].cleared  # released, whatever was left
     assert len(decodes) < n / 2  # only the scoring check's few files are decoded after the check
 
 
