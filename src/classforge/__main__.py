@@ -1,5 +1,5 @@
 """`python -m classforge`: the command line."""
 
-from classforge.cli import main
+from classforge.cli import run
 
-main()
+run()

@@ -6,14 +6,17 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from classforge.core.errors import BadFile
 from classforge.core.spec import InputSpec
 from classforge.data.ops import apply_ops
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the file check runs while torch still loads
+    import torch
 
 __all__ = ["BadFile", "open_image"]
 
@@ -146,6 +149,7 @@ def enlarge_short_side(img: Image.Image, target: int) -> Image.Image:
 
 def eval_transform(spec: InputSpec):
     """Resize short side to size/crop_pct, centre crop to size, normalise. Returns a callable PIL -> (3,H,W)."""
+    import torch
     from torchvision.transforms import v2 as T
 
     interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
@@ -174,6 +178,7 @@ def resolve_augment(spec: InputSpec, level: str) -> str:
 def train_transform(spec: InputSpec, level: str = "light"):
     """Random resized crop + flip (light); plus colour jitter and RandomAffine (strong); none = eval;
     cifar = eval geometry, zero-pad size/8, random crop back to size, flip (default for small images)."""
+    import torch
     from torchvision.transforms import v2 as T
 
     level = resolve_augment(spec, level)
@@ -280,6 +285,8 @@ class ImagePreprocessor:
         x *= np.float32(1.0 / 255)
         x -= self._mean
         x /= self._std
+        import torch
+
         return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, H, W)
 
     def train(self, raw: Image.Image) -> torch.Tensor:
