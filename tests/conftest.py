@@ -140,9 +140,9 @@ def _record_training():
 
     real = run.train
 
-    def recording(cfg):
+    def recording(cfg, *args, **kwargs):
         _trained_in.add(os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0])
-        return real(cfg)
+        return real(cfg, *args, **kwargs)
 
     run.train = recording
     yield

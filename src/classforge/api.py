@@ -15,10 +15,18 @@ def train(data: str, out: str | None = None, **options) -> Path:
 
 
 def train_config(cfg) -> Path:
-    """Train, evaluate and write the run that a TrainConfig describes."""
-    from classforge.training.run import train as run_train
+    """Train, evaluate and write the run that a TrainConfig describes. The files are checked in a second process
+    while the training code loads."""
+    from classforge.data.precheck import start_check
 
-    return run_train(cfg)
+    precheck = start_check(cfg) if cfg.data and not cfg.resume else None
+    try:
+        from classforge.training.run import train as run_train
+
+        return run_train(cfg, precheck=precheck)
+    finally:
+        if precheck is not None:
+            precheck.close()
 
 
 def audit(data: str, out: str | Path, folds: int = 5, accept_top: int = 0, **options) -> dict:

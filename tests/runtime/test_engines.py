@@ -4,7 +4,9 @@ and a linear run trains through each engine and reuses its own cache."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,3 +334,32 @@ def test_threads_follow_the_cores_other_work_leaves_free(monkeypatch):
     with threads.adapted_threads(say=lambda *_: None) as chosen:
         assert chosen["torch"] == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_child_doing_the_run_s_work_is_not_counted_as_other_load():
+    """The CPU time of a child counted as own (the file check run beside the imports) is this process's, while it
+    runs and after it is waited for; an uncounted child's is not."""
+    import subprocess
+    import sys
+
+    from classforge.core import cpu_load
+
+    burn = [sys.executable, "-c", "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"]
+
+    def own_cpu_while(counted: bool) -> tuple[float, float]:
+        before = cpu_load.own_cpu_s()
+        child = subprocess.Popen(burn)
+        if counted:
+            cpu_load.count_as_own(child.pid)
+        while cpu_load._child_cpu_s(child.pid) < 0.5 and child.poll() is None:
+            time.sleep(0.02)
+        running = cpu_load.own_cpu_s() - before
+        child.wait()
+        cpu_load.stop_counting(child.pid)
+        return running, cpu_load.own_cpu_s() - before
+
+    running, done = own_cpu_while(counted=True)
+    assert running >= 0.5 and done >= 0.6
+    running, _ = own_cpu_while(counted=False)
+    assert running < 0.3

@@ -1,5 +1,7 @@
 """How many cores other processes keep busy, from /proc/stat, with this process's own CPU time left out.
 
+CPU time of child processes doing this process's work (`count_as_own`) counts as its own, not as other load.
+
 The command line takes a first reading before it imports its libraries (`note_start`), so that the first
 `busy_cores()` of a run measures over those seconds instead of sleeping to measure."""
 
@@ -10,6 +12,33 @@ import time
 
 # the last reading of this process: (monotonic s, busy ticks, total ticks, own CPU s)
 _last_reading: tuple[float, int, int, float] | None = None
+_own_children: set[int] = set()
+
+
+def count_as_own(pid: int) -> None:
+    """Count the CPU time of child process `pid` (started to do this process's work) as this process's own."""
+    _own_children.add(pid)
+
+
+def stop_counting(pid: int) -> None:
+    """`pid` has been waited for: its CPU time is now in os.times()'s children's time."""
+    _own_children.discard(pid)
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process, of the children it has waited for, and of the running ones that count as
+    its own."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system + sum(map(_child_cpu_s, list(_own_children)))
+
+
+def _child_cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def note_start() -> None:
@@ -32,7 +61,7 @@ def busy_cores(interval_s: float = 0.3, read=None, own_time=None) -> float:
             before, now = now, _reading()
         _last_reading = now
         return 0.0 if before is None or now is None else others_busy(before[1:], now[1:])
-    read, own_time = read or proc_stat, own_time or time.process_time
+    read, own_time = read or proc_stat, own_time or own_cpu_s
     try:
         before = (*read(), own_time())
         time.sleep(interval_s)
@@ -64,6 +93,6 @@ def proc_stat() -> tuple[int, int]:
 
 def _reading() -> tuple[float, int, int, float] | None:
     try:
-        return (time.monotonic(), *proc_stat(), time.process_time())
+        return (time.monotonic(), *proc_stat(), own_cpu_s())
     except (OSError, ValueError):
         return None

@@ -214,6 +214,17 @@ def _say_what_is_odd(root: Path, ds: Dataset) -> None:
                         f"e.g. {outside[0]}")
 
 
+def discover_for(cfg) -> Dataset:
+    """The data a TrainConfig names, as its run sees it (with --resplit, no split of the folders' own)."""
+    ds = discover(cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes, cfg.group_by)
+    if cfg.resplit:
+        for s in ds.samples:
+            s.split = ""
+        ds.notes = [n for n in ds.notes if "val/" not in n and "test/" not in n]
+        ds.notes.append("--resplit: the folders' own train/val/test split was ignored")
+    return ds
+
+
 def discover(data: str | os.PathLike, labels_csv: str | None = None, label_from_name: str | None = None,
              bins: str | None = None, classes: str | None = None, max_classes: int | None = None,
              group_by: str | None = None) -> Dataset:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from contextlib import contextmanager
 
-from classforge.core.cpu_load import busy_cores, others_busy, proc_stat
+from classforge.core.cpu_load import busy_cores, others_busy, own_cpu_s, proc_stat
 
 __all__ = ["BusyWatch", "adapted_threads", "busy_cores", "one_torch_thread", "threads_for_this_machine"]
 
@@ -35,7 +34,7 @@ class BusyWatch:
 
     def __init__(self, period_s: float = 0.5, threshold: float = 0.5, read=None, own_time=None):
         self.period_s, self.threshold = period_s, threshold
-        self._read, self._own = read or proc_stat, own_time or time.process_time
+        self._read, self._own = read or proc_stat, own_time or own_cpu_s
         self.busy: float | None = None  # other processes' cores over the last period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="classforge-busy-watch", daemon=True)

@@ -46,8 +46,15 @@ from classforge.evaluation.metrics import wilson_interval
 from classforge.models.registry import entry as registry_entry
 from classforge.models.registry import registered
 from classforge.training.checkpoints import checkpoint_dir
-from classforge.training.flow import (Fitted, build_for, finish_run, fit_head_on_embeddings, fit_network,
-                                      fit_strategy, resolve_for_data)
+from classforge.training.flow import (
+    Fitted,
+    build_for,
+    finish_run,
+    fit_head_on_embeddings,
+    fit_network,
+    fit_strategy,
+    resolve_for_data,
+)
 from classforge.training.prepared import Prepared
 
 MIN_EPOCHS = 3  # a network that cannot get this many epochs in its share is not started

@@ -12,8 +12,9 @@ import torch
 from classforge.core.config import TrainConfig, parse_fractions
 from classforge.core.errors import ClassforgeError
 from classforge.core.progress import progress
-from classforge.data.discover import Dataset, Sample, discover
+from classforge.data.discover import Dataset, Sample, discover_for
 from classforge.data.kept import KeptImages
+from classforge.data.precheck import Precheck
 from classforge.data.split import SplitReport, make_split, read_split
 from classforge.data.validate import Validation, validate
 
@@ -44,16 +45,14 @@ class Prepared:
         return [idx[s.label] for s in self.of(split)]
 
 
-def prepare_data(cfg: TrainConfig, keep_decoded: bool = False) -> Prepared:
+def prepare_data(cfg: TrainConfig, keep_decoded: bool = False, precheck: Precheck | None = None) -> Prepared:
     """Discover, check and split. `keep_decoded`: hold the images the check decodes (bounded) for the run's
-    first pass over the files, so that a file is decoded once."""
-    ds = discover(cfg.data, cfg.labels_csv, cfg.label_from_name, cfg.bins, cfg.classes, cfg.max_classes, cfg.group_by)
-    if cfg.resplit:
-        for s in ds.samples:
-            s.split = ""
-        ds.notes = [n for n in ds.notes if "val/" not in n and "test/" not in n]
-        ds.notes.append("--resplit: the folders' own train/val/test split was ignored")
+    first pass over the files, so that a file is decoded once. `precheck`: the check already started in another
+    process (data.precheck), with the data it discovered."""
+    ds = precheck.ds if precheck is not None else discover_for(cfg)
     kept = KeptImages() if keep_decoded and ds.task == "image" else None
+    if precheck is not None:
+        precheck.wait(kept)
     checked = validate(ds, cfg.min_size, cfg.max_pixels, keep=kept)
     if not checked.good:
         raise ClassforgeError(f"No usable files in {ds.root}: all {len(ds.samples)} failed validation")

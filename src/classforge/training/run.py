@@ -12,6 +12,7 @@ import torch
 
 from classforge.core.config import STRATEGIES, TrainConfig
 from classforge.core.errors import ClassforgeError
+from classforge.data.precheck import Precheck
 from classforge.models.registry import factory_for
 from classforge.runtime.distributed import current, join
 from classforge.runtime.engines import resolve_eval_engine
@@ -22,8 +23,9 @@ from classforge.training.prepared import Prepared, prepare_data
 from classforge.training.tracking import check_tracker
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train, save and evaluate one run; returns the run directory."""
+def train(cfg: TrainConfig, precheck: Precheck | None = None) -> Path:
+    """Train, save and evaluate one run; returns the run directory. `precheck`: the file check already started
+    for cfg's data (data.precheck)."""
     if cfg.strategy not in STRATEGIES + ("auto",):
         raise ClassforgeError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {cfg.strategy!r}")
     resolve_eval_engine(cfg.eval_engine, cfg.extract_engine)  # bad names fail now, not after training
@@ -42,15 +44,15 @@ def train(cfg: TrainConfig) -> Path:
         # every process of the run uses the main process's folder (a default name has the start time in it)
         cfg = cfg.replace(out=str(group.from_main(run_path(cfg))))
     with adapted_threads(cfg.threads, share=group.local_world_size) as threads:
-        return train_with(cfg, threads)
+        return train_with(cfg, threads, precheck)
 
 
-def train_with(cfg: TrainConfig, threads: dict) -> Path:
+def train_with(cfg: TrainConfig, threads: dict, precheck: Precheck | None = None) -> Path:
     """The flow, once the options are known to be sound and the thread count chosen. The run folder is made
     once data and model are ready; a run that stops on an error removes the folder it made."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    data = prepare_data(cfg, keep_decoded=True)
+    data = prepare_data(cfg, keep_decoded=True, precheck=precheck)
     try:
         if tries_candidates(cfg, data):
             return in_run_folder(cfg, lambda run: train_auto(cfg, run, data, threads, t0))

@@ -1,0 +1,149 @@
+"""The file check, run in a second process while the command is still importing its libraries.
+
+`classforge train` spends over a second importing torch and the training code, on one core. The check decodes
+every file and needs none of that, so `start_check` runs it in a child process (`python -m
+classforge.data.precheck`). The child writes the check's cache and spools the images it decoded into an unlinked
+temporary file; `Precheck.wait` hands those images to the run's KeptImages. The run's own `validate` then finds
+every file in the cache and every image it would have kept already there, as if it had decoded them itself.
+
+Whatever goes wrong in the child only loses the overlap: the run checks the remaining files itself."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+
+from classforge.core.config import TrainConfig
+from classforge.core.cpu_load import count_as_own, stop_counting
+from classforge.core.errors import ClassforgeError
+from classforge.data.discover import Dataset, Sample, discover_for
+from classforge.data.kept import KEEP_MB, MAX_KEPT_PIXELS, KeptImages, held_bytes
+
+
+class Precheck:
+    """A check running in a child process, for `ds`."""
+
+    def __init__(self, ds: Dataset, proc: subprocess.Popen, spool):
+        self.ds = ds
+        self._proc = proc
+        self._spool = spool  # the unlinked file the child writes decoded pixels to
+        self._out = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)  # a full pipe would stall the child
+        self._reader.start()
+
+    def _read(self) -> None:
+        self._out = self._proc.stdout.read()
+
+    def wait(self, kept: KeptImages | None) -> bool:
+        """Wait for the child; give `kept` the images it decoded. False when the check did not complete (the run's
+        validate then checks the files itself)."""
+        try:
+            rc = self._proc.wait()
+            self._reader.join()
+            if rc != 0:
+                return False
+            index = json.loads(self._out)
+            if kept is not None and index["kept"]:
+                _hand_over(self._spool, index["kept"], kept)
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the child if it still runs, and let go of the spool (its pixels stay mapped for `kept`)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        stop_counting(self._proc.pid)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._spool.close()
+
+
+def start_check(cfg: TrainConfig, keep: bool = True) -> Precheck | None:
+    """Discover cfg's data and start checking it in a child process; None where that is not possible (no fork
+    of file descriptors on this platform, CLASSFORGE_NO_PRECHECK=1). `keep`: spool the decoded images."""
+    if os.name != "posix" or os.environ.get("CLASSFORGE_NO_PRECHECK") == "1":
+        return None
+    try:
+        ds = discover_for(cfg)
+    except (ClassforgeError, OSError):
+        return None  # the run reports it in its place, after its own checks of the options
+    spool = tempfile.TemporaryFile(dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+    job = {"root": ds.root, "task": ds.task, "min_size": cfg.min_size, "max_pixels": cfg.max_pixels,
+           "samples": [[s.path, s.rel] for s in ds.samples], "spool_fd": spool.fileno() if keep else -1,
+           "keep_mb": KEEP_MB}
+    env = {**os.environ, "CLASSFORGE_QUIET": "1"}  # the run shows the check's progress; the child stays silent
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "classforge.data.precheck"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                pass_fds=(spool.fileno(),))
+        count_as_own(proc.pid)  # its CPU time is the run's, not a sign of a busy machine
+        proc.stdin.write(json.dumps(job))
+        proc.stdin.close()
+    except OSError:
+        spool.close()
+        return None
+    return Precheck(ds, proc, spool)
+
+
+def _hand_over(spool, entries: list, kept: KeptImages) -> None:
+    """Map the spool and offer each image in it to `kept`, to be built from the mapped bytes when taken."""
+    size = os.fstat(spool.fileno()).st_size
+    if size == 0:
+        return
+    view = memoryview(mmap.mmap(spool.fileno(), size, prot=mmap.PROT_READ))
+    for path, offset, mode, width, height in entries:
+        n = width * height * len(mode)
+        if offset + n <= size:
+            kept.offer_spooled(path, view[offset:offset + n], mode, (width, height))
+
+
+class Spool:
+    """What the child gives validate as `keep`: decoded images, appended raw to the spool file, within the
+    KeptImages budget and size limit."""
+
+    def __init__(self, fd: int, max_mb: float):
+        self.file = os.fdopen(fd, "wb", buffering=0)
+        self.max_bytes = int(max_mb * 2**20)
+        self.used = 0
+        self.entries: list = []
+        self._lock = threading.Lock()
+
+    def offer(self, path: str, img) -> None:
+        if img.width * img.height > MAX_KEPT_PIXELS or img.mode not in ("RGB", "L"):
+            return
+        data = img.tobytes()
+        with self._lock:
+            if self.used + held_bytes(img) > self.max_bytes:
+                return
+            try:
+                offset = self.file.tell()
+                self.file.write(data)
+            except OSError:  # a full /dev/shm: the run decodes the rest again
+                self.max_bytes = 0
+                return
+            self.used += held_bytes(img)
+            self.entries.append([path, offset, img.mode, img.width, img.height])
+
+
+def _child() -> None:
+    from classforge.data.validate import validate
+
+    job = json.loads(sys.stdin.read())
+    samples = [Sample(path, rel, "") for path, rel in job["samples"]]
+    ds = Dataset(job["root"], job["task"], samples, "precheck")
+    spool = Spool(job["spool_fd"], job["keep_mb"]) if job["spool_fd"] >= 0 and ds.task == "image" else None
+    validate(ds, job["min_size"], job["max_pixels"], workers=max(2, os.cpu_count() or 1), keep=spool)
+    sys.stdout.write(json.dumps({"kept": spool.entries if spool else []}))
+
+
+if __name__ == "__main__":
+    _child()

@@ -1,0 +1,90 @@
+"""The file check run in a child process while the training code loads: the run sees exactly what checking the
+files itself would give, with the decoded images handed over, and anything that goes wrong in the child only
+costs the overlap."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classforge.core.config import TrainConfig
+from classforge.data import precheck as pc
+from classforge.training.prepared import prepare_data
+from tests.conftest import bad_image_folder, draw_sample, tree_checksums
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the check runs in-process on Windows")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = bad_image_folder(tmp_path_factory.mktemp("precheck") / "d")
+    rng = np.random.default_rng(1)
+    draw_sample("stripes", rng, 96).convert("L").save(root / "stripes" / "grey.png")  # one band
+    draw_sample("circle", rng, 80).save(root / "circle" / "photo.jpg", quality=85)
+    rgba = draw_sample("circle", rng, 72).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "circle" / "translucent.png")  # flattened onto white by the check
+    return root
+
+
+def _prepared(cfg, monkeypatch, cache, precheck: bool):
+    monkeypatch.setenv("CLASSFORGE_CACHE", str(cache))
+    pending = pc.start_check(cfg) if precheck else None
+    try:
+        return prepare_data(cfg, keep_decoded=True, precheck=pending), pending
+    finally:
+        if pending is not None:
+            pending.close()
+
+
+def _kept_pixels(prep) -> dict[str, np.ndarray]:
+    taken = {s.path: prep.kept.take(s.path) for s in prep.checked.good}
+    return {path: np.asarray(img) for path, img in taken.items() if img is not None}
+
+
+def test_the_run_sees_what_its_own_check_gives(data, tmp_path, monkeypatch):
+    before = tree_checksums(data)
+    cfg = TrainConfig().replace(data=str(data))
+    own, _ = _prepared(cfg, monkeypatch, tmp_path / "cache-own", precheck=False)
+    child, pending = _prepared(cfg, monkeypatch, tmp_path / "cache-child", precheck=True)
+    assert pending is not None
+
+    assert [s.path for s in child.checked.good] == [s.path for s in own.checked.good]
+    assert child.checked.skipped == own.checked.skipped
+    assert child.checked.info == own.checked.info
+    assert [(s.path, s.split) for s in child.samples] == [(s.path, s.split) for s in own.samples]
+    assert {r for r, _ in child.checked.skipped} >= {"circle/truncated.jpg", "stripes/notes.jpg", "stripes/bomb.png"}
+
+    # every image the in-process check kept came from the child, pixel for pixel
+    own_px, child_px = _kept_pixels(own), _kept_pixels(child)
+    assert len(own_px) == len(own.checked.good) and set(child_px) == set(own_px)
+    for path, px in own_px.items():
+        np.testing.assert_array_equal(child_px[path], px, err_msg=path)
+    assert {Image.open(p).mode for p in own_px} >= {"L", "RGBA", "RGB"}
+    assert tree_checksums(data) == before  # the data folder is only read
+
+
+def test_a_child_that_fails_costs_only_the_overlap(data, tmp_path, monkeypatch):
+    cfg = TrainConfig().replace(data=str(data))
+    own, _ = _prepared(cfg, monkeypatch, tmp_path / "cache-own", precheck=False)
+    monkeypatch.setattr(pc.sys, "executable", "/bin/false")
+    failed, pending = _prepared(cfg, monkeypatch, tmp_path / "cache-failed", precheck=True)
+    assert pending is not None and pending.wait(None) is False
+    assert failed.checked.info == own.checked.info
+    assert set(_kept_pixels(failed)) == set(_kept_pixels(own))  # the run decoded and kept them itself
+
+
+def test_images_past_the_budget_are_not_spooled(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(pc, "KEEP_MB", 0.05)  # room for a few 64 px images
+    cfg = TrainConfig().replace(data=str(data))
+    prep, _ = _prepared(cfg, monkeypatch, tmp_path / "cache", precheck=True)
+    assert 0 < prep.kept.stats["kept"] < len(prep.checked.good)
+    assert prep.kept.used <= 0.05 * 2**20
+
+
+def test_no_precheck_when_switched_off(data, monkeypatch):
+    monkeypatch.setenv("CLASSFORGE_NO_PRECHECK", "1")
+    assert pc.start_check(TrainConfig().replace(data=str(data))) is None
