@@ -18,21 +18,25 @@ from classforge.data.discover import Sample
 from classforge.data.preprocess import make_preprocessor
 from classforge.models.registry import Backbone, create_backbone
 from classforge.runtime import embeddings as emb
+from classforge.runtime import engines
 from classforge.runtime.distributed import ProcessGroup
 from classforge.runtime.engines import Engine, engine_for, fast_cpu_bf16, resolve_engine
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "cnn_small"])
-def test_onnx_engine_reproduces_torch_fp32_features(shapes_dir, tmp_path, name):
+def test_onnx_engine_reproduces_torch_fp32_features(shapes_dir, tmp_path, name, monkeypatch):
     bb = create_backbone(name, pretrained=name.startswith("efficientnet")).eval()
     pre = make_preprocessor(bb.spec)
     x = torch.stack([pre.eval(pre.load(p)) for p in sorted(shapes_dir.rglob("*.png"))[:12]])
     with torch.no_grad():
         ref = bb(x).numpy()  # plain eager fp32
     out = Engine("onnx").build(bb, tmp_path / "e")(x).numpy()
-    assert (tmp_path / "e" / "backbone.onnx").is_file()
+    engines.wait_for_cache_writes()  # the export is written to the cache beside the run
+    assert (tmp_path / "e" / "backbone.onnx").is_file() and not list((tmp_path / "e").glob("*.*.onnx"))
     assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
-    again = Engine("onnx").build(bb, tmp_path / "e")(x[:3]).numpy()  # the exported file is reused
+    with monkeypatch.context() as m:  # the exported file is reused: no second export
+        m.setattr(engines, "torch_to_onnx_bytes", lambda *a, **k: pytest.fail("exported again"))
+        again = Engine("onnx").build(bb, tmp_path / "e")(x[:3]).numpy()
     np.testing.assert_allclose(again, out[:3], atol=1e-5)
 
 

@@ -217,6 +217,16 @@ def phash(img: Image.Image, n: int = 64, k: int = 16) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
+def normalised_levels(spec: InputSpec) -> np.ndarray:
+    """(3, 256) float32: what each 8-bit level of each channel becomes, by the float32 arithmetic of
+    torchvision's ToDtype(scale=True) + Normalize (x * (1/255), then (x - mean) / std). Looking a pixel up here
+    gives the same bits as computing it."""
+    levels = np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255)
+    mean = np.broadcast_to(np.asarray(spec.mean, dtype=np.float32), (3,))
+    std = np.broadcast_to(np.asarray(spec.std, dtype=np.float32), (3,))
+    return np.ascontiguousarray(((levels - mean) / std).T)
+
+
 class ImagePreprocessor:
     """load(src) -> RGB PIL image (shrunk once for the in-memory cache); eval(raw)/train(raw) -> (3,H,W)."""
 
@@ -226,8 +236,7 @@ class ImagePreprocessor:
         self.augment = resolve_augment(spec, augment)
         self.max_pixels = max_pixels
         self._augment_level = augment
-        self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 1, -1)
-        self._std = np.asarray(spec.std, dtype=np.float32).reshape(1, 1, -1)
+        self._levels = normalised_levels(spec)
         self._eval_tf = self._train_tf = None  # torchvision pipelines, built on first use (importing it takes seconds)
 
     def warm_up(self) -> None:
@@ -268,10 +277,10 @@ class ImagePreprocessor:
 
     def eval(self, raw: Image.Image) -> torch.Tensor:
         """Eval view. `load` already shrank the short side to size/crop_pct, so usually only the centre crop
-        and the normalisation remain: done here on the uint8 array (0.2 ms instead of 1.3 ms per 224 px image
-        through the torchvision pipeline, whose resize is then a no-op), with the same crop offsets and the same
-        float32 arithmetic (x * (1/255), then (x - mean) / std), in numpy: no small ops on torch's thread pool,
-        which stall when another process holds a core. Other sizes go through torchvision."""
+        and the normalisation remain: done here on the uint8 array, with the same crop offsets as the
+        torchvision pipeline (whose resize is then a no-op) and values from `normalised_levels`, in numpy: no
+        small ops on torch's thread pool, which stall when another process holds a core. Other sizes go through
+        torchvision."""
         target, size = int(round(self.spec.size / self.spec.crop_pct)), self.spec.size
         if isinstance(raw, Image.Image) and min(raw.size) < target and self.spec.interpolation == "bilinear":
             raw = enlarge_short_side(raw, target)
@@ -281,13 +290,13 @@ class ImagePreprocessor:
         if w < size or h < size:
             return self._eval(raw)
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-        x = np.asarray(raw)[top:top + size, left:left + size].astype(np.float32)  # (H, W, 3)
-        x *= np.float32(1.0 / 255)
-        x -= self._mean
-        x /= self._std
+        crop = np.asarray(raw)[top:top + size, left:left + size]  # (H, W, 3) uint8
+        x = np.empty((3, size, size), np.float32)
+        for c in range(3):  # each channel's plane looked up from its 256 values: no float pass over the image
+            np.take(self._levels[c], crop[..., c], out=x[c], mode="clip")
         import torch
 
-        return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, H, W)
+        return torch.from_numpy(x)  # (3, H, W)
 
     def train(self, raw: Image.Image) -> torch.Tensor:
         return self._train(raw)

@@ -173,7 +173,8 @@ class Computation:
             """(features?, tensor). Per-core engines run the forward pass in the decode worker too (one thread
             each, no shared pool) once the engine is built; before that, and for the other engines, the worker
             returns the decoded batch for a forward pass in the caller."""
-            x = torch.stack([v for i in chunk for v in self.load(i)])
+            views = [v for i in chunk for v in self.load(i)]
+            x = views[0][None] if len(views) == 1 else torch.stack(views)  # one photo per pass: no copy
             if engine.pins_memory:
                 x = x.pin_memory()  # a non-blocking copy to the GPU
             if not engine.per_core or not ready.is_set():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from classforge.core.errors import ClassforgeError
-from classforge.runtime.onnx import ort_session, torch_to_onnx
+from classforge.runtime.onnx import ort_session, torch_to_onnx_bytes
 
 ENGINES = ("auto", "torch", "onnx")
 
@@ -133,24 +134,47 @@ class Engine:
 
 
 def _ort_runner(backbone, cache: Path, threads: int | None = None):
-    cache.mkdir(parents=True, exist_ok=True)
     path = cache / "backbone.onnx"
+    model: Path | bytes = path
     if not path.is_file():
-        # a file of our own first: parallel workers (classforge search) may export the same backbone at once
-        mine = path.with_name(f"backbone.{os.getpid()}.onnx")
-        model = backbone.eval().to(memory_format=torch.contiguous_format)
         with torch.no_grad():
-            torch_to_onnx(model, example_input(backbone), mine)
-        os.replace(mine, path)
+            model = torch_to_onnx_bytes(backbone.eval().to(memory_format=torch.contiguous_format),
+                                        example_input(backbone))
+        # written for the next run while this one computes (the first write of a new file is slow on some disks)
+        writer = threading.Thread(target=_write_atomically, args=(path, model), name="classforge-onnx-cache")
+        writer.start()
+        _cache_writers.append(writer)
     # one session for all workers: ONNX Runtime's run() is thread-safe, and with one intra-op thread it computes
     # on the calling thread
-    session = ort_session(path, threads=threads or torch.get_num_threads())
+    session = ort_session(model, threads=threads or torch.get_num_threads())
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0]).float()
 
     return run
+
+
+_cache_writers: list[threading.Thread] = []
+
+
+def wait_for_cache_writes() -> None:
+    """Return once every exported backbone is in its cache file."""
+    while _cache_writers:
+        _cache_writers.pop().join()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """A file of our own first, then renamed: parallel workers (classforge search) may export the same backbone
+    at once. A cache that cannot be written only costs the next run an export."""
+    mine = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mine.write_bytes(data)
+        os.replace(mine, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            mine.unlink()
 
 
 def example_input(backbone) -> torch.Tensor:

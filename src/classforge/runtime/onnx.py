@@ -3,8 +3,10 @@ its logits with eager fp32 PyTorch."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,25 +24,44 @@ def torch_to_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, ops
     asked (the dynamo one starts at 18 and cannot convert Pad down); dynamo is the fallback. The outputs are
     named by the model's `output_names` (default: logits)."""
     tmp = path.with_name(path.name + ".tmp")
+    exporter = _export(model, example, str(tmp), opset)
+    os.replace(tmp, path)
+    return exporter
+
+
+def torch_to_onnx_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int = OPSET) -> bytes:
+    """torch_to_onnx into memory: a session can start before the file is written."""
+    buffer = io.BytesIO()
+    try:
+        _export(model, example, buffer, opset, fallback=False)
+        return buffer.getvalue()
+    except ClassforgeError:
+        with tempfile.TemporaryDirectory() as tmp:  # the dynamo exporter writes files only
+            path = Path(tmp) / "model.onnx"
+            torch_to_onnx(model, example, path, opset)
+            return path.read_bytes()
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor, f, opset: int, fallback: bool = True) -> str:
     names = list(getattr(model, "output_names", ("logits",)))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=names,
+            torch.onnx.export(model, (example,), f, input_names=["input"], output_names=names,
                               opset_version=opset, dynamo=False,
                               dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}})
-        exporter = "torchscript"
+        return "torchscript"
     except Exception as first:  # noqa: BLE001 - any exporter failure: try the other one
+        if not fallback:
+            raise ClassforgeError(f"ONNX export failed: {first}") from first
         try:
             batch = torch.export.Dim("batch", min=1, max=4096)
-            torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=names,
+            torch.onnx.export(model, (example,), f, input_names=["input"], output_names=names,
                               opset_version=max(opset, 18), dynamo=True, external_data=False,
                               dynamic_shapes=({0: batch},))
-            exporter = "dynamo"
+            return "dynamo"
         except Exception as second:
             raise ClassforgeError(f"ONNX export failed: {first} (dynamo exporter: {second})") from second
-    os.replace(tmp, path)
-    return exporter
 
 
 def add_metadata(path: Path, meta: dict, labels: list[str]) -> None:
@@ -63,14 +84,16 @@ def add_metadata(path: Path, meta: dict, labels: list[str]) -> None:
     onnx.save(m, str(path))
 
 
-def ort_session(path: Path, threads: int | None = None):
+def ort_session(model: Path | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session for a model file or a model's bytes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the Predictor's session
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                providers=["CPUExecutionProvider"])
 
 
 def as_columns(outputs) -> np.ndarray:
