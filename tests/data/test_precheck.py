@@ -4,6 +4,7 @@ costs the overlap."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -88,3 +89,27 @@ def test_images_past_the_budget_are_not_spooled(data, tmp_path, monkeypatch):
 def test_no_precheck_when_switched_off(data, monkeypatch):
     monkeypatch.setenv("CLASSFORGE_NO_PRECHECK", "1")
     assert pc.start_check(TrainConfig().replace(data=str(data))) is None
+
+
+def test_a_full_spool_stops_keeping_without_recording_a_partial_image(tmp_path):
+    """A write that /dev/shm cuts short (it is full) keeps no entry for that image, and nothing after it."""
+
+    class FullAfter:
+        def __init__(self, room: int):
+            self.room, self.pos = room, 0
+
+        def tell(self):
+            return self.pos
+
+        def write(self, data):
+            n = min(len(data), self.room - self.pos)
+            self.pos += n
+            return n
+
+    spool = pc.Spool(os.open(tmp_path / "spool", os.O_CREAT | os.O_RDWR), max_mb=1)
+    spool.file.close()
+    spool.file = FullAfter(room=3 * 64 * 64 + 100)
+    for i in range(3):
+        spool.offer(f"f{i}.png", Image.new("RGB", (64, 64)))
+    assert [e[0] for e in spool.entries] == ["f0.png"]
+    assert spool.max_bytes == 0

@@ -126,8 +126,10 @@ class Spool:
                 return
             try:
                 offset = self.file.tell()
-                self.file.write(data)
-            except OSError:  # a full /dev/shm: the run decodes the rest again
+                complete = self.file.write(data) == len(data)
+            except OSError:
+                complete = False
+            if not complete:  # a full /dev/shm: the run decodes the rest again
                 self.max_bytes = 0
                 return
             self.used += held_bytes(img)
