@@ -113,3 +113,17 @@ def test_a_full_spool_stops_keeping_without_recording_a_partial_image(tmp_path):
         spool.offer(f"f{i}.png", Image.new("RGB", (64, 64)))
     assert [e[0] for e in spool.entries] == ["f0.png"]
     assert spool.max_bytes == 0
+
+
+@pytest.mark.trains  # calls the training entry point, which stops at the options before training
+def test_a_run_that_stops_before_its_check_leaves_no_child(data, monkeypatch):
+    from classforge import api
+    from classforge.core.errors import ClassforgeError
+
+    started = []
+    real = pc.start_check
+    monkeypatch.setattr(pc, "start_check", lambda cfg: started.append(real(cfg)) or started[-1])
+    with pytest.raises(ClassforgeError, match="--strategy"):
+        api.train_config(TrainConfig().replace(data=str(data), strategy="no-such-strategy"))
+    assert started and started[0] is not None
+    assert started[0]._proc.poll() is not None  # stopped and waited for

@@ -62,14 +62,16 @@ class Precheck:
             self._proc.kill()
             self._proc.wait()
         stop_counting(self._proc.pid)
+        self._reader.join()  # the child is gone, so its output has ended
         if self._proc.stdout is not None:
             self._proc.stdout.close()
         self._spool.close()
 
 
 def start_check(cfg: TrainConfig, keep: bool = True) -> Precheck | None:
-    """Discover cfg's data and start checking it in a child process; None where that is not possible (no fork
-    of file descriptors on this platform, CLASSFORGE_NO_PRECHECK=1). `keep`: spool the decoded images."""
+    """Discover cfg's data and start checking it in a child process; None where that is not possible (not a
+    POSIX system, data that cannot be discovered: the run says why) or not wanted (CLASSFORGE_NO_PRECHECK=1).
+    `keep`: spool the decoded images."""
     if os.name != "posix" or os.environ.get("CLASSFORGE_NO_PRECHECK") == "1":
         return None
     try:
@@ -143,7 +145,7 @@ def _child() -> None:
     samples = [Sample(path, rel, "") for path, rel in job["samples"]]
     ds = Dataset(job["root"], job["task"], samples, "precheck")
     spool = Spool(job["spool_fd"], job["keep_mb"]) if job["spool_fd"] >= 0 and ds.task == "image" else None
-    validate(ds, job["min_size"], job["max_pixels"], workers=max(2, os.cpu_count() or 1), keep=spool)
+    validate(ds, job["min_size"], job["max_pixels"], keep=spool)  # as the run itself would check them
     sys.stdout.write(json.dumps({"kept": spool.entries if spool else []}))
 
 
