@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 from classforge.core.cache import cache_dir
 from classforge.core.errors import BadFile
+from classforge.core.files import write_atomically
 from classforge.core.progress import progress
 from classforge.data.discover import Dataset, Sample
 from classforge.data.image import open_image, phash
@@ -115,9 +116,7 @@ def validate(ds: Dataset, min_size: int = 8, max_pixels: int = 89_478_485, worke
     if new:
         cache.update(new)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp")  # processes of one run write it at once
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(cache_file)
+        write_atomically(cache_file, json.dumps(cache).encode())  # processes of one run write it at once
     good, skipped, info = [], [], {}
     for s, fi in zip(ds.samples, infos):
         info[s.path] = fi

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from classforge.core.errors import ClassforgeError
+from classforge.core.files import write_atomically
 from classforge.runtime.onnx import ort_session, torch_to_onnx_bytes
 
 ENGINES = ("auto", "torch", "onnx")
@@ -141,7 +142,7 @@ def _ort_runner(backbone, cache: Path, threads: int | None = None):
             model = torch_to_onnx_bytes(backbone.eval().to(memory_format=torch.contiguous_format),
                                         example_input(backbone))
         # written for the next run while this one computes (the first write of a new file is slow on some disks)
-        writer = threading.Thread(target=_write_atomically, args=(path, model), name="classforge-onnx-cache")
+        writer = threading.Thread(target=_write_cache, args=(path, model), name="classforge-onnx-cache")
         writer.start()
         _cache_writers.append(writer)
     # one session for all workers: ONNX Runtime's run() is thread-safe, and with one intra-op thread it computes
@@ -164,17 +165,12 @@ def wait_for_cache_writes() -> None:
         _cache_writers.pop().join()
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """A file of our own first, then renamed: parallel workers (classforge search) may export the same backbone
-    at once. A cache that cannot be written only costs the next run an export."""
-    mine = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
-    try:
+def _write_cache(path: Path, data: bytes) -> None:
+    """Atomically: parallel workers (classforge search) may export the same backbone at once. A cache that cannot
+    be written only costs the next run an export."""
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        mine.write_bytes(data)
-        os.replace(mine, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            mine.unlink()
+        write_atomically(path, data)
 
 
 def example_input(backbone) -> torch.Tensor:

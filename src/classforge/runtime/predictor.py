@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from classforge.core.errors import BadFile, ClassforgeError
+from classforge.core.files import write_atomically
 from classforge.core.progress import progress
 from classforge.core.spec import InputSpec
 from classforge.data.preprocess import make_preprocessor
@@ -54,17 +55,13 @@ def load_run_model(run_dir: str | Path) -> tuple[Classifier, dict, list[str]]:
 def update_run_meta(run_dir: str | Path, **changes) -> dict:
     """Set top-level keys of RUN/model.json (atomically: a crash never leaves half a file); returns the new meta.
     `backbone_kwargs` given as a dict is merged into the existing one."""
-    import os
-
     path = Path(run_dir) / "model.json"
     if not path.is_file():
         raise ClassforgeError(f"{run_dir} is not a classforge run directory (missing model.json)")
     meta = json.loads(path.read_text())
     for k, v in changes.items():
         meta[k] = {**(meta.get(k) or {}), **v} if k == "backbone_kwargs" else v
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(meta, indent=2).encode())
     return meta
 
 
