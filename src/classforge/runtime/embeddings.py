@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import threading
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from classforge.core.cache import cache_dir
+from classforge.core.files import write_atomically
 from classforge.core.progress import progress
 from classforge.data.discover import Sample
 from classforge.runtime.decode import PREFETCH, decoded_batches
@@ -59,9 +61,9 @@ class EmbeddingCache:
     def put(self, sha1: str, arr: np.ndarray) -> None:
         p = self._path(sha1)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, arr.astype(np.float32))
-        tmp.replace(p)
+        buffer = io.BytesIO()
+        np.save(buffer, arr.astype(np.float32))
+        write_atomically(p, buffer.getvalue())  # the processes of a run may embed the same file
 
 
 def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key: str, views: int = 1,
