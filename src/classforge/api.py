@@ -145,9 +145,9 @@ def backbones() -> dict:
 
 def demo(out: str = "runs/demo", backbone: str = "efficientnet_lite0") -> Path:
     """Train on scikit-learn's digits (no download) and return the run directory."""
-    from classforge.demo import run_demo
+    from classforge.demo import demo_config
 
-    return run_demo(out, backbone)
+    return train_config(demo_config(out, backbone))
 
 
 def describe(target: str, input_shape: str | None = None, num_classes: int | None = None,

@@ -28,10 +28,10 @@ def write_digits(dest: Path | None = None, size: int = 32) -> Path:
     return dest
 
 
-def run_demo(out: str = "runs/demo", backbone: str = "efficientnet_lite0") -> Path:
+def demo_config(out: str = "runs/demo", backbone: str = "efficientnet_lite0"):
+    """The digits written (once) and the TrainConfig of the demo's run on them (api.demo trains it)."""
     from classforge.core.config import TrainConfig
-    from classforge.training.run import train
 
     data = write_digits()
     print(f"Demo data: {len(list(data.rglob('*.png')))} digit images in {data}")
-    return train(TrainConfig(data=str(data), out=out, backbone=backbone, strategy="linear"))
+    return TrainConfig(data=str(data), out=out, backbone=backbone, strategy="linear")
