@@ -136,7 +136,7 @@ def run_b(data, cfg, backbone, epochs: int, bs: int = 32, engine_name: str = "au
 
     pre = make_preprocessor(backbone.spec)
     engine = engine_for(engine_name)
-    key = emb.backbone_key(cfg.backbone, backbone.weights_source, backbone.spec.to_dict(), "bench", engine.key)
+    key = emb.features_key(cfg.backbone, backbone, "bench", engine)
     t0 = time.time()
     feats = {}
     build_s = loop_s = 0.0

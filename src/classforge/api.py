@@ -16,10 +16,10 @@ def train(data: str, out: str | None = None, **options) -> Path:
 
 def train_config(cfg) -> Path:
     """Train, evaluate and write the run that a TrainConfig describes. The files are checked in a second process
-    while the training code loads."""
-    from classforge.data.precheck import start_check
+    while the training code loads, and where it can, that process also computes their features."""
+    from classforge.runtime.ahead import start
 
-    precheck = start_check(cfg) if cfg.data and not cfg.resume else None
+    precheck = start(cfg) if cfg.data and not cfg.resume else None
     try:
         from classforge.training.run import train as run_train
 

@@ -122,7 +122,7 @@ def test_a_run_that_stops_before_its_check_leaves_no_child(data, monkeypatch):
 
     started = []
     real = pc.start_check
-    monkeypatch.setattr(pc, "start_check", lambda cfg: started.append(real(cfg)) or started[-1])
+    monkeypatch.setattr(pc, "start_check", lambda cfg, **kw: started.append(real(cfg, **kw)) or started[-1])
     with pytest.raises(ClassforgeError, match="--strategy"):
         api.train_config(TrainConfig().replace(data=str(data), strategy="no-such-strategy"))
     assert started and started[0] is not None

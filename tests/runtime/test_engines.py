@@ -21,19 +21,28 @@ from classforge.runtime import embeddings as emb
 from classforge.runtime import engines
 from classforge.runtime.distributed import ProcessGroup
 from classforge.runtime.engines import Engine, engine_for, fast_cpu_bf16, resolve_engine
+from classforge.runtime.feature_cache import OWN_GRAPH_ENGINE_KEY
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "cnn_small"])
 def test_onnx_engine_reproduces_torch_fp32_features(shapes_dir, tmp_path, name, monkeypatch):
+    """A backbone that builds its own ONNX graph is never exported (nor cached: building it is cheap); another is
+    exported once into the cache and reused."""
     bb = create_backbone(name, pretrained=name.startswith("efficientnet")).eval()
     pre = make_preprocessor(bb.spec)
     x = torch.stack([pre.eval(pre.load(p)) for p in sorted(shapes_dir.rglob("*.png"))[:12]])
     with torch.no_grad():
         ref = bb(x).numpy()  # plain eager fp32
-    out = Engine("onnx").build(bb, tmp_path / "e")(x).numpy()
-    engines.wait_for_cache_writes()  # the export is written to the cache beside the run
-    assert (tmp_path / "e" / "backbone.onnx").is_file() and not list((tmp_path / "e").glob("*.tmp"))
+    with monkeypatch.context() as m:
+        if bb.builds_onnx_graph:
+            m.setattr(engines, "torch_to_onnx_bytes", lambda *a, **k: pytest.fail("exported despite its own graph"))
+        out = Engine("onnx").build(bb, tmp_path / "e")(x).numpy()
+    engines.wait_for_cache_writes()  # an export is written to the cache beside the run
     assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    if bb.builds_onnx_graph:
+        assert not (tmp_path / "e").exists()
+        return
+    assert (tmp_path / "e" / "backbone.onnx").is_file() and not list((tmp_path / "e").glob("*.tmp"))
     with monkeypatch.context() as m:  # the exported file is reused: no second export
         m.setattr(engines, "torch_to_onnx_bytes", lambda *a, **k: pytest.fail("exported again"))
         again = Engine("onnx").build(bb, tmp_path / "e")(x[:3]).numpy()
@@ -52,6 +61,10 @@ def test_engine_resolution_and_keys(monkeypatch):
     keys = {Engine("torch").key, Engine("onnx").key, Engine("torch", device="cuda").key}
     assert len(keys) == 3
     assert len({emb.backbone_key("m", "w", {}, "", k) for k in keys}) == 3
+    # ONNX Runtime's features from a backbone's own graph are kept apart from those of an exported graph
+    lite, cnn = create_backbone("efficientnet_lite0", pretrained=False), create_backbone("cnn_small")
+    assert Engine("onnx").key_for(lite) == OWN_GRAPH_ENGINE_KEY and Engine("onnx").key_for(cnn) == "onnx"
+    assert Engine("torch").key_for(lite) == Engine("torch").key
 
 
 def test_unexportable_backbone_falls_back_to_torch(tmp_path):

@@ -82,8 +82,9 @@ def test_second_run_reuses_embedding_cache(linear_run, shapes_dir, tmp_path):
 
 @pytest.mark.trains
 def test_a_linear_run_embeds_the_images_its_check_decoded_and_frees_them(shapes_dir, tmp_path, monkeypatch):
-    """Nothing cached: the check decodes every file once, the embedding pass takes each file's image from what
-    the check kept instead of decoding it again, and the run lets go of whatever it kept."""
+    """Nothing cached, and the run computes the features itself (not its check process: runtime.ahead): the check
+    decodes every file once, the embedding pass takes each file's image from what the check kept instead of
+    decoding it again, and the run lets go of whatever it kept."""
     from classforge.data import image, kept
     from classforge.training import prepared
 
@@ -104,6 +105,7 @@ def test_a_linear_run_embeds_the_images_its_check_decoded_and_frees_them(shapes_
     monkeypatch.setattr(prepared, "KeptImages", Recording)
     monkeypatch.setattr(image, "open_image", lambda src, *a, **k: (decodes.append(src), real(src, *a, **k))[1])
     monkeypatch.setenv("CLASSFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLASSFORGE_NO_AHEAD", "1")
     run = classforge.train(shapes_dir, tmp_path / "once", backbone="efficientnet_lite0", strategy="linear",
                            epochs=3)
     n = len(read_csv(run / "split.csv"))

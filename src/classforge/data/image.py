@@ -276,27 +276,43 @@ class ImagePreprocessor:
         return img
 
     def eval(self, raw: Image.Image) -> torch.Tensor:
-        """Eval view. `load` already shrank the short side to size/crop_pct, so usually only the centre crop
-        and the normalisation remain: done here on the uint8 array, with the same crop offsets as the
-        torchvision pipeline (whose resize is then a no-op) and values from `normalised_levels`, in numpy: no
-        small ops on torch's thread pool, which stall when another process holds a core. Other sizes go through
-        torchvision."""
-        target, size = int(round(self.spec.size / self.spec.crop_pct)), self.spec.size
-        if isinstance(raw, Image.Image) and min(raw.size) < target and self.spec.interpolation == "bilinear":
-            raw = enlarge_short_side(raw, target)
-        if not isinstance(raw, Image.Image) or raw.mode != "RGB" or min(raw.size) != target:
+        """Eval view (3, H, W): made in numpy where `eval_array` can, else by the torchvision pipeline."""
+        raw = self._enlarged(raw)
+        x = self._cropped_and_normalised(raw)
+        if x is None:
             return self._eval(raw)
+        import torch
+
+        return torch.from_numpy(x)
+
+    def eval_array(self, raw) -> np.ndarray | None:
+        """Eval view as a float32 (3, H, W) array, without torch; None where only torchvision makes it."""
+        return self._cropped_and_normalised(self._enlarged(raw))
+
+    def _enlarged(self, raw):
+        """An image smaller than the model's input, enlarged to it as torchvision's Resize would (bilinear)."""
+        target = int(round(self.spec.size / self.spec.crop_pct))
+        if isinstance(raw, Image.Image) and min(raw.size) < target and self.spec.interpolation == "bilinear":
+            return enlarge_short_side(raw, target)
+        return raw
+
+    def _cropped_and_normalised(self, raw) -> np.ndarray | None:
+        """`load` already shrank the short side to size/crop_pct, so usually only the centre crop and the
+        normalisation remain: done here on the uint8 array, with the same crop offsets as the torchvision pipeline
+        (whose resize is then a no-op) and values from `normalised_levels`, in numpy: no small ops on torch's
+        thread pool, which stall when another process holds a core. None for other sizes and modes."""
+        target, size = int(round(self.spec.size / self.spec.crop_pct)), self.spec.size
+        if not isinstance(raw, Image.Image) or raw.mode != "RGB" or min(raw.size) != target:
+            return None
         w, h = raw.size
         if w < size or h < size:
-            return self._eval(raw)
+            return None
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
         crop = np.asarray(raw)[top:top + size, left:left + size]  # (H, W, 3) uint8
         x = np.empty((3, size, size), np.float32)
         for c in range(3):  # each channel's plane looked up from its 256 values: no float pass over the image
             np.take(self._levels[c], crop[..., c], out=x[c], mode="clip")
-        import torch
-
-        return torch.from_numpy(x)  # (3, H, W)
+        return x
 
     def train(self, raw: Image.Image) -> torch.Tensor:
         return self._train(raw)

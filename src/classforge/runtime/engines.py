@@ -29,6 +29,7 @@ import torch
 
 from classforge.core.errors import ClassforgeError
 from classforge.core.files import write_atomically
+from classforge.runtime.feature_cache import OWN_GRAPH_ENGINE_KEY
 from classforge.runtime.onnx import ort_session, torch_to_onnx_bytes
 
 ENGINES = ("auto", "torch", "onnx")
@@ -99,6 +100,13 @@ class Engine:
             return f"torch-fp32-{self.device}"
         return self.kind
 
+    def key_for(self, backbone) -> str:
+        """The key of the features this engine computes for `backbone`: ONNX Runtime runs the backbone's own graph
+        where it builds one (`Backbone.onnx_graph`), whose features are kept apart from an exported graph's."""
+        if self.kind == "onnx" and getattr(backbone, "builds_onnx_graph", False):
+            return OWN_GRAPH_ENGINE_KEY
+        return self.key
+
     @property
     def pins_memory(self) -> bool:
         """Decoded batches go to page-locked memory, so the copy to the GPU overlaps the next batch's decoding."""
@@ -135,9 +143,12 @@ class Engine:
 
 
 def _ort_runner(backbone, cache: Path, threads: int | None = None):
+    """ONNX Runtime on the backbone's own graph where it builds one (no export), else on its export, which is kept
+    in `cache` for the next run."""
     path = cache / "backbone.onnx"
-    model: Path | bytes = path
-    if not path.is_file():
+    graph = backbone.onnx_graph() if getattr(backbone, "builds_onnx_graph", False) else None
+    model: Path | bytes = graph if graph is not None else path
+    if graph is None and not path.is_file():
         with torch.no_grad():
             model = torch_to_onnx_bytes(backbone.eval().to(memory_format=torch.contiguous_format),
                                         example_input(backbone))

@@ -14,6 +14,10 @@ import numpy as np
 import torch
 
 from classforge.core.errors import ClassforgeError
+from classforge.runtime.ort import ort_session
+
+__all__ = ["OPSET", "TOLERANCE", "add_metadata", "as_columns", "ort_session", "parity", "run_ort", "run_torch",
+           "torch_to_onnx", "torch_to_onnx_bytes"]
 
 OPSET = 17
 TOLERANCE = 1e-4  # max |logit difference| between ONNX Runtime and eager fp32 PyTorch
@@ -82,18 +86,6 @@ def add_metadata(path: Path, meta: dict, labels: list[str]) -> None:
         m.metadata_props.add(key=k, value=v)
     m.producer_name = "classforge"
     onnx.save(m, str(path))
-
-
-def ort_session(model: Path | bytes, threads: int | None = None):
-    """An ONNX Runtime CPU session for a model file or a model's bytes."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the Predictor's session
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
-                                providers=["CPUExecutionProvider"])
 
 
 def as_columns(outputs) -> np.ndarray:

@@ -98,7 +98,7 @@ def embed(cfg: TrainConfig, task: str, samples: list[Sample], info: dict) -> tup
     name = cfg.backbone if cfg.backbone not in ("auto", "") else default_backbone(task)
     bb = create_backbone(name, pretrained=cfg.pretrained, weights=cfg.weights)
     engine = engine_for(cfg.extract_engine)
-    key = emb.backbone_key(name, bb.weights_source, bb.spec.to_dict(), json.dumps({}), engine.key)
+    key = emb.features_key(name, bb, json.dumps({}), engine)
     pre = make_preprocessor(bb.spec, augment="light", max_pixels=cfg.max_pixels)
     feats, _ = emb.extract(bb, samples, [info[s.path].sha1 for s in samples], pre, key, 1, cfg.batch_size,
                            desc="Embedding", engine=engine)

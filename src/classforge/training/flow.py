@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from classforge.core.config import TrainConfig
 from classforge.core.errors import ClassforgeError
 from classforge.core.files import open_csv
-from classforge.core.progress import progress
+from classforge.core.progress import Progress, progress, quiet, summary_line
 from classforge.data.discover import Sample
 from classforge.data.ops import attach_ops
 from classforge.data.preprocess import make_preprocessor
@@ -261,21 +262,24 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     feats = {}
     arch = json.dumps(backbone_kwargs(cfg, 0))
     extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "engine": engine.key,
-                           "key": emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, engine.key),
+                           "key": emb.features_key(cfg.backbone, bb, arch, engine),
                            "world_size": group.world_size}
+    ahead = wait_for_features_ahead(data)
     for splits, eng, n_views in extraction_passes(engines, views):
         parts = [data.of(split) for split in splits]
         ss = [s for part in parts for s in part]
-        key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, eng.key)
+        key = emb.features_key(cfg.backbone, bb, arch, eng)
         sha = [data.checked.info[s.path].sha1 for s in ss]
         names = ", ".join(splits)
         out, stats = emb.extract(bb, ss, sha, pre, key, n_views, cfg.batch_size, desc=f"Embedding {names}",
                                  engine=eng, group=group)
+        count_ahead(stats, ahead, key, sha)
         start = 0
         for split, part in zip(splits, parts):
             feats[split], start = out[start:start + len(part)], start + len(part)
         others = stats.get("by_others", 0)
         print(f"  {names}: {len(ss)} files, {stats['cached']} embeddings from cache, {stats['computed']} computed"
+              + (f" ({stats['ahead']} of them beside the imports)" if stats.get("ahead") else "")
               + (f" ({stats['computed'] - others} here, {others} by the other {group.world_size - 1} "
                  f"process{'es' if group.world_size > 2 else ''})" if group.world_size > 1 and others else ""))
         add_extraction_stats(extra["embeddings"], stats)
@@ -283,8 +287,9 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     if "per_process" in extra["embeddings"]:
         extra["embeddings"]["per_process"] = list(extra["embeddings"]["per_process"].values())
     timing["embedding_s"] += time.time() - t
-    if extra["embeddings"].get("loop_s"):
-        extra["embeddings"]["files_per_s"] = round(extra["embeddings"]["computed"] / extra["embeddings"]["loop_s"], 1)
+    loop_s = extra["embeddings"].get("loop_s", 0) + extra["embeddings"].get("ahead_loop_s", 0)
+    if loop_s:
+        extra["embeddings"]["files_per_s"] = round(extra["embeddings"]["computed"] / loop_s, 1)
     for note in {e.note for e in engines.values() if e.note}:
         data.notes.append(note)
     if extra["embeddings"].get("missing_from_shared_cache"):
@@ -308,6 +313,38 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     return hist
 
 
+def wait_for_features_ahead(data: Prepared) -> dict | None:
+    """The features the check process computes while the run loads (runtime.ahead), once it is done; its progress
+    is shown while the run waits."""
+    bar = None
+
+    def shown(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(None, total=total, desc="Embedding beside the imports", summary=False)
+        bar.update(done - bar.done)
+
+    ahead = data.features_ahead(shown)
+    if bar is not None:
+        bar.close()
+    if ahead and ahead.get("sha1s") and not quiet():
+        print(summary_line("Embedding beside the imports", len(ahead["sha1s"]), "file", ahead["loop_s"]),
+              file=sys.stderr)
+    return ahead
+
+
+def count_ahead(stats: dict, ahead: dict | None, key: str, sha1s: list[str]) -> None:
+    """Files whose features the check process computed were found in the cache: count them as computed (and how
+    many were), not as cached; with their time."""
+    if not ahead or ahead.get("key") != key:
+        return
+    mine = set(ahead["sha1s"])
+    n = min(stats["cached"], sum(h in mine for h in sha1s))
+    if n:
+        stats.update(cached=stats["cached"] - n, computed=stats["computed"] + n, ahead=n,
+                     ahead_build_s=ahead["build_s"], ahead_loop_s=ahead["loop_s"])
+
+
 def extraction_passes(engines: dict, train_views: int) -> list[tuple[list[str], object, int]]:
     """(splits, engine, views) per extraction pass: the splits that one engine embeds with as many views go
     through one pass, so that decoding and the forward passes run as one pipeline, without a drain per split."""
@@ -324,6 +361,9 @@ def add_extraction_stats(total: dict, stats: dict) -> None:
         total[k] += stats[k]
     for k in ("build_s", "loop_s"):  # the engine's one-time export/trace; decoding + forward passes
         total[k] = round(total.get(k, 0.0) + stats.get(k, 0.0), 3)
+    if stats.get("ahead"):  # in the check process (runtime.ahead), once for all splits
+        total["ahead"] = total.get("ahead", 0) + stats["ahead"]
+        total["ahead_build_s"], total["ahead_loop_s"] = stats["ahead_build_s"], stats["ahead_loop_s"]
     if stats.get("missing"):
         total["missing_from_shared_cache"] = total.get("missing_from_shared_cache", 0) + stats["missing"]
     for r in stats.get("per_process", []):

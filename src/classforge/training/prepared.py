@@ -30,6 +30,15 @@ class Prepared:
     samples: list[Sample]  # with split set; excluded ones dropped
     notes: list[str] = field(default_factory=list)
     kept: KeptImages | None = None  # images the check decoded, for the first pass over the files
+    check_process: Precheck | None = None  # the process that checked the files, which may compute features ahead
+
+    def features_ahead(self, on_progress=None) -> dict | None:
+        """The features the check process computed into the embedding cache while the run loaded (runtime.ahead),
+        once it is done: {"key", "sha1s", "build_s", "loop_s"}; None when it computed none. `on_progress(done,
+        total)` hears of its progress meanwhile."""
+        if self.check_process is None:
+            return None
+        return self.check_process.message("features", on_progress)
 
     def release_kept(self) -> None:
         """Free the images the first pass did not take (files outside the split, passes that do not decode)."""
@@ -70,7 +79,7 @@ def prepare_data(cfg: TrainConfig, keep_decoded: bool = False, precheck: Prechec
         samples = [s for s in samples if s.label in set(labels)]
     if len(labels) < 2:
         raise ClassforgeError(f"Need at least 2 classes with training samples, found {labels}")
-    return Prepared(ds, checked, report, labels, samples, notes, kept)
+    return Prepared(ds, checked, report, labels, samples, notes, kept, precheck)
 
 
 def views_per_class(data: Prepared, cfg: TrainConfig) -> int:

@@ -110,7 +110,7 @@ def embed(model, cfg: TrainConfig, samples: list[Sample], info: dict | None = No
         return np.zeros((0, bb.feature_dim), np.float32)
     engine = engine_for(cfg.extract_engine)
     arch = json.dumps(backbone_kwargs(cfg, 0))  # as the run's own embeddings were keyed
-    key = emb.backbone_key(cfg.backbone, bb.weights_source, bb.spec.to_dict(), arch, engine.key)
+    key = emb.features_key(cfg.backbone, bb, arch, engine)
     pre = make_preprocessor(bb.spec, augment="light", max_pixels=cfg.max_pixels)
     sha = [info[s.path].sha1 if info else file_sha1(s.path) for s in samples]
     feats, _ = emb.extract(bb, samples, sha, pre, key, 1, cfg.batch_size, desc="Embedding", engine=engine)
