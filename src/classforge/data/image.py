@@ -27,44 +27,56 @@ _INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Imag
 def open_image(src, max_pixels: int = 89_478_485, draft: int = 0) -> Image.Image:
     """Decode fully (so truncation is detected now), honour EXIF rotation, flatten alpha onto white, RGB.
     `draft`: let JPEG decode at a reduced scale (DCT scaling) as long as both sides stay >= draft pixels."""
+    return decode_image(src, max_pixels, draft)[0]
+
+
+def decode_image(src, max_pixels: int = 89_478_485, draft: int = 0) -> tuple[Image.Image, str]:
+    """open_image, and the format of the file it decoded ("" for an image or array given in memory)."""
     if isinstance(src, Image.Image):
-        img = src
-    elif is_array(src):
-        img = array_to_image(src)
+        return _as_rgb(src, own=False), ""
+    if is_array(src):
+        return _as_rgb(array_to_image(src), own=False), ""  # its pixels may be the caller's array
+    if isinstance(src, (bytes, bytearray)):
+        if len(src) == 0:
+            raise BadFile("empty file (0 bytes)")
+        fp = io.BytesIO(src)
     else:
-        if isinstance(src, (bytes, bytearray)):
-            if len(src) == 0:
-                raise BadFile("empty file (0 bytes)")
-            fp = io.BytesIO(src)
-        else:
-            p = Path(src)
-            if p.stat().st_size == 0:
-                raise BadFile("empty file (0 bytes)")
-            fp = p
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                img = Image.open(fp)
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise BadFile(f"too many pixels ({w}x{h} = {w * h / 1e6:.1f} MP > {max_pixels / 1e6:.1f} MP "
-                                  "limit; possible decompression bomb)")
-                if draft and img.format == "JPEG":
-                    img.draft("RGB", (draft, draft))
-                img.load()
-            except BadFile:
-                raise
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-                raise BadFile(f"decompression bomb: {e}") from None
-            except Image.UnidentifiedImageError:
-                raise BadFile("not an image (unrecognised format)") from None
-            except (OSError, SyntaxError, ValueError) as e:
-                msg = str(e)
-                if "truncated" in msg:
-                    raise BadFile("truncated image (file ends before the image data does)") from None
-                raise BadFile(f"cannot decode image: {msg}") from None
+        p = Path(src)
+        if p.stat().st_size == 0:
+            raise BadFile("empty file (0 bytes)")
+        fp = p
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadFile(f"too many pixels ({w}x{h} = {w * h / 1e6:.1f} MP > {max_pixels / 1e6:.1f} MP "
+                              "limit; possible decompression bomb)")
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (draft, draft))
+            img.load()
+        except BadFile:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadFile(f"decompression bomb: {e}") from None
+        except Image.UnidentifiedImageError:
+            raise BadFile("not an image (unrecognised format)") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            msg = str(e)
+            if "truncated" in msg:
+                raise BadFile("truncated image (file ends before the image data does)") from None
+            raise BadFile(f"cannot decode image: {msg}") from None
+    return _as_rgb(img, own=True), img.format or ""
+
+
+def _as_rgb(img: Image.Image, own: bool) -> Image.Image:
+    """EXIF rotation applied, 16-bit and float greyscale scaled to 8 bits, alpha flattened onto white, RGB. An
+    image this module decoded (`own`) is rotated in place and returned as it is when already RGB: a copy of a
+    photo costs about as much as a third of decoding it. A caller's image is never changed."""
     try:
-        img = ImageOps.exif_transpose(img)
+        rotated = ImageOps.exif_transpose(img, in_place=True) if own else ImageOps.exif_transpose(img)
+        img = img if rotated is None else rotated
     except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the image
         pass
     if img.mode.startswith(("I", "F")):
@@ -73,7 +85,7 @@ def open_image(src, max_pixels: int = 89_478_485, draft: int = 0) -> Image.Image
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" and own else img.convert("RGB")
 
 
 def is_array(x) -> bool:

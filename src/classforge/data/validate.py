@@ -13,7 +13,7 @@ from classforge.core.errors import BadFile
 from classforge.core.files import write_atomically
 from classforge.core.progress import progress
 from classforge.data.discover import Dataset, Sample
-from classforge.data.image import open_image, phash
+from classforge.data.image import decode_image, phash
 from classforge.data.kept import KeptImages
 
 _VERSION = 4  # bump when the record format or the checks change
@@ -50,12 +50,9 @@ def file_sha1(path: str) -> str:
 
 
 def _check_image(s: Sample, min_size: int, max_pixels: int, keep: KeptImages | None = None) -> FileInfo:
-    from PIL import Image
 
     try:
-        img = open_image(s.path, max_pixels=max_pixels)
-        with Image.open(s.path) as raw:
-            fmt = raw.format or ""
+        img, fmt = decode_image(s.path, max_pixels=max_pixels)
     except BadFile as e:
         return FileInfo(s.rel, False, str(e))
     except OSError as e:
