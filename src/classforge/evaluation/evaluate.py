@@ -18,8 +18,9 @@ from classforge.data.discover import discover
 from classforge.data.validate import validate
 from classforge.evaluation import report as rp
 from classforge.evaluation.changes import candidates_section, update_figures, update_section
+from classforge.evaluation.figures import Figures
 from classforge.evaluation.metrics import ordinal_metrics, run_warnings, summarize
-from classforge.evaluation.open_set import choose_threshold, open_set_section, open_set_summary, plot_open_set
+from classforge.evaluation.open_set import choose_threshold, open_set_section, open_set_summary
 from classforge.models.registry import count_params
 from classforge.runtime.engines import resolve_eval_engine
 from classforge.runtime.export import export_checked
@@ -77,9 +78,11 @@ def from_features(predictor: Predictor, data, feature_logits: dict | None) -> di
 
 
 def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float, extra: dict | None = None,
-                 feature_logits: dict | None = None) -> dict:
+                 feature_logits: dict | None = None, figures: Figures | None = None) -> dict:
     """Score val and test with the Predictor, or, when the run's cached features are exact (checked on a few
-    files), from the logits the head gave them (each file then goes through the backbone once, not twice)."""
+    files), from the logits the head gave them (each file then goes through the backbone once, not twice).
+    `figures`: where the figures are drawn (evaluation.figures; default: here)."""
+    figures = figures or Figures()
     t = time.time()
     predictor, eval_info = eval_predictor(run, model, data.labels, cfg, few_files=bool(feature_logits))
     check = from_features(predictor, data, feature_logits)
@@ -98,7 +101,8 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
         else:
             y, probs, unknown[split] = score(predictor, ss, data.labels, f"Evaluating {split}")
         results[split] = (ss, y, probs, summarize(y, probs, len(data.labels)))
-    open_set = measure_open_set(run, predictor, cfg, unknown)
+    draw_test_figures(figures, run, results["test"], data.labels)
+    open_set = measure_open_set(run, predictor, cfg, unknown, figures)
     timing = {"total_s": 0.0, **extra_timing, "eval_s": time.time() - t}
     summary = {
         "task": model.backbone.spec.task, "backbone": cfg.backbone, "strategy": cfg.strategy,
@@ -122,11 +126,20 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
             summary["test"]["ordinal"] = ordinal
     summary["warnings"] = run_warnings(summary, results["test"][1])
     write_artifacts(run, summary, data.labels, results, data.checked.skipped, data.split.excluded, data.notes,
-                    cfg.top_k, t_start, unknown.get("test"))
+                    cfg.top_k, t_start, unknown.get("test"), figures)
     return summary
 
 
-def measure_open_set(run: Path, predictor: Predictor, cfg, unknown: dict) -> dict | None:
+def draw_test_figures(figures: Figures, run: Path, test, labels: list[str]) -> None:
+    """The confusion matrix and the reliability diagram of the test split."""
+    _, y, probs, m = test
+    if not figures.asked(run / "confusion_matrix.png"):
+        figures.draw("confusion", run / "confusion_matrix.png", np.asarray(m["confusion"]), labels)
+        figures.draw("reliability", run / "reliability.png", np.asarray(y), probs)
+
+
+def measure_open_set(run: Path, predictor: Predictor, cfg, unknown: dict, figures: Figures | None = None
+                     ) -> dict | None:
     """Choose the unknown threshold on the validation split's scores, write it into model.json (and model.onnx's
     metadata), score --unknown-dir files if given, and plot the scores. None for a run without the score."""
     if unknown.get("test") is None:
@@ -144,7 +157,7 @@ def measure_open_set(run: Path, predictor: Predictor, cfg, unknown: dict) -> dic
         foreign = unknown_dir_scores(predictor, cfg.unknown_dir)
     result = open_set_summary(threshold, cfg.unknown_recall, unknown["val"], unknown["test"], foreign,
                               cfg.unknown_dir)
-    plot_open_set(run / "open_set.png", unknown["test"], threshold, foreign)
+    (figures or Figures()).draw("open_set", run / "open_set.png", unknown["test"], threshold, foreign)
     return result
 
 
@@ -178,19 +191,21 @@ def unknown_dir_scores(predictor: Predictor, folder: str, batch_size: int = 32) 
 
 
 def write_artifacts(run: Path, summary: dict, labels: list[str], results: dict, skipped, excluded, notes,
-                    top_k: int, t_start: float, unknown_scores: np.ndarray | None = None) -> None:
+                    top_k: int, t_start: float, unknown_scores: np.ndarray | None = None,
+                    figures: Figures | None = None) -> None:
+    figures = figures or Figures()
     ss, y, probs, m = results["test"]
     open_set = summary.get("open_set")
     rp.write_predictions(run / "predictions.csv", [s.rel for s in ss], labels, y, probs, top_k,
                          unknown_scores if open_set else None, (open_set or {}).get("threshold"))
     rp.write_per_class(run / "per_class.csv", labels, m["per_class"])
-    rp.plot_confusion(run / "confusion_matrix.png", m["confusion"], labels)
-    rp.plot_reliability(run / "reliability.png", y, probs)
-    rows = read_metrics(run / "metrics.csv")
-    rp.plot_curves(run / "curves.png", rows)
+    draw_test_figures(figures, run, results["test"], labels)
+    if not figures.asked(run / "curves.png"):
+        figures.draw("curves", run / "curves.png", read_metrics(run / "metrics.csv"))
     mistakes = rp.worst_mistakes(ss, labels, y, probs)
     summary["timing"]["total_s"] = time.time() - t_start
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    figures.wait()  # the report embeds them
     sections = [candidates_section(summary["auto"])] if summary.get("auto") else []
     sections += [update_section(summary["update"])] if summary.get("update") else []
     sections += [open_set_section(run, open_set)] if open_set else []

@@ -38,7 +38,7 @@ def open_set_summary(threshold: float, target_recall: float, val_scores: np.ndar
 
 def plot_open_set(path: Path, test_scores: np.ndarray, threshold: float, unknown_scores: np.ndarray | None = None):
     """Histograms of the unknown score: the test files (known classes), the --unknown-dir files, the threshold."""
-    plt = rp.plt
+    plt = rp.pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.4))
     pool = np.r_[test_scores, unknown_scores if unknown_scores is not None else []]
     bins = np.linspace(float(pool.min()), float(max(pool.max(), threshold)) * 1.02, 40)

@@ -8,11 +8,7 @@ import html
 import io
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 from classforge.core.files import open_csv, write_text_for_browser
 from classforge.data.image import open_image
@@ -58,6 +54,17 @@ def most_confused_classes(cm: np.ndarray, k: int = MAX_CONFUSION_CLASSES) -> lis
     return sorted(np.argsort(-weight, kind="stable")[:k].tolist())
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported on first use: a run draws its figures in a second process
+    (evaluation.figures), and the run itself need not load it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_confusion(path: Path, cm: np.ndarray, labels: list[str]):
     """The whole matrix with labels up to MAX_CONFUSION_CLASSES classes; beyond, the rows and columns of the
     classes with the most mistakes, labelled (the most confused pairs table in the report lists the rest)."""
@@ -72,6 +79,7 @@ def plot_confusion(path: Path, cm: np.ndarray, labels: list[str]):
         full_rows = cm.sum(axis=1, keepdims=True)
     n = len(labels)
     size = min(24, max(5, 0.35 * n + 3))
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     norm = cm / np.maximum(full_rows, 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -113,6 +121,7 @@ def plot_curves(path: Path, rows: list[dict]) -> bool:
     for st in stages:
         offsets[st] = offset
         offset += max((_num(r["epoch"]) or 0) for r in rows if r.get("stage", "") == st)
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"train": "tab:blue", "val": "tab:orange"}
     for ax, metric in zip(axes, ("loss", "acc")):
@@ -149,6 +158,7 @@ def plot_reliability(path: Path, y_true, probs: np.ndarray, n_bins: int = 10):
         counts.append(int(m.sum()))
         accs.append(correct[m].mean() if m.any() else 0)
         confs.append(conf[m].mean() if m.any() else 0)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.bar(edges[:-1], accs, width=1 / n_bins, align="edge", alpha=0.7, edgecolor="k", label="accuracy")
     ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")

@@ -27,7 +27,8 @@ from classforge.data.ops import attach_ops
 from classforge.data.preprocess import make_preprocessor
 from classforge.data.split import write_split
 from classforge.data.validate import FileInfo, file_sha1
-from classforge.evaluation.evaluate import evaluate_run
+from classforge.evaluation.evaluate import evaluate_run, read_metrics
+from classforge.evaluation.figures import Figures
 from classforge.models.open_set import shipped
 from classforge.models.registry import (
     Classifier,
@@ -112,13 +113,16 @@ def finish_run(run: Path, data: Prepared, f: Fitted, t0: float) -> Path:
     """Fit the unknown score, save the model, score it, write the report."""
     cfg, model = f.cfg, f.model
     linear = cfg.strategy == "linear"  # only then are the cached features the final backbone's
+    figures = Figures.start()  # drawn in a second process while this one goes on
+    write_metrics(run, f.history)
+    figures.draw("curves", run / "curves.png", read_metrics(run / "metrics.csv"))
     t = time.time()
     open_set = attach_open_set(model, data, cfg, f.features.get("train") if linear else None)
     f.timing["fit_s"] += time.time() - t
     save_model(run, model, cfg, data.labels, open_set)
-    write_metrics(run, f.history)
     summary = evaluate_run(run, data, cfg, model, extra_timing=f.timing, t_start=t0, extra=f.extra,
-                           feature_logits=outputs_from_features(model, f.features) if linear else None)
+                           feature_logits=outputs_from_features(model, f.features) if linear else None,
+                           figures=figures)
     print_summary(run, summary)
     if cfg.track:
         track_run(run, cfg.track, cfg.track_uri)

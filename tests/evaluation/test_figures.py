@@ -1,0 +1,62 @@
+"""A run's figures drawn by a second process are the figures this process draws, byte for byte; whatever that
+process fails to draw is drawn here; and a run's own process never loads matplotlib."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from classforge.evaluation import figures as fg
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="figures are drawn in-process on Windows")
+
+RNG = np.random.default_rng(0)
+PROBS = RNG.dirichlet(np.ones(3), 40)
+JOBS = [("confusion", "confusion.png", np.array([[5, 1, 0], [2, 7, 1], [0, 0, 9]]), ["ants", "bees", "wasps"]),
+        ("reliability", "reliability.png", RNG.integers(0, 3, 40), PROBS),
+        ("curves", "curves.png", [{"epoch": str(e), "train_loss": str(1 / (e + 1)), "val_loss": str(1.2 / (e + 1)),
+                                   "train_acc": str(e / 10), "val_acc": str(e / 12)} for e in range(8)]),
+        ("open_set", "open_set.png", RNG.gamma(2, 1, 50).astype(np.float32), 2.5, None)]
+
+
+def _draw_all(figures: fg.Figures, folder) -> dict[str, bytes]:
+    folder.mkdir()
+    for name, file, *args in JOBS:
+        figures.draw(name, folder / file, *args)
+    figures.wait()
+    return {file: (folder / file).read_bytes() for _, file, *_ in JOBS}
+
+
+def test_a_second_process_draws_the_same_figures(tmp_path):
+    here = _draw_all(fg.Figures(), tmp_path / "here")
+    figures = fg.Figures.start()
+    assert figures._proc is not None
+    there = _draw_all(figures, tmp_path / "there")
+    assert there == here and all(len(png) > 1000 for png in here.values())
+
+
+def test_what_the_second_process_does_not_draw_is_drawn_here(tmp_path, monkeypatch):
+    monkeypatch.setattr(fg.sys, "executable", "/bin/false")  # a process that exits at once, drawing nothing
+    figures = fg.Figures.start()
+    assert figures._proc is not None
+    assert set(_draw_all(figures, tmp_path / "fallback")) == {file for _, file, *_ in JOBS}
+
+
+@pytest.mark.trains
+def test_a_run_s_own_process_does_not_load_matplotlib(shapes_dir, tmp_path):
+    code = textwrap.dedent(f"""
+        import os, sys
+        os.environ["CLASSFORGE_CACHE"] = {str(tmp_path / "cache")!r}
+        import classforge
+        run = classforge.train({str(shapes_dir)!r}, {str(tmp_path / "run")!r}, epochs=3)
+        assert "matplotlib" not in sys.modules, "matplotlib loaded in the run's process"
+        print(sorted(p.name for p in run.glob("*.png")))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(["confusion_matrix.png", "curves.png", "open_set.png",
+                                                        "reliability.png"])
