@@ -27,16 +27,19 @@ def test_ledoit_wolf_matches_scikit_learn(n, d):
     np.testing.assert_allclose(ledoit_wolf(x), ref, rtol=1e-10, atol=1e-12)
 
 
-def test_score_is_the_mahalanobis_distance_to_the_nearest_class_mean():
+@pytest.mark.parametrize("d", [6, 300])  # more files than dimensions, and fewer (whitened through the Gram matrix)
+def test_score_is_the_mahalanobis_distance_to_the_nearest_class_mean(d):
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 50)
-    x = rng.standard_normal((150, 6)) + np.array([[4, 0, 0, 0, 0, 0], [0, 4, 0, 0, 0, 0], [0, 0, 4, 0, 0, 0]])[y]
+    x = rng.standard_normal((150, d)) * np.linspace(0.3, 2.0, d) + 4 * np.eye(3, d)[y]
     score = MahalanobisScore.fit(x, y, 4)  # class 3 has no files: it must never be the nearest
     means = np.stack([x[y == c].mean(0) for c in range(3)])
     precision = np.linalg.inv(ledoit_wolf(x - means[y]))
-    probe = rng.standard_normal((7, 6)) * 3
+    whiten = score.whiten.double().numpy()
+    np.testing.assert_allclose(whiten @ whiten.T, precision, rtol=1e-4, atol=1e-6 * np.abs(precision).max())
+    probe = rng.standard_normal((7, d)) * 3
     d2 = np.stack([np.einsum("nd,de,ne->n", probe - m, precision, probe - m) for m in means], 1)
-    expected = np.sqrt(d2.min(1) / 6)
+    expected = np.sqrt(d2.min(1) / d)
     np.testing.assert_allclose(score(torch.from_numpy(probe).float()).numpy(), expected, rtol=1e-4)
 
 

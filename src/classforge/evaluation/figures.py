@@ -68,6 +68,8 @@ class Figures:
             self._proc.stdin.close()
             for line in self._proc.stdout:
                 drawn.add(json.loads(line).get("drawn", ""))
+                if drawn >= set(self._asked):  # all there: no need to wait for the interpreter's teardown
+                    break
         except (OSError, ValueError):
             pass
         self._stop()
