@@ -60,3 +60,17 @@ def test_a_run_s_own_process_does_not_load_matplotlib(shapes_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == str(["confusion_matrix.png", "curves.png", "open_set.png",
                                                         "reliability.png"])
+
+
+def test_a_figure_drawn_again_ends_as_the_last_one_asked_for(tmp_path):
+    """Scoring from cached features draws the test figures before a few files are checked; if the check fails,
+    they are drawn again from the full scoring, and the file on disk must be that second one."""
+    first, second = np.array([[5, 0], [0, 5]]), np.array([[1, 4], [3, 2]])
+    here = fg.Figures()
+    here.draw("confusion", tmp_path / "want.png", second, ["a", "b"])
+    figures = fg.Figures.start()
+    figures.draw("confusion", tmp_path / "got.png", first, ["a", "b"])
+    figures.draw("confusion", tmp_path / "got.png", second, ["a", "b"])
+    assert figures.asked(tmp_path / "got.png") and not figures.asked(tmp_path / "other.png")
+    figures.wait()
+    assert (tmp_path / "got.png").read_bytes() == (tmp_path / "want.png").read_bytes()

@@ -64,12 +64,17 @@ def eval_predictor(run: Path, model, labels: list[str], cfg, few_files: bool = F
 PARITY_FILES = 8  # test files the predictor scores to check logits computed from cached features
 
 
+def covers_test(feature_logits: dict | None, data) -> bool:
+    test = data.of("test")
+    return bool(feature_logits) and bool(test) and len(feature_logits.get("test", ())) == len(test)
+
+
 def from_features(predictor: Predictor, data, feature_logits: dict | None) -> dict | None:
     """Whether the head's logits on cached features are the shipped model's: the predictor (the path `predict`
     and the server use) scores a few test files and must agree within the ONNX parity tolerance."""
-    test = data.of("test")
-    if not feature_logits or len(feature_logits.get("test", ())) != len(test) or not test:
+    if not covers_test(feature_logits, data):
         return None
+    test = data.of("test")
     k = min(PARITY_FILES, len(test))
     ref = predictor.predict_outputs([s.path for s in test[:k]])
     check = parity(ref, feature_logits["test"][:k], classes=len(predictor.labels))
@@ -85,23 +90,15 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
     figures = figures or Figures()
     t = time.time()
     predictor, eval_info = eval_predictor(run, model, data.labels, cfg, few_files=bool(feature_logits))
+    results, unknown = scored(predictor, data, feature_logits) if covers_test(feature_logits, data) else ({}, {})
+    if results:  # drawn while the few files below are checked; drawn again in the rare case they disagree
+        draw_test_figures(figures, run, results["test"], data.labels)
     check = from_features(predictor, data, feature_logits)
     if check is not None:
         eval_info["cached_features"] = check
-    results, unknown = {}, {}
-    idx = {c: i for i, c in enumerate(data.labels)}
-    for split in ("val", "test"):
-        ss = data.of(split)
-        if not ss:
-            continue
-        if check and check["passed"]:
-            y = np.array([idx[s.label] for s in ss], dtype=int)
-            logits, unknown[split] = predictor.split_outputs(feature_logits[split])
-            probs = predictor.probs(logits)
-        else:
-            y, probs, unknown[split] = score(predictor, ss, data.labels, f"Evaluating {split}")
-        results[split] = (ss, y, probs, summarize(y, probs, len(data.labels)))
-    draw_test_figures(figures, run, results["test"], data.labels)
+    if not (check and check["passed"]):
+        results, unknown = scored(predictor, data)
+        draw_test_figures(figures, run, results["test"], data.labels)
     open_set = measure_open_set(run, predictor, cfg, unknown, figures)
     timing = {"total_s": 0.0, **extra_timing, "eval_s": time.time() - t}
     summary = {
@@ -130,12 +127,30 @@ def evaluate_run(run: Path, data, cfg, model, extra_timing: dict, t_start: float
     return summary
 
 
+def scored(predictor: Predictor, data, feature_logits: dict | None = None) -> tuple[dict, dict]:
+    """Per split: (samples, true classes, probabilities, metrics), and the unknown scores: from the logits the head
+    gave the cached features, or else by the predictor, file by file."""
+    results, unknown = {}, {}
+    idx = {c: i for i, c in enumerate(data.labels)}
+    for split in ("val", "test"):
+        ss = data.of(split)
+        if not ss:
+            continue
+        if feature_logits is not None:
+            y = np.array([idx[s.label] for s in ss], dtype=int)
+            logits, unknown[split] = predictor.split_outputs(feature_logits[split])
+            probs = predictor.probs(logits)
+        else:
+            y, probs, unknown[split] = score(predictor, ss, data.labels, f"Evaluating {split}")
+        results[split] = (ss, y, probs, summarize(y, probs, len(data.labels)))
+    return results, unknown
+
+
 def draw_test_figures(figures: Figures, run: Path, test, labels: list[str]) -> None:
     """The confusion matrix and the reliability diagram of the test split."""
     _, y, probs, m = test
-    if not figures.asked(run / "confusion_matrix.png"):
-        figures.draw("confusion", run / "confusion_matrix.png", np.asarray(m["confusion"]), labels)
-        figures.draw("reliability", run / "reliability.png", np.asarray(y), probs)
+    figures.draw("confusion", run / "confusion_matrix.png", np.asarray(m["confusion"]), labels)
+    figures.draw("reliability", run / "reliability.png", np.asarray(y), probs)
 
 
 def measure_open_set(run: Path, predictor: Predictor, cfg, unknown: dict, figures: Figures | None = None
@@ -199,7 +214,8 @@ def write_artifacts(run: Path, summary: dict, labels: list[str], results: dict, 
     rp.write_predictions(run / "predictions.csv", [s.rel for s in ss], labels, y, probs, top_k,
                          unknown_scores if open_set else None, (open_set or {}).get("threshold"))
     rp.write_per_class(run / "per_class.csv", labels, m["per_class"])
-    draw_test_figures(figures, run, results["test"], labels)
+    if not figures.asked(run / "confusion_matrix.png"):
+        draw_test_figures(figures, run, results["test"], labels)
     if not figures.asked(run / "curves.png"):
         figures.draw("curves", run / "curves.png", read_metrics(run / "metrics.csv"))
     mistakes = rp.worst_mistakes(ss, labels, y, probs)

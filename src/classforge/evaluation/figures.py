@@ -29,7 +29,8 @@ class Figures:
 
     def __init__(self, proc: subprocess.Popen | None = None):
         self._proc = proc
-        self._asked: dict[str, dict] = {}  # path -> job, for those the process was asked to draw
+        self._drawn_here: set[str] = set()
+        self._asked: list[dict] = []  # the jobs the process was sent, in order (a path drawn again: the last wins)
 
     @classmethod
     def start(cls) -> Figures:
@@ -45,38 +46,44 @@ class Figures:
         return cls(proc)
 
     def draw(self, figure: str, path: Path, *args) -> None:
-        job = {"figure": figure, "path": str(path), "args": [_to_json(a) for a in args]}
+        job = {"id": len(self._asked), "figure": figure, "path": str(path), "args": [_to_json(a) for a in args]}
         if self._proc is not None:
             try:
                 self._proc.stdin.write(json.dumps(job) + "\n")
                 self._proc.stdin.flush()
-                self._asked[str(path)] = job
+                self._asked.append(job)
                 return
             except (OSError, ValueError):  # the process is gone: this one draws from now on
                 self._stop()
         _draw(job)
+        self._drawn_here.add(str(path))
 
     def asked(self, path: Path) -> bool:
-        return str(path) in self._asked
+        return any(job["path"] == str(path) for job in self._asked) or str(path) in self._drawn_here
 
     def wait(self) -> None:
         """Return once every figure asked for is drawn: by the process, or else here."""
         if self._proc is None:
             return
-        drawn: set[str] = set()
+        drawn: set[int] = set()
         try:
             self._proc.stdin.close()
             for line in self._proc.stdout:
-                drawn.add(json.loads(line).get("drawn", ""))
-                if drawn >= set(self._asked):  # all there: no need to wait for the interpreter's teardown
+                drawn.add(json.loads(line).get("drawn"))
+                if len(drawn) == len(self._asked):  # all there: no need to wait for the interpreter's teardown
                     break
         except (OSError, ValueError):
             pass
         self._stop()
-        for path, job in self._asked.items():
-            if path not in drawn:
+        for job in self._asked:
+            if job["id"] not in drawn:
                 _draw(job)
         self._asked.clear()
+
+    def close(self) -> None:
+        """Stop the process, drawn or not (a run that stops on an error)."""
+        if self._proc is not None:
+            self._stop()
 
     def _stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -89,7 +96,7 @@ class Figures:
             except (OSError, ValueError):
                 pass
 
-    def __del__(self):  # a run that stops on an error leaves no process behind
+    def __del__(self):  # however a run ends, it leaves no process behind
         if getattr(self, "_proc", None) is not None:
             self._stop()
 
@@ -124,7 +131,7 @@ def _child() -> None:
             _draw(job)
         except Exception:  # noqa: BLE001 - the run draws it again itself, and reports what goes wrong there
             continue
-        sys.stdout.write(json.dumps({"drawn": job["path"]}) + "\n")
+        sys.stdout.write(json.dumps({"drawn": job["id"]}) + "\n")
         sys.stdout.flush()
 
 

@@ -85,11 +85,16 @@ def fit_and_evaluate(cfg: TrainConfig, run: Path, data: Prepared, model: Classif
     if is_global_zero():
         cfg.save(run / "config.yaml")
         write_split(run / "split.csv", data.samples)
-    fitted = fit_strategy(cfg, run, data, model, threads, t0, update)
-    data.release_kept()
-    if not is_global_zero():
-        return run  # DDP workers stop here; rank 0 saves and evaluates
-    return finish_run(run, data, fitted, t0)
+    # the process that draws the figures loads matplotlib while the strategy fits
+    figures = Figures.start() if is_global_zero() else Figures()
+    try:
+        fitted = fit_strategy(cfg, run, data, model, threads, t0, update)
+        data.release_kept()
+        if not is_global_zero():
+            return run  # DDP workers stop here; rank 0 saves and evaluates
+        return finish_run(run, data, fitted, t0, figures)
+    finally:
+        figures.close()
 
 
 def fit_strategy(cfg: TrainConfig, run: Path, data: Prepared, model: Classifier, threads: dict, t0: float,
@@ -109,11 +114,12 @@ def fit_strategy(cfg: TrainConfig, run: Path, data: Prepared, model: Classifier,
     return f
 
 
-def finish_run(run: Path, data: Prepared, f: Fitted, t0: float) -> Path:
-    """Fit the unknown score, save the model, score it, write the report."""
+def finish_run(run: Path, data: Prepared, f: Fitted, t0: float, figures: Figures | None = None) -> Path:
+    """Fit the unknown score, save the model, score it, write the report. `figures`: where the figures are drawn
+    (evaluation.figures; default: here)."""
     cfg, model = f.cfg, f.model
     linear = cfg.strategy == "linear"  # only then are the cached features the final backbone's
-    figures = Figures.start()  # drawn in a second process while this one goes on
+    figures = figures or Figures()
     write_metrics(run, f.history)
     figures.draw("curves", run / "curves.png", read_metrics(run / "metrics.csv"))
     t = time.time()
