@@ -30,9 +30,7 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a foreign checkpoint without unpickling arbitrary objects (safetensors or weights_only)."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise ClassforgeError(f"Weights file not found: {path}")
+    path = _existing(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -42,6 +40,13 @@ def load_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise ClassforgeError(f"Could not load {path} as a plain state dict (weights_only=True): {e}") from e
     return _inner_state_dict(sd, path)
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ClassforgeError(f"Weights file not found: {path}")
+    return path
 
 
 def _inner_state_dict(sd, path: Path) -> dict:
@@ -56,10 +61,8 @@ def _inner_state_dict(sd, path: Path) -> dict:
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A checkpoint's state dict as numpy arrays, without torch: safetensors, or a PyTorch checkpoint in either of
     its formats (a zip archive, or the legacy stream of pickles). The arrays equal torch.load's tensors bit for
-    bit. ClassforgeError for anything that is not a plain state dict of tensors numpy can hold (bf16 included)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClassforgeError(f"Weights file not found: {path}")
+    bit. ClassforgeError for anything that is not a plain state dict of tensors numpy can hold (not bf16)."""
+    path = _existing(path)
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
