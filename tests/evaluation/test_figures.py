@@ -46,6 +46,22 @@ def test_what_the_second_process_does_not_draw_is_drawn_here(tmp_path, monkeypat
     assert set(_draw_all(figures, tmp_path / "fallback")) == {file for _, file, *_ in JOBS}
 
 
+
+def test_figures_sent_to_a_process_that_then_dies_are_drawn_here(tmp_path):
+    """The process takes the first figure and exits without drawing it; the later ones find it gone. Every figure
+    must still be on disk, the first one included."""
+    proc = subprocess.Popen(["sh", "-c", "read job"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    figures = fg.Figures(proc)
+    (tmp_path / "dies").mkdir()
+    (name, file, *args), *rest = JOBS
+    figures.draw(name, tmp_path / "dies" / file, *args)
+    proc.wait(timeout=30)
+    for name, file, *args in rest:
+        figures.draw(name, tmp_path / "dies" / file, *args)
+    figures.wait()
+    assert all((tmp_path / "dies" / file).stat().st_size > 1000 for _, file, *_ in JOBS)
+    assert all(figures.asked(tmp_path / "dies" / file) for _, file, *_ in JOBS)
+
 @pytest.mark.trains
 def test_a_run_s_own_process_does_not_load_matplotlib(shapes_dir, tmp_path):
     code = textwrap.dedent(f"""

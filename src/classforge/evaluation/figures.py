@@ -29,7 +29,7 @@ class Figures:
 
     def __init__(self, proc: subprocess.Popen | None = None):
         self._proc = proc
-        self._drawn_here: set[str] = set()
+        self._paths: set[str] = set()  # every figure asked for, drawn or to be drawn
         self._asked: list[dict] = []  # the jobs the process was sent, in order (a path drawn again: the last wins)
 
     @classmethod
@@ -47,24 +47,27 @@ class Figures:
 
     def draw(self, figure: str, path: Path, *args) -> None:
         job = {"id": len(self._asked), "figure": figure, "path": str(path), "args": [_to_json(a) for a in args]}
+        self._paths.add(str(path))
         if self._proc is not None:
             try:
                 self._proc.stdin.write(json.dumps(job) + "\n")
                 self._proc.stdin.flush()
                 self._asked.append(job)
                 return
-            except (OSError, ValueError):  # the process is gone: this one draws from now on
-                self._stop()
+            except (OSError, ValueError):  # the process is gone: this one draws what it left, and from now on
+                self._finish()
         _draw(job)
-        self._drawn_here.add(str(path))
 
     def asked(self, path: Path) -> bool:
-        return any(job["path"] == str(path) for job in self._asked) or str(path) in self._drawn_here
+        return str(path) in self._paths
 
     def wait(self) -> None:
         """Return once every figure asked for is drawn: by the process, or else here."""
-        if self._proc is None:
-            return
+        if self._proc is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Let the process draw what it was sent, stop it, and draw here, in the order asked, what it did not."""
         drawn: set[int] = set()
         try:
             self._proc.stdin.close()
