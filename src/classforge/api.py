@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from classforge.core.heap import loading_libraries
+
 
 def train(data: str, out: str | None = None, **options) -> Path:
     """Train on DATA; options are TrainConfig keys (backbone, strategy, epochs, ...). Returns the run directory."""
@@ -21,7 +23,8 @@ def train_config(cfg) -> Path:
 
     precheck = start(cfg) if cfg.data and not cfg.resume else None
     try:
-        from classforge.training.run import train as run_train
+        with loading_libraries():
+            from classforge.training.run import train as run_train
 
         return run_train(cfg, precheck=precheck)
     finally:
@@ -34,7 +37,9 @@ def audit(data: str, out: str | Path, folds: int = 5, accept_top: int = 0, **opt
     TrainConfig keys for the data and the backbone (labels_csv, classes, backbone, ...). Returns the summary."""
     from classforge.core.config import TrainConfig
     from classforge.runtime.threads import adapted_threads
-    from classforge.training.audit import run_audit
+
+    with loading_libraries():
+        from classforge.training.audit import run_audit
 
     cfg = TrainConfig().replace(data=str(data), **options)
     with adapted_threads(cfg.threads):
@@ -44,7 +49,8 @@ def audit(data: str, out: str | Path, folds: int = 5, accept_top: int = 0, **opt
 def update(run_dir: str | Path, data: str | None, out: str | Path, **options) -> Path:
     """A new run from a linear or two-stage run and DATA as it is now (new files, new class folders): the head is
     refit on cached embeddings, the old files keep their split. Returns the new run directory."""
-    from classforge.training.update import update_run
+    with loading_libraries():
+        from classforge.training.update import update_run
 
     return update_run(run_dir, data, out, **options)
 
@@ -53,7 +59,9 @@ def suggest(run_dir: str | Path, unlabelled: str | Path, n: int = 50, out: str |
     """Which n files of an unlabelled folder to label next for a run: OUT (default RUN/suggestions) gets
     suggestions.csv, suggestions.html and suggestions.json. Returns the summary."""
     from classforge.runtime.threads import adapted_threads
-    from classforge.training.suggest import suggest_files
+
+    with loading_libraries():
+        from classforge.training.suggest import suggest_files
 
     with adapted_threads():
         return suggest_files(run_dir, unlabelled, n, out)
@@ -63,9 +71,10 @@ def load(run_dir: str | Path, backend: str = "auto", unknown: bool = True, devic
     """A Predictor for a run directory: `.predict(paths, top_k=3)`, `.predict_proba(paths)`, `.labels`. Inputs
     unlike every class get label "unknown" (the closest class in `best_label`) unless unknown=False. `device`
     "cuda" runs the PyTorch model on the GPU."""
-    from classforge.runtime.predictor import Predictor
+    with loading_libraries():  # the libraries the run's backend needs load as the predictor is built
+        from classforge.runtime.predictor import Predictor
 
-    return Predictor.from_run(run_dir, backend=backend, unknown=unknown, device=device)
+        return Predictor.from_run(run_dir, backend=backend, unknown=unknown, device=device)
 
 
 def predict(run_dir: str | Path, inputs, top_k: int = 3, unknown: bool = True):
@@ -102,8 +111,10 @@ def _predict_each(p, files: list[str], top_k: int) -> list[dict]:
 
 def evaluate(run_dir: str | Path, data: str | None = None, out: str | None = None) -> dict:
     """Re-score a run on a labelled folder (or its own test split); writes metrics, predictions and a report."""
-    from classforge.evaluation.evaluate import evaluate as ev
     from classforge.runtime.threads import adapted_threads
+
+    with loading_libraries():
+        from classforge.evaluation.evaluate import evaluate as ev
 
     with adapted_threads():
         return ev(run_dir, data, out)
@@ -111,7 +122,8 @@ def evaluate(run_dir: str | Path, data: str | None = None, out: str | None = Non
 
 def export(run_dir: str | Path, format: str = "onnx", quantize: str | None = None, **options) -> dict:
     """RUN/model.onnx, parity-checked against PyTorch (and model.int8.onnx with quantize="int8")."""
-    from classforge.deploy.onnx import export_run
+    with loading_libraries():
+        from classforge.deploy.onnx import export_run
 
     return export_run(run_dir, format=format, quantize=quantize, **options)
 
@@ -120,8 +132,9 @@ def calibrate(run_dir: str | Path, data: str | None = None, test: bool = False,
               temperature: float | None = None) -> dict:
     """Temperature scaling fitted on the run's validation split, written into the run (predict, serve and the
     exported model use it); the model card, if there is one, is rewritten to state it."""
-    from classforge.deploy.modelcard import write_model_card
-    from classforge.evaluation.calibrate import calibrate_run
+    with loading_libraries():
+        from classforge.deploy.modelcard import write_model_card
+        from classforge.evaluation.calibrate import calibrate_run
 
     res = calibrate_run(run_dir, data=data, test=test, temperature=temperature)
     if (Path(run_dir) / "README.md").is_file():
@@ -168,21 +181,24 @@ def describe(target: str, input_shape: str | None = None, num_classes: int | Non
 def compare(data: str, backbones: list[str], strategies: list[str], preprocess_options: list[str] | None = None,
             base=None, out: str | Path | None = None, literal: bool = False, latency: bool = True) -> Path:
     """Train every backbone x strategy (x preprocessing) on one split and write the leaderboard; returns OUT."""
-    from classforge.training.compare import compare as run_compare
+    with loading_libraries():
+        from classforge.training.compare import compare as run_compare
 
     return run_compare(data, backbones, strategies, preprocess_options, base, out, literal, latency)
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None, latency: bool = True) -> Path:
     """A leaderboard of finished runs (same split checked); returns OUT."""
-    from classforge.training.compare import compare_runs as leaderboard
+    with loading_libraries():
+        from classforge.training.compare import compare_runs as leaderboard
 
     return leaderboard(run_dirs, out, latency=latency)
 
 
 def search(data: str, **options) -> Path:
     """Hyperparameter search (optuna); writes best.yaml and a report; options as training.search.search."""
-    from classforge.training.search import search as run_search
+    with loading_libraries():
+        from classforge.training.search import search as run_search
 
     return run_search(data, **options)
 
@@ -210,7 +226,8 @@ def push(run_dir: str | Path, repo_id: str, **options) -> str:
 
 def serving_app(run_dir: str | Path, limits: dict | None = None, **options):
     """The FastAPI app (REST API and, with ui=True, the web UI) serving a run; `serve_app` runs it."""
-    from classforge.serve.api import Limits, create_app
+    with loading_libraries():
+        from classforge.serve.api import Limits, create_app
 
     return create_app(run_dir, limits=Limits(**(limits or {})), **options)
 

@@ -87,7 +87,9 @@ for _command in app.registered_commands:
 
 def main() -> None:
     from classforge.core.cpu_load import note_start
+    from classforge.core.heap import own_this_process
 
+    own_this_process()
     note_start()  # how busy the machine is gets measured while the command imports its libraries
     try:
         app()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from classforge.core.heap import loading_libraries, own_this_process
+
 # name -> (module, function(path, *args))
 FIGURES = {"confusion": ("classforge.evaluation.report", "plot_confusion"),
            "reliability": ("classforge.evaluation.report", "plot_reliability"),
@@ -125,9 +127,10 @@ def _draw(job: dict) -> None:
 
 def _child() -> None:
     """Draw each job read from stdin; report each figure drawn on stdout."""
-    for module, _ in FIGURES.values():
-        importlib.import_module(module)
-    importlib.import_module("classforge.evaluation.report").pyplot()  # loaded before the first job arrives
+    with loading_libraries():
+        for module, _ in FIGURES.values():
+            importlib.import_module(module)
+        importlib.import_module("classforge.evaluation.report").pyplot()  # loaded before the first job arrives
     for line in sys.stdin:
         job = json.loads(line)
         try:
@@ -139,4 +142,5 @@ def _child() -> None:
 
 
 if __name__ == "__main__":
+    own_this_process()
     _child()

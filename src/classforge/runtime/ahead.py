@@ -22,6 +22,7 @@ from importlib.util import find_spec
 from typing import TYPE_CHECKING
 
 from classforge.core.config import TrainConfig
+from classforge.core.heap import loading_libraries, own_this_process
 from classforge.data import precheck
 from classforge.data.precheck import Precheck, check_job, read_job
 
@@ -143,8 +144,13 @@ def _write(kind: str, message: dict) -> None:
 def _child() -> None:
     """Check the job's files; then, for an image run whose backbone has a graph built without torch, compute their
     features, holding the decoded images here instead of spooling them to the run, which will not decode them."""
-    from classforge.data.kept import KeptImages
-    from classforge.models.graphs import torch_free_graph
+    with loading_libraries():
+        import onnxruntime  # noqa: F401 - loaded here, where collection is off, rather than on first use
+        import scipy.fft  # noqa: F401 - as onnxruntime (the check's perceptual hash)
+
+        from classforge.data.kept import KeptImages
+        from classforge.data.validate import validate  # noqa: F401 - as onnxruntime
+        from classforge.models.graphs import torch_free_graph
 
     job = read_job()
     graph = torch_free_graph(job["more"]["features"]["backbone"], job["task"])
@@ -161,4 +167,5 @@ def _child() -> None:
 
 
 if __name__ == "__main__":
+    own_this_process()
     _child()

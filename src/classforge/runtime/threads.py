@@ -9,6 +9,7 @@ import threading
 from contextlib import contextmanager
 
 from classforge.core.cpu_load import busy_cores, others_busy, own_cpu_s, proc_stat
+from classforge.core.heap import loading_libraries
 
 __all__ = ["BusyWatch", "adapted_threads", "busy_cores", "one_torch_thread", "threads_for_this_machine"]
 
@@ -75,7 +76,8 @@ def adapted_threads(requested: int = 0, say=None, share: int = 1):
     """torch's intra-op threads for a run: `requested`, or one per core that other work leaves free (measured
     now), divided among `share` processes of the run on this machine. The caller's own setting is restored
     afterwards, so a notebook's torch is left as it was."""
-    import torch
+    with loading_libraries():  # often the command's first use of torch
+        import torch
 
     before = torch.get_num_threads()
     if requested:
