@@ -17,21 +17,21 @@ pytestmark = pytest.mark.trains
 
 def test_exact_engine_scores_from_cached_features(shapes_dir, tmp_path, monkeypatch):
     scored = []
-    real = predictor_module.Predictor.predict_outputs  # every scoring pass goes through it
+    real = predictor_module.Predictor.preprocess  # every file the predictor scores goes through it
 
-    def counting(self, inputs, *a, **k):
-        scored.append(len(inputs))
-        return real(self, inputs, *a, **k)
+    def counting(self, src):
+        scored.append(src)
+        return real(self, src)
 
-    monkeypatch.setattr(predictor_module.Predictor, "predict_outputs", counting)
+    monkeypatch.setattr(predictor_module.Predictor, "preprocess", counting)
     run = classforge.train(shapes_dir, tmp_path / "r", epochs=20, extract_engine="onnx", eval_engine="torch")
     s = json.loads((run / "summary.json").read_text())
     check = s["evaluation"]["cached_features"]
     k = min(8, s["test"]["n"])
     assert check["passed"] and check["files_checked"] == k and check["max_abs_logit_diff"] < 1e-3
-    assert scored == [k]  # the predictor ran on the parity files only, not on every val and test file
+    assert len(scored) == k  # the predictor ran on the parity files only (once), not on every val and test file
     # the reported figures are what the shipped model gives: score every test file through it here
-    monkeypatch.setattr(predictor_module.Predictor, "predict_outputs", real)
+    monkeypatch.setattr(predictor_module.Predictor, "preprocess", real)
     with open(run / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     data = s["data"]
@@ -39,6 +39,29 @@ def test_exact_engine_scores_from_cached_features(shapes_dir, tmp_path, monkeypa
     labels = json.loads((run / "labels.json").read_text())
     acc = float(np.mean([labels[i] == r["true"] for i, r in zip(probs.argmax(1), rows)]))
     assert s["test"]["accuracy"] == pytest.approx(acc, abs=1e-9)
+
+
+def test_the_parity_reference_is_what_the_predictor_outputs(shapes_dir):
+    """The parity check compares the cached features' scores with the shipped head applied to the predictor's
+    features of the same files, computed while the run waits: that must be what the Predictor itself outputs
+    for those files, unknown score included."""
+    import torch
+
+    from classforge.core.config import TrainConfig
+    from classforge.data.discover import discover_for
+    from classforge.evaluation.evaluate import predictor_features
+    from classforge.models.open_set import MahalanobisScore
+    from classforge.models.registry import Classifier, create_backbone
+    from classforge.training.flow import head_outputs
+
+    files = [s.path for s in discover_for(TrainConfig().replace(data=str(shapes_dir))).samples][:8]
+    torch.manual_seed(0)
+    model = Classifier(create_backbone("efficientnet_lite0"), 3)
+    model.open_set = MahalanobisScore.fit(torch.randn(40, model.backbone.feature_dim).numpy(), np.arange(40) % 3, 3)
+    reference = head_outputs(model, predictor_features(model.backbone, files, 10**8).result())
+    direct = predictor_module.Predictor(model, model.backbone.spec, ["a", "b", "c"]).predict_outputs(files)
+    assert reference.shape == direct.shape == (8, 4)
+    np.testing.assert_allclose(reference, direct, rtol=0, atol=1e-5)
 
 
 def test_inexact_features_are_not_used_for_scores(shapes_dir, tmp_path, monkeypatch):

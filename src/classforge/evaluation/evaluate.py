@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from classforge.runtime.engines import resolve_eval_engine
 from classforge.runtime.export import export_checked
 from classforge.runtime.onnx import add_metadata, parity
 from classforge.runtime.predictor import Predictor, update_run_meta
+from classforge.runtime.threads import one_torch_thread
 
 
 def _public(m: dict) -> dict:
@@ -69,14 +71,42 @@ def covers_test(feature_logits: dict | None, data) -> bool:
     return bool(feature_logits) and bool(test) and len(feature_logits.get("test", ())) == len(test)
 
 
+def parity_files(data) -> list[str]:
+    """The test files whose scores from cached features are checked against the predictor's."""
+    return [s.path for s in data.of("test")[:PARITY_FILES]]
+
+
+def predictor_features(backbone, files: list[str], max_pixels: int) -> Future:
+    """The backbone's features of `files` the way the Predictor computes them (its decoding and preprocessing,
+    fp32 PyTorch): what the shipped model's head turns into its outputs. A linear run's backbone is final before
+    its head is fit, so the run computes these in a second thread (one torch thread) while it waits for its cached
+    features, and the check in `from_features` needs no forward pass of its own. The module is prepared for the
+    predictor here, not beside another user of it."""
+    predictor = Predictor(backbone, backbone.spec, [], max_pixels=max_pixels)
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(_features_on_one_thread, predictor, files)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _features_on_one_thread(predictor: Predictor, files: list[str]) -> np.ndarray:
+    one_torch_thread()
+    return predictor.forward(torch.stack([predictor.preprocess(f) for f in files]))
+
+
 def from_features(predictor: Predictor, data, feature_logits: dict | None) -> dict | None:
     """Whether the head's logits on cached features are the shipped model's: the predictor (the path `predict`
-    and the server use) scores a few test files and must agree within the ONNX parity tolerance."""
+    and the server use) scores a few test files and must agree within the ONNX parity tolerance. Where the run
+    computed those files' predictor features beforehand (`predictor_features`), feature_logits["reference"]
+    holds the shipped head's outputs on them, and they stand for the predictor's scores."""
     if not covers_test(feature_logits, data):
         return None
-    test = data.of("test")
-    k = min(PARITY_FILES, len(test))
-    ref = predictor.predict_outputs([s.path for s in test[:k]])
+    files = parity_files(data)
+    k = len(files)
+    ref = feature_logits.get("reference")
+    if ref is None or len(ref) != k:
+        ref = predictor.predict_outputs(files)
     check = parity(ref, feature_logits["test"][:k], classes=len(predictor.labels))
     return {"engine": feature_logits["engine"], "files_checked": k, "max_abs_logit_diff": check["max_abs_diff"],
             "passed": check["passed"]}

@@ -27,7 +27,7 @@ from classforge.data.ops import attach_ops
 from classforge.data.preprocess import make_preprocessor
 from classforge.data.split import write_split
 from classforge.data.validate import FileInfo, file_sha1
-from classforge.evaluation.evaluate import evaluate_run, read_metrics
+from classforge.evaluation.evaluate import evaluate_run, parity_files, predictor_features, read_metrics
 from classforge.evaluation.figures import Figures
 from classforge.models.open_set import shipped
 from classforge.models.registry import (
@@ -142,14 +142,32 @@ def outputs_from_features(model: Classifier, features: dict) -> dict | None:
     pass need not run the backbone again. None when the features came from an inexact engine."""
     if "engine" not in features:
         return None
-    net = shipped(model)
     out: dict = {"engine": features["engine"]}
     for split in ("val", "test"):
-        f = torch.from_numpy(features[split])
-        logits = model.head(f).float()
-        cols = [logits] if net is model else [logits, model.open_set(f)[:, None]]
-        out[split] = torch.cat(cols, 1).numpy()
+        out[split] = head_outputs(model, features[split])
+    reference = reference_features(features)
+    if reference is not None:
+        out["reference"] = head_outputs(model, reference)
     return out
+
+
+@torch.inference_mode()
+def head_outputs(model: Classifier, features: np.ndarray) -> np.ndarray:
+    """What the shipped model outputs for backbone features: the head's logits [+ the unknown score]."""
+    f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    logits = model.head(f).float()
+    cols = [logits] if shipped(model) is model else [logits, model.open_set(f)[:, None]]
+    return torch.cat(cols, 1).numpy()
+
+
+def reference_features(features: dict) -> np.ndarray | None:
+    """The predictor's features of the parity files, computed while the run waited; None where that failed (the
+    check then runs the predictor itself, and reports what goes wrong)."""
+    future = features.get("reference")
+    try:
+        return None if future is None else future.result()
+    except Exception:  # noqa: BLE001 - see above
+        return None
 
 
 def settle_checkpoints(run: Path, cfg: TrainConfig) -> None:
@@ -274,6 +292,8 @@ def fit_head_on_embeddings(model: Classifier, data: Prepared, cfg: TrainConfig, 
     extra["embeddings"] = {"cached": 0, "computed": 0, "views": views, "engine": engine.key,
                            "key": emb.features_key(cfg.backbone, bb, arch, engine),
                            "world_size": group.world_size}
+    if exact is not None and group.is_main and data.of("test"):  # the parity check's forward pass, while waiting
+        features["reference"] = predictor_features(bb, parity_files(data), cfg.max_pixels)
     ahead = wait_for_features_ahead(data)
     for splits, eng, n_views in extraction_passes(engines, views):
         parts = [data.of(split) for split in splits]
