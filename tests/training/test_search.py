@@ -109,6 +109,19 @@ def _states(study):
     return Counter(t.state.name for t in study.get_trials(deepcopy=False))
 
 
+def _kill_if_still_running(out: Path, trial) -> bool:
+    """Kill the worker running `trial` if the trial is still running. The worker is stopped first, so it cannot
+    finish the trial between this look and the kill; a worker that did finish it goes on."""
+    pid = trial.user_attrs["worker_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        still = _study(out).get_trials(deepcopy=False)[trial.number].state.name == "RUNNING"
+    except Exception:  # noqa: BLE001 - stopped inside a write, the storage may not answer: look again later
+        still = False
+    os.kill(pid, signal.SIGKILL if still else signal.SIGCONT)
+    return still
+
+
 def test_two_workers_share_a_study_survive_a_kill_resume_and_reproduce(shapes_dir, tmp_path):
     out = tmp_path / "search"
     space = tmp_path / "space.yaml"  # small CNNs only, to keep the test quick on a shared 2-core machine
@@ -132,9 +145,8 @@ def test_two_workers_share_a_study_survive_a_kill_resume_and_reproduce(shapes_di
                 continue
             done_pids = {t.user_attrs.get("worker_pid") for t in trials if t.state.name in ("COMPLETE", "PRUNED")}
             running = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("worker_pid")]
-            if len(done_pids) >= 2 and running:
+            if len(done_pids) >= 2 and running and _kill_if_still_running(out, running[0]):
                 victim = running[0]
-                os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
                 break
         assert victim is not None, "both workers should have finished a trial"
         log, _ = parent.communicate(timeout=200)
