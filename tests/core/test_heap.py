@@ -62,3 +62,14 @@ def test_the_train_command_freezes_the_libraries_it_loaded(shapes_dir, tmp_path)
         print(gc.isenabled(), gc.get_freeze_count(), "torch" in sys.modules)
     """)
     assert (enabled, torch_loaded) == ("True", "True") and int(frozen) > 100_000
+
+
+def test_the_figures_process_freezes_what_it_loaded():
+    """The figures child (a process classforge owns) loads matplotlib with collection off and freezes it."""
+    enabled, frozen, pyplot_loaded = _run("""
+        import gc, io, runpy, sys
+        sys.stdin = io.StringIO("")  # no figures to draw: the child loads its libraries and ends
+        runpy.run_module("classforge.evaluation.figures", run_name="__main__")
+        print(gc.isenabled(), gc.get_freeze_count(), "matplotlib.pyplot" in sys.modules)
+    """)
+    assert (enabled, pyplot_loaded) == ("True", "True") and int(frozen) > 10_000

@@ -29,7 +29,6 @@ from classforge.data.split import write_split
 from classforge.data.validate import FileInfo, file_sha1
 from classforge.evaluation.evaluate import evaluate_run, parity_files, predictor_features, read_metrics
 from classforge.evaluation.figures import Figures
-from classforge.models.open_set import shipped
 from classforge.models.registry import (
     Classifier,
     backbone_task,
@@ -156,7 +155,7 @@ def head_outputs(model: Classifier, features: np.ndarray) -> np.ndarray:
     """What the shipped model outputs for backbone features: the head's logits [+ the unknown score]."""
     f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     logits = model.head(f).float()
-    cols = [logits] if shipped(model) is model else [logits, model.open_set(f)[:, None]]
+    cols = [logits] if getattr(model, "open_set", None) is None else [logits, model.open_set(f)[:, None]]
     return torch.cat(cols, 1).numpy()
 
 
