@@ -68,14 +68,28 @@ def test_the_run_sees_what_its_own_check_gives(data, tmp_path, monkeypatch):
     assert tree_checksums(data) == before  # the data folder is only read
 
 
+def _failing_child(tmp_path, reads_its_job: bool) -> str:
+    """A stand-in for the Python that runs the child: it fails, after reading its job or before."""
+    script = tmp_path / ("reads-then-fails" if reads_its_job else "fails-at-once")
+    script.write_text("#!/bin/sh\n" + ("cat > /dev/null\n" if reads_its_job else "") + "exit 3\n")
+    script.chmod(0o755)
+    return str(script)
+
+
 def test_a_child_that_fails_costs_only_the_overlap(data, tmp_path, monkeypatch):
     cfg = TrainConfig().replace(data=str(data))
     own, _ = _prepared(cfg, monkeypatch, tmp_path / "cache-own", precheck=False)
-    monkeypatch.setattr(pc.sys, "executable", "/bin/false")
+    monkeypatch.setattr(pc.sys, "executable", _failing_child(tmp_path, reads_its_job=True))
     failed, pending = _prepared(cfg, monkeypatch, tmp_path / "cache-failed", precheck=True)
     assert pending is not None and pending.wait(None) is False
     assert failed.checked.info == own.checked.info
     assert set(_kept_pixels(failed)) == set(_kept_pixels(own))  # the run decoded and kept them itself
+
+
+def test_a_child_gone_before_its_job_is_sent_leaves_the_run_to_check_alone(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(pc.sys, "executable", _failing_child(tmp_path, reads_its_job=False))
+    big = {"pad": "x" * 2**20}  # more than a pipe holds, so the write meets the closed pipe every time
+    assert pc.start_check(TrainConfig().replace(data=str(data)), more=big) is None
 
 
 def test_images_past_the_budget_are_not_spooled(data, tmp_path, monkeypatch):

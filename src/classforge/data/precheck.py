@@ -120,13 +120,29 @@ def start_check(cfg: TrainConfig, keep: bool = True, child: str = __name__, more
         proc = subprocess.Popen([sys.executable, "-m", child], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                                 pass_fds=(spool.fileno(),))
-        count_as_own(proc.pid)  # its CPU time is the run's, not a sign of a busy machine
-        proc.stdin.write(json.dumps(job))
-        proc.stdin.close()
     except OSError:
         spool.close()
         return None
+    count_as_own(proc.pid)  # its CPU time is the run's, not a sign of a busy machine
+    try:
+        proc.stdin.write(json.dumps(job))
+        proc.stdin.close()
+    except OSError:  # the child is already gone: the run checks the files itself
+        _end(proc)
+        spool.close()
+        return None
     return Precheck(ds, proc, spool)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Stop a child that cannot do its job and collect it, so that no zombie is left."""
+    proc.kill()
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass
+    proc.wait()
 
 
 def _parse(line: str) -> dict:
