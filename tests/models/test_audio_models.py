@@ -105,7 +105,10 @@ def test_ast_fbank_matches_feature_extractor():
     backbone = create_backbone("ast", pretrained=False, tiny=True, max_length=200)
     wave = (np.random.default_rng(0).normal(0, 0.1, 24000)).astype(np.float32)  # 1.5 s: padded to 200 frames
     ref = fe(wave, sampling_rate=16000, return_tensors="pt")["input_values"]
-    assert (backbone.fbank(torch.from_numpy(wave)[None]) - ref).abs().max() < 1e-4
+    diff = (backbone.fbank(torch.from_numpy(wave)[None]) - ref).abs()
+    # float32 against the extractor's float64: a few values of the quietest mel band differ by up to ~1e-4 (how
+    # far depends on the CPU's FFT path); a wrong window, scale or frame is off everywhere, by far more
+    assert diff.max() < 3e-4 and diff.mean() < 1e-6
 
 
 def test_registry_shapes_and_param_groups():

@@ -128,15 +128,20 @@ def test_two_nodes_started_by_hand_without_a_shared_cache(one_process, tmp_path)
 
 
 def two_nodes(data: Path, out: Path, tmp_path: Path) -> None:
+    """Both nodes' output goes to files: a node blocked on a full pipe that nobody reads would leave the other
+    waiting for it in a collective."""
     port = str(free_port())
-    procs = [subprocess.Popen(train_cmd(data, out, "--devices", "1", "--num-nodes", "2"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=run_env(tmp_path / f"cache{node}", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                          WORLD_SIZE="2", NODE_RANK=str(node), LOCAL_RANK="0"))
-             for node in (0, 1)]
-    for p in procs:
-        stdout, err = p.communicate(timeout=300)
-        assert p.returncode == 0, failure(stdout, err)
+    logs = [(tmp_path / f"{out.name}-node{node}.out", tmp_path / f"{out.name}-node{node}.err") for node in (0, 1)]
+    procs = []
+    for node, (stdout, stderr) in enumerate(logs):
+        with open(stdout, "w") as o, open(stderr, "w") as e:
+            procs.append(subprocess.Popen(
+                train_cmd(data, out, "--devices", "1", "--num-nodes", "2"), stdout=o, stderr=e, text=True,
+                env=run_env(tmp_path / f"cache{node}", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
+                            NODE_RANK=str(node), LOCAL_RANK="0")))
+    for p, (stdout, stderr) in zip(procs, logs):
+        p.wait(timeout=300)
+        assert p.returncode == 0, failure(stdout.read_text(), stderr.read_text())
 
 
 @pytest.mark.trains

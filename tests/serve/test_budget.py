@@ -21,7 +21,7 @@ pytestmark = pytest.mark.server
 
 
 def test_budget_waits_for_room_then_refuses():
-    budget = DecodeBudget(100, wait_s=0.3)
+    budget = DecodeBudget(100, wait_s=60)
     order = []
     with budget.reserve(80):
         def second():
@@ -29,15 +29,20 @@ def test_budget_waits_for_room_then_refuses():
                 order.append("second in")
         t = threading.Thread(target=second)
         t.start()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while not budget._cond._waiters:  # the second reservation is waiting for room
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.01)
         order.append("first out")
-    t.join(2)
+    t.join()
     assert order == ["first out", "second in"]  # it waited for the first to finish, then went in
-    with budget.reserve(90):
+    assert budget.refused == 0 and budget.peak <= 100 and budget.in_use == 0
+    quick = DecodeBudget(100, wait_s=0.05)
+    with quick.reserve(90):
         with pytest.raises(Busy):
-            with budget.reserve(20):
+            with quick.reserve(20):
                 pass
-    assert budget.refused == 1 and budget.peak <= 100 and budget.in_use == 0
+    assert quick.refused == 1 and quick.peak <= 100 and quick.in_use == 0
 
 
 def test_decoded_size_reads_the_header_only():

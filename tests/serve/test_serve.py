@@ -341,7 +341,9 @@ def test_busy_watch_tells_quiet_from_busy_cores():
             time.sleep(0.01)
         assert w.quiet and w.busy == pytest.approx(0.0, abs=0.1)
         state["others"] = 1.0  # another process takes a whole core
-        time.sleep(0.1)
+        deadline = time.time() + 10
+        while w.quiet and time.time() < deadline:
+            time.sleep(0.01)
         assert not w.quiet and w.busy == pytest.approx(min(1.0, cores), abs=0.2)
     finally:
         w.close()
@@ -383,12 +385,12 @@ def test_micro_batcher_waits_only_for_announced_requests():
     import torch
 
     seen = []
-    b = MicroBatcher(lambda x: (seen.append(len(x)), x.numpy())[1], max_batch=8, max_wait_ms=400)
+    b = MicroBatcher(lambda x: (seen.append(len(x)), x.numpy())[1], max_batch=8, max_wait_ms=10_000)
     try:
         t = time.perf_counter()
         with b.expect():
             b.submit(torch.ones(1, 2))
-        assert time.perf_counter() - t < 0.2  # alone: no 400 ms window
+        assert time.perf_counter() - t < 5  # alone: no 10 s window
 
         both_announced = threading.Barrier(2)
 
@@ -408,7 +410,7 @@ def test_micro_batcher_waits_only_for_announced_requests():
             raise ValueError
         t = time.perf_counter()
         b.submit(torch.ones(1, 2))
-        assert time.perf_counter() - t < 0.2  # ... is no longer waited for
+        assert time.perf_counter() - t < 5  # ... is no longer waited for
     finally:
         b.close()
 
@@ -514,28 +516,26 @@ def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
         return False
 
 
-def test_silent_and_trickling_connections_are_closed_and_the_cap_answers_503(exported_run, test_images):
+def _wait_until(condition, what: str, within_s: float = 30.0) -> None:
+    t0 = time.time()
+    while not condition():
+        assert time.time() - t0 < within_s, f"{what} within {within_s} s"
+        time.sleep(0.02)
+
+
+def test_silent_and_trickling_connections_are_closed_and_a_slow_answer_is_not(exported_run, test_images):
     """Connections that never send a request, or send it a byte at a time, are closed once the request deadline
     passes (they would otherwise hold a socket each for ever); a request that arrives in time is answered however
-    long the answer takes; beyond the connection cap requests get a 503 at once; the server keeps serving."""
+    long the answer takes; the server keeps serving."""
     import requests
-    import uvicorn
 
     from classforge.serve.http import server_config
 
     app = create_app(exported_run, Limits(), ui=False, batch_size=1)
-    port = free_port()
-    server = uvicorn.Server(server_config(app, "127.0.0.1", port, request_timeout_s=1.0, max_connections=12,
-                                          log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.time()
-        while not server.started and time.time() - t0 < 60:
-            time.sleep(0.05)
-        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
-        trickling = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    config = server_config(app, "127.0.0.1", 0, request_timeout_s=1.0, log_level="warning")
+    with ServerThread(app, config) as srv:
+        silent = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(5)]
+        trickling = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(5)]
         head = b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Slow: "
         cut = set()  # trickling connections the server closed while they were still sending
         for step in range(14):  # headers that never finish, a few bytes at a time, for longer than the deadline
@@ -547,16 +547,10 @@ def test_silent_and_trickling_connections_are_closed_and_the_cap_answers_503(exp
             time.sleep(0.15)
         assert all(_closed_by_server(s, 3.0) for s in silent)
         assert all(i in cut or _closed_by_server(s, 3.0) for i, s in enumerate(trickling))
-        # the cap: 12 connections held open by clients that are still inside the deadline
-        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
-        time.sleep(0.2)
-        r = requests.get(url + "/health", timeout=10)
-        assert r.status_code == 503
-        for s in held + silent + trickling:
+        for s in silent + trickling:
             s.close()
-        time.sleep(0.3)
         p, _ = test_images[0]
-        ok = requests.post(url + "/predict", files={"file": (p.name, p.read_bytes())}, timeout=30)
+        ok = requests.post(srv.url + "/predict", files={"file": (p.name, p.read_bytes())}, timeout=30)
         assert ok.status_code == 200 and ok.json()["results"][0]["label"]
         # an answer that takes longer than the request deadline is still delivered
         slow = app.state.predictor.forward
@@ -566,12 +560,29 @@ def test_silent_and_trickling_connections_are_closed_and_the_cap_answers_503(exp
             return slow(x)
 
         app.state.predictor.forward = slower
-        late = requests.post(url + "/predict", files={"file": (p.name, p.read_bytes())}, timeout=30)
+        late = requests.post(srv.url + "/predict", files={"file": (p.name, p.read_bytes())}, timeout=30)
         assert late.status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        app.state.predictor.close()
+
+
+def test_beyond_the_connection_cap_requests_get_503_and_the_server_then_serves(exported_run, test_images):
+    import requests
+
+    from classforge.serve.http import server_config
+
+    app = create_app(exported_run, Limits(), ui=False, batch_size=1)
+    config = server_config(app, "127.0.0.1", 0, request_timeout_s=60.0, max_connections=12, log_level="warning")
+    with ServerThread(app, config) as srv:
+        connections = srv.server.server_state.connections
+        held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(12)]
+        _wait_until(lambda: len(connections) == 12, "the server sees the 12 held connections")
+        r = requests.get(srv.url + "/health", timeout=10)
+        assert r.status_code == 503
+        for s in held:
+            s.close()
+        _wait_until(lambda: not connections, "the server sees the held connections closed")
+        p, _ = test_images[0]
+        ok = requests.post(srv.url + "/predict", files={"file": (p.name, p.read_bytes())}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["results"][0]["label"]
 
 
 def test_predict_takes_a_json_body_with_base64_files(server, test_images):
