@@ -298,8 +298,6 @@ def create_app(run_dir: str | Path, limits: Limits | None = None, backend: str =
     if ui:
         import gradio as gr
 
-
-
         demo, allowed = create_ui(predictor, run, limits)
         app = gr.mount_gradio_app(app, demo, path="/", allowed_paths=allowed, max_file_size=limits.max_upload_bytes,
                                   footer_links=["api"])
