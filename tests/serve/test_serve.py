@@ -341,10 +341,8 @@ def test_busy_watch_tells_quiet_from_busy_cores():
             time.sleep(0.01)
         assert w.quiet and w.busy == pytest.approx(0.0, abs=0.1)
         state["others"] = 1.0  # another process takes a whole core
-        deadline = time.time() + 10
-        while w.quiet and time.time() < deadline:
-            time.sleep(0.01)
-        assert not w.quiet and w.busy == pytest.approx(min(1.0, cores), abs=0.2)
+        _wait_until(lambda: not w.quiet, "the watch sees the busy core", within_s=10)
+        assert w.busy == pytest.approx(min(1.0, cores), abs=0.2)
     finally:
         w.close()
     assert not w._thread.is_alive()
