@@ -92,6 +92,25 @@ def test_a_child_gone_before_its_job_is_sent_leaves_the_run_to_check_alone(data,
     assert pc.start_check(TrainConfig().replace(data=str(data)), more=big) is None
 
 
+def test_a_child_that_will_not_read_its_job_is_stopped_not_left_running(data, tmp_path, monkeypatch):
+    script = tmp_path / "closes-its-input"
+    script.write_text("#!/bin/sh\nexec 0<&-\nsleep 60\n")  # alive, but nobody reads the job
+    script.chmod(0o755)
+    monkeypatch.setattr(pc.sys, "executable", str(script))
+    before = _children()
+    assert pc.start_check(TrainConfig().replace(data=str(data)), more={"pad": "x" * 2**20}) is None
+    assert _children() == before
+
+
+def _children() -> set[int]:
+    """This process's child processes, zombies included."""
+    found = set()
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            found |= {int(p) for p in f.read().split()}
+    return found
+
+
 def test_images_past_the_budget_are_not_spooled(data, tmp_path, monkeypatch):
     monkeypatch.setattr(pc, "KEEP_MB", 0.05)  # room for a few 64 px images
     cfg = TrainConfig().replace(data=str(data))
